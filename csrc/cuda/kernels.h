@@ -1,0 +1,17 @@
+// Entry points of the CUDA kernels, callable from torch glue without CUDA
+// headers. Each returns nullptr on success or the CUDA error string.
+#pragma once
+#include <cstdint>
+#include "flashkd/distill_params.h"
+
+namespace flashkd::cuda {
+
+// Launches the distillation row kernel on `stream` (a cudaStream_t).
+const char* distill_rows(const DistillParams& p, void* stream);
+
+// grad[row, :] *= factor[row] (or factor[0] when factor_per_row is false);
+// rows whose factor is exactly 1 are skipped without touching memory.
+const char* scale_rows(void* grad, DType dtype, const RowLayout& layout, int64_t rows, int64_t cols,
+                       const float* factor, bool factor_per_row, void* stream);
+
+}  // namespace flashkd::cuda

@@ -1,0 +1,96 @@
+// Host-side conversion between storage dtypes and float32 rows. Torch-free;
+// the loops vectorize (bf16 is a shift, fp16 uses F16C via _Float16).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include "flashkd/common.h"
+
+namespace flashkd::cpu {
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN kept NaN (as torch does).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+
+inline float fp16_to_float(uint16_t h) {
+  _Float16 x;
+  std::memcpy(&x, &h, 2);
+  return static_cast<float>(x);
+}
+
+inline uint16_t float_to_fp16(float f) {
+  const _Float16 x = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  return h;
+}
+
+// dst[k] = float(src[k * stride]) for k < n.
+inline void load_floats(const void* src, DType dtype, int64_t stride, int64_t n, float* dst) {
+  switch (dtype) {
+    case DType::kFloat32: {
+      const float* s = static_cast<const float*>(src);
+      if (stride == 1) { std::memcpy(dst, s, n * sizeof(float)); return; }
+      for (int64_t k = 0; k < n; ++k) dst[k] = s[k * stride];
+      return;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      if (stride == 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) dst[k] = bf16_to_float(s[k]);
+        return;
+      }
+      for (int64_t k = 0; k < n; ++k) dst[k] = bf16_to_float(s[k * stride]);
+      return;
+    }
+    case DType::kFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      if (stride == 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) dst[k] = fp16_to_float(s[k]);
+        return;
+      }
+      for (int64_t k = 0; k < n; ++k) dst[k] = fp16_to_float(s[k * stride]);
+      return;
+    }
+  }
+}
+
+// dst[k * stride] = src[k] rounded to `dtype`, for k < n.
+inline void store_floats(const float* src, int64_t n, void* dst, DType dtype, int64_t stride) {
+  switch (dtype) {
+    case DType::kFloat32: {
+      float* d = static_cast<float*>(dst);
+      if (stride == 1) { std::memcpy(d, src, n * sizeof(float)); return; }
+      for (int64_t k = 0; k < n; ++k) d[k * stride] = src[k];
+      return;
+    }
+    case DType::kBFloat16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) d[k * stride] = float_to_bf16(src[k]);
+      return;
+    }
+    case DType::kFloat16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) d[k * stride] = float_to_fp16(src[k]);
+      return;
+    }
+  }
+}
+
+inline int64_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+}  // namespace flashkd::cpu

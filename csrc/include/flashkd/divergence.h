@@ -1,0 +1,182 @@
+// The per-element math of every divergence (DESIGN.md §2), shared by the CPU
+// and CUDA row kernels. All quantities are float32 and in log space.
+//
+// Notation for one row: a = z_s / T, b = z_t / T, A = LSE(a), B = LSE(b),
+// lq = a - A = log q (student), lp = b - B = log p (teacher).
+// Each divergence D(p, q) is a sum over the vocabulary of per-element terms.
+// Its gradient with respect to a is q_j (g_j - sum_k q_k g_k), g = dD/dq;
+// the sums a row needs beyond A and B come from an extra pass ("pass 2").
+#pragma once
+#include "flashkd/fast_math.h"
+
+namespace flashkd {
+
+enum class Divergence : int32_t { kFKL = 0, kRKL, kJSD, kSKL, kSRKL, kTVD, kTAID };
+
+// Constants of one call, folded on the host.
+struct DivergenceConsts {
+  float w_p = 0.5f, w_q = 0.5f;          // mixture weights (jsd: beta, 1-beta; skl/srkl)
+  float log_w_p = 0.f, log_w_q = 0.f;    // their logs (may be -inf)
+  float lambda = 0.f;                    // taid interpolation
+};
+
+// Per-row scalars: A, B (and R = LSE of the TAID mixture logits), and the
+// two pass-2 sums c0, c1 whose meaning depends on the divergence.
+struct RowScalars {
+  float A = 0.f, B = 0.f, R = 0.f, c0 = 0.f, c1 = 0.f;
+};
+
+// x * (lx - ly) with 0 * anything = 0 (masked entries carry -inf logs).
+FKD_HD float xdiff(float x, float lx, float ly) { return x > 0.f ? x * (lx - ly) : 0.f; }
+
+template <Divergence D>
+struct DivergenceMath;
+
+// KL(p || q). Gradient q - p; no pass 2.
+template <>
+struct DivergenceMath<Divergence::kFKL> {
+  static constexpr bool kNeedsPass2 = false;
+  FKD_HD static void pass2(float, float, float, const DivergenceConsts&, float&, float&) {}
+  FKD_HD static float grad(float lq, float lp, float, const RowScalars&, const DivergenceConsts&,
+                           float& loss) {
+    const float p = fkd_exp(lp), q = fkd_exp(lq);
+    loss += xdiff(p, lp, lq);
+    return q - p;
+  }
+};
+
+// KL(q || p). c0 = D itself; gradient q (lq - lp - D).
+template <>
+struct DivergenceMath<Divergence::kRKL> {
+  static constexpr bool kNeedsPass2 = true;
+  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts&, float& c0, float&) {
+    c0 += xdiff(fkd_exp(lq), lq, lp);
+  }
+  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s, const DivergenceConsts&,
+                           float&) {
+    const float q = fkd_exp(lq);
+    return q > 0.f ? q * (lq - lp - s.c0) : 0.f;
+  }
+};
+
+// beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q (w_p = beta).
+// c0 = D, c1 = KL(q||m); gradient (1-beta) q (lq - lm - c1).
+template <>
+struct DivergenceMath<Divergence::kJSD> {
+  static constexpr bool kNeedsPass2 = true;
+  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts& k, float& c0,
+                           float& c1) {
+    const float lm = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
+    const float kq = xdiff(fkd_exp(lq), lq, lm);
+    c0 += k.w_p * xdiff(fkd_exp(lp), lp, lm) + k.w_q * kq;
+    c1 += kq;
+  }
+  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s,
+                           const DivergenceConsts& k, float&) {
+    const float lm = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
+    const float q = fkd_exp(lq);
+    return q > 0.f ? k.w_q * q * (lq - lm - s.c1) : 0.f;
+  }
+};
+
+// Skew KL: KL(p || alpha p + (1-alpha) q) (w_p = alpha, w_q = 1 - alpha).
+// g_j = -(1-alpha) p_j / mix_j; c0 = D, c1 = sum q g.
+template <>
+struct DivergenceMath<Divergence::kSKL> {
+  static constexpr bool kNeedsPass2 = true;
+  FKD_HD static float qg(float lq, float lp, float lmix, const DivergenceConsts& k) {
+    // q * g computed in log space: p q / mix never overflows this way.
+    return (lq > kNegInf && lp > kNegInf) ? -k.w_q * fkd_exp(lq + lp - lmix) : 0.f;
+  }
+  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts& k, float& c0,
+                           float& c1) {
+    const float lmix = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
+    c0 += xdiff(fkd_exp(lp), lp, lmix);
+    c1 += qg(lq, lp, lmix, k);
+  }
+  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s,
+                           const DivergenceConsts& k, float&) {
+    const float lmix = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
+    return qg(lq, lp, lmix, k) - fkd_exp(lq) * s.c1;
+  }
+};
+
+// Skew reverse KL: KL(q || (1-alpha) p + alpha q) (w_p = 1 - alpha, w_q = alpha).
+// c0 = D, c1 = sum q * (q / mix); gradient q (lq - lmix - c0 - alpha (q/mix - c1)).
+template <>
+struct DivergenceMath<Divergence::kSRKL> {
+  static constexpr bool kNeedsPass2 = true;
+  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts& k, float& c0,
+                           float& c1) {
+    const float lmix = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
+    const float q = fkd_exp(lq);
+    c0 += xdiff(q, lq, lmix);
+    c1 += q > 0.f ? q * fkd_exp(lq - lmix) : 0.f;
+  }
+  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s,
+                           const DivergenceConsts& k, float&) {
+    const float lmix = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
+    const float q = fkd_exp(lq);
+    return q > 0.f ? q * (lq - lmix - s.c0 - k.w_q * (fkd_exp(lq - lmix) - s.c1)) : 0.f;
+  }
+};
+
+// Total variation: 1/2 sum |p - q|, subgradient 0 where p == q.
+// c0 = D, c1 = sum q g with g = sign(q - p) / 2.
+template <>
+struct DivergenceMath<Divergence::kTVD> {
+  static constexpr bool kNeedsPass2 = true;
+  FKD_HD static float half_sign(float q, float p) { return q > p ? 0.5f : (q < p ? -0.5f : 0.f); }
+  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts&, float& c0,
+                           float& c1) {
+    const float p = fkd_exp(lp), q = fkd_exp(lq);
+    c0 += 0.5f * (q > p ? q - p : p - q);
+    c1 += q * half_sign(q, p);
+  }
+  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s, const DivergenceConsts&,
+                           float&) {
+    const float p = fkd_exp(lp), q = fkd_exp(lq);
+    return q * (half_sign(q, p) - s.c1);
+  }
+};
+
+// TAID: KL(r || q), r = softmax((1-lambda) a + lambda b) with a detached,
+// so the gradient is q - r. `lr` is passed in by the row kernel.
+template <>
+struct DivergenceMath<Divergence::kTAID> {
+  static constexpr bool kNeedsPass2 = false;
+  FKD_HD static void pass2(float, float, float, const DivergenceConsts&, float&, float&) {}
+  FKD_HD static float grad(float lq, float, float lr, const RowScalars&, const DivergenceConsts&,
+                           float& loss) {
+    const float r = fkd_exp(lr), q = fkd_exp(lq);
+    loss += xdiff(r, lr, lq);
+    return q - r;
+  }
+};
+
+// Calls f.template operator()<D>() for the runtime divergence `d`.
+template <typename F>
+inline auto dispatch_divergence(Divergence d, F&& f) {
+  switch (d) {
+    case Divergence::kFKL: return f.template operator()<Divergence::kFKL>();
+    case Divergence::kRKL: return f.template operator()<Divergence::kRKL>();
+    case Divergence::kJSD: return f.template operator()<Divergence::kJSD>();
+    case Divergence::kSKL: return f.template operator()<Divergence::kSKL>();
+    case Divergence::kSRKL: return f.template operator()<Divergence::kSRKL>();
+    case Divergence::kTVD: return f.template operator()<Divergence::kTVD>();
+    default: return f.template operator()<Divergence::kTAID>();
+  }
+}
+
+}  // namespace flashkd
+
+namespace flashkd {
+
+// The TAID mixture logit (1 - lambda) a + lambda b, with 0 * -inf = 0 at the ends.
+FKD_HD float taid_logit(float a, float b, float lambda) {
+  const float from_b = lambda > 0.f ? lambda * b : 0.f;
+  const float from_a = lambda < 1.f ? (1.f - lambda) * a : 0.f;
+  return from_a + from_b;
+}
+
+}  // namespace flashkd

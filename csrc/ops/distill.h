@@ -1,0 +1,48 @@
+#pragma once
+#include <ATen/ATen.h>
+#include "flashkd/distill_params.h"
+
+namespace flashkd::ops {
+
+struct DistillResult {
+  at::Tensor loss, grad, stats, agree;
+};
+
+// Validated labels as contiguous int64 [rows] (undefined when absent).
+at::Tensor checked_labels(const std::optional<at::Tensor>& labels, at::IntArrayRef lead, int64_t rows,
+                          int64_t vocab, int64_t ignore_index, const at::Device& device);
+// Validated token weights as contiguous float32 [rows] (undefined when absent).
+at::Tensor checked_weights(const std::optional<at::Tensor>& weights, at::IntArrayRef lead, int64_t rows,
+                           const at::Device& device);
+// Scale that turns a token sum into the mean (see DESIGN.md §2 "Reduction").
+at::Tensor mean_scale(const at::Tensor& labels, int64_t rows, int64_t ignore_index,
+                      std::optional<double> num_items, const at::TensorOptions& opts);
+
+// flashkd::distill_loss: (loss, grad of loss w.r.t. student logits, stats, agree).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& weights, c10::string_view divergence, double temperature, double beta,
+    double alpha, std::optional<double> taid_lambda, int64_t ignore_index, double hard_weight, double soft_weight,
+    bool t2_scaling, std::optional<int64_t> vocab_size, c10::string_view reduction, std::optional<double> num_items,
+    bool return_stats);
+
+// flashkd::distill_loss_: the same, writing the gradient into `student`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_inplace(
+    at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& weights, c10::string_view divergence, double temperature, double beta,
+    double alpha, std::optional<double> taid_lambda, int64_t ignore_index, double hard_weight, double soft_weight,
+    bool t2_scaling, std::optional<int64_t> vocab_size, c10::string_view reduction, std::optional<double> num_items,
+    bool return_stats);
+
+// flashkd::scale_rows_: grad[row] *= factor (0-d, or one factor per row).
+void scale_rows(at::Tensor& grad, const at::Tensor& factor);
+
+DistillResult distill_forward(const at::Tensor& student, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& weights,
+                              c10::string_view divergence, double temperature, double beta, double alpha,
+                              std::optional<double> taid_lambda, int64_t ignore_index, double hard_weight,
+                              double soft_weight, bool t2_scaling, std::optional<int64_t> vocab_size,
+                              c10::string_view reduction, std::optional<double> num_items, bool return_stats,
+                              const std::optional<at::Tensor>& grad_into);
+
+}  // namespace flashkd::ops

@@ -1,0 +1,39 @@
+// Glue helpers: map tensors onto the torch-free kernel descriptors, allocate
+// outputs (poisoned with NaN under FLASHKD_POISON=1, so tests catch unwritten
+// elements), and run a kernel on the tensor's device.
+#pragma once
+#include <ATen/ATen.h>
+#include <functional>
+#include "flashkd/common.h"
+
+namespace flashkd::ops {
+
+// float32 / bfloat16 / float16, else a TypeError naming `name`.
+DType kernel_dtype(const at::Tensor& t, const char* name);
+
+// Row layout of a (..., V) tensor over its leading dims; nullopt when the
+// leading dims cannot be collapsed to kMaxLeadDims (callers then copy).
+std::optional<RowLayout> row_layout(const at::Tensor& t);
+
+// `t`, copied to contiguous only if its strides cannot be described.
+at::Tensor describable(const at::Tensor& t);
+
+// Uninitialized output, or NaN-filled when FLASHKD_POISON is set.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts);
+
+// The current CUDA stream of `t`'s device, with that device made current
+// for the guard's lifetime. Throws on builds without CUDA.
+struct DeviceScope {
+  explicit DeviceScope(const at::Tensor& t);
+  ~DeviceScope();
+  void* stream = nullptr;
+ private:
+  int previous_device_ = -1;
+};
+
+// Throws a RuntimeError naming `what` when a kernel launcher returned an error.
+void check_launch(const char* error, const char* what);
+
+bool cuda_compiled();
+
+}  // namespace flashkd::ops

@@ -52,13 +52,17 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     """grad * grad_output, broadcasting a per-token grad_output over the vocabulary.
 
     Eager mode scales the saved buffer in place (a no-op on the device when
-    grad_output is 1); under torch.compile the product is left to Inductor.
+    grad_output is 1). When traced (torch.compile, AOTAutograd, opcheck) the
+    tensors are fakes or functional wrappers and a mutation of a forward output
+    inside backward would break graph partitioning, so the product is left to
+    the compiler there.
     A second backward through the same graph fails torch's saved-tensor
     version check instead of scaling twice.
     """
     if grad_output.dim() > 0:
         grad_output = grad_output.reshape(grad.shape[:-1])
-    if torch.compiler.is_compiling():
+    traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor or type(grad_output) is not torch.Tensor
+    if traced:
         factor = grad_output.unsqueeze(-1) if grad_output.dim() > 0 else grad_output
         return grad * factor.to(grad.dtype)
     ops.scale_rows_(grad, grad_output)

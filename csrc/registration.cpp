@@ -2,6 +2,7 @@
 // autograd formulas live in python/flashkd/_ops.py.
 #include <torch/library.h>
 #include "ops/distill.h"
+#include "ops/linear_loss.h"
 #include "ops/tensor_utils.h"
 #include "cpu/kernels.h"
 
@@ -15,6 +16,24 @@ std::string cpu_isa(c10::string_view force, bool reset) {
 }
 
 bool has_cuda_kernels() { return flashkd::ops::cuda_compiled(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_loss_op(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& t_hidden, const std::optional<at::Tensor>& t_weight,
+    const std::optional<at::Tensor>& t_bias, const std::optional<at::Tensor>& t_logits,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& weights, c10::string_view divergence,
+    double temperature, double beta, double alpha, std::optional<double> taid_lambda, int64_t ignore_index,
+    double hard_weight, double soft_weight, bool t2_scaling, std::optional<int64_t> vocab_size,
+    double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
+    std::optional<double> num_items, bool return_stats, bool return_lse, int64_t grad_mask,
+    const std::optional<at::Tensor>& row_scale, std::optional<int64_t> chunk_budget_bytes) {
+  auto r = flashkd::ops::linear_loss(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, weights,
+                                     divergence, temperature, beta, alpha, taid_lambda, ignore_index, hard_weight,
+                                     soft_weight, t2_scaling, vocab_size, label_smoothing, z_loss, softcap,
+                                     reduction, num_items, return_stats, return_lse, grad_mask, row_scale,
+                                     chunk_budget_bytes);
+  return {r.loss, r.dhidden, r.dweight, r.dbias, r.lse, r.stats, r.agree};
+}
 
 }  // namespace
 
@@ -30,6 +49,14 @@ TORCH_LIBRARY(flashkd, m) {
       "float soft_weight, bool t2_scaling, int? vocab_size, str reduction, float? num_items, bool return_stats) "
       "-> (Tensor loss, Tensor stats, Tensor agree)");
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
+  m.def(
+      "linear_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, Tensor? teacher_weight, "
+      "Tensor? teacher_bias, Tensor? teacher_logits, Tensor? labels, Tensor? weights, str divergence, "
+      "float temperature, float beta, float alpha, float? taid_lambda, int ignore_index, float hard_weight, "
+      "float soft_weight, bool t2_scaling, int? vocab_size, float label_smoothing, float z_loss, float? softcap, "
+      "str reduction, float? num_items, bool return_stats, bool return_lse, int grad_mask, Tensor? row_scale, "
+      "int? chunk_budget_bytes) "
+      "-> (Tensor loss, Tensor dhidden, Tensor dweight, Tensor dbias, Tensor lse, Tensor stats, Tensor agree)");
   m.def("cpu_isa(str force=\"\", bool reset=False) -> str", &cpu_isa);
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
@@ -38,6 +65,7 @@ TORCH_LIBRARY_IMPL(flashkd, CPU, m) {
   m.impl("distill_loss", &flashkd::ops::distill_loss);
   m.impl("distill_loss_", &flashkd::ops::distill_loss_inplace);
   m.impl("scale_rows_", &flashkd::ops::scale_rows);
+  m.impl("linear_loss", &linear_loss_op);
 }
 
 #ifdef FLASHKD_WITH_CUDA
@@ -45,5 +73,6 @@ TORCH_LIBRARY_IMPL(flashkd, CUDA, m) {
   m.impl("distill_loss", &flashkd::ops::distill_loss);
   m.impl("distill_loss_", &flashkd::ops::distill_loss_inplace);
   m.impl("scale_rows_", &flashkd::ops::scale_rows);
+  m.impl("linear_loss", &linear_loss_op);
 }
 #endif

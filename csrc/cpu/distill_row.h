@@ -49,20 +49,28 @@ inline float row_entropy(const float* x, int64_t n, float mul, float lse) {
 
 // Computes one token's loss and overwrites s[0..n) with
 // grad_scale * d(loss)/d(student logits). `t` may be null (hard CE only).
-// `label` < 0 means no label for this token.
+// `label` < 0 means no label for this token. `lse_out`, when non-null,
+// receives the log-sum-exp of the (capped) student logits at T = 1.
 template <Divergence D, bool kStats>
 RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float grad_scale,
-                      const DistillParams& p) {
+                      const DistillParams& p, float* lse_out) {
   using Math = DivergenceMath<D>;
   const float inv_t = p.inv_temperature;
   const DivergenceConsts& k = p.consts;
   const bool hard = p.hard_weight != 0.f && label >= 0;
   const bool soft = t != nullptr;
+  const float cap = p.softcap;
   RowResult out;
 
+  if (cap > 0.f) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] = soft_cap(s[j], cap);
+  }
   RowScalars rs;
   rs.A = row_lse(s, n, inv_t);
-  const float lse1 = hard ? (inv_t == 1.f ? rs.A : row_lse(s, n, 1.f)) : 0.f;
+  const bool want_lse1 = hard || lse_out;
+  const float lse1 = want_lse1 ? (inv_t == 1.f ? rs.A : row_lse(s, n, 1.f)) : 0.f;
+  if (lse_out) *lse_out = lse1;
   float divergence = 0.f;
   if (soft) {
     rs.B = row_lse(t, n, inv_t);
@@ -96,30 +104,44 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
       if (soft) out.stats[kStatTeacherLogprob] = t[label] * inv_t - rs.B;
     }
   }
-  const float ce = hard ? lse1 - s[label] : 0.f;
+
+  // Hard term: smoothed cross-entropy plus z-loss (DESIGN.md §2).
+  const float eps = p.label_smoothing;
+  float hard_loss = 0.f;
+  if (hard) {
+    float mean_z = 0.f;
+    if (eps != 0.f) {
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) sum += s[j];
+      mean_z = sum / static_cast<float>(n);
+    }
+    hard_loss = (1.f - eps) * (lse1 - s[label]) + eps * (lse1 - mean_z) + p.z_loss * lse1 * lse1;
+  }
 
   // Gradient pass: overwrites s. Loss terms of pass-free divergences accrue here.
   const float g_soft = grad_scale * p.soft_weight * inv_t;
   const float g_hard = hard ? grad_scale * p.hard_weight : 0.f;
+  const float g_soft_max = g_hard * (1.f + 2.f * p.z_loss * lse1);  // d(ce + z lse^2)/dz = this * softmax
+  const float g_uniform = g_hard * eps / static_cast<float>(n);
+  // The cap's derivative at the label, read before s is overwritten.
+  const float label_cap_grad = hard && cap > 0.f ? soft_cap_grad(s[label], cap) : 1.f;
   float loss_acc = 0.f;
-  if (soft) {
 #pragma omp simd reduction(+ : loss_acc)
-    for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
+    float g = hard ? g_soft_max * fkd_exp(s[j] - lse1) - g_uniform : 0.f;
+    if (soft) {
       const float a = s[j] * inv_t, b = t[j] * inv_t;
       const float lr = D == Divergence::kTAID ? taid_logit(a, b, k.lambda) - rs.R : 0.f;
-      const float gd = Math::grad(a - rs.A, b - rs.B, lr, rs, k, loss_acc);
-      const float gh = hard ? fkd_exp(s[j] - lse1) : 0.f;
-      s[j] = g_soft * gd + g_hard * gh;
+      g += g_soft * Math::grad(a - rs.A, b - rs.B, lr, rs, k, loss_acc);
     }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) s[j] = g_hard * fkd_exp(s[j] - lse1);
+    s[j] = cap > 0.f ? g * soft_cap_grad(s[j], cap) : g;
   }
-  if (hard) s[label] -= g_hard;
+  if (hard) s[label] -= g_hard * (1.f - eps) * label_cap_grad;  // the one-hot part
   if constexpr (!Math::kNeedsPass2) divergence = loss_acc;
 
   if (soft) out.stats[kStatDivergence] = divergence;
-  out.loss = (hard ? p.hard_weight * ce : 0.f) + (soft ? p.soft_weight * divergence : 0.f);
+  out.loss = (hard ? p.hard_weight * hard_loss : 0.f) + (soft ? p.soft_weight * divergence : 0.f);
   return out;
 }
 

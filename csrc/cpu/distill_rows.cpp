@@ -28,15 +28,16 @@ void rows_impl(const DistillParams& p, int64_t begin, int64_t end) {
     const int64_t gstride = p.grad_layout.col_stride;
     const float weight = p.weights ? p.weights[r] : 1.f;
 
-    if (!ignored || kStats) {
+    if (!ignored || kStats || p.lse) {
       load_floats(static_cast<const char*>(p.student) + p.student_layout.row_offset(r) * gsize,
                   p.student_dtype, p.student_layout.col_stride, n, s);
       if (t)
         load_floats(static_cast<const char*>(p.teacher) +
                         p.teacher_layout.row_offset(r) * dtype_size(p.teacher_dtype),
                     p.teacher_dtype, p.teacher_layout.col_stride, n, t);
-      const RowResult res =
-          distill_row<D, kStats>(s, t, n, ignored ? -1 : label, weight * grad_scale, p);
+      const float scale = weight * grad_scale * (p.row_scale ? p.row_scale[r] : 1.f);
+      const RowResult res = distill_row<D, kStats>(s, t, n, ignored ? -1 : label, scale, p,
+                                                   p.lse ? p.lse + r : nullptr);
       p.loss[r] = ignored ? 0.f : weight * res.loss;
       if constexpr (kStats) {
         std::copy(res.stats, res.stats + kNumStats, p.stats + r * kNumStats);
@@ -44,6 +45,7 @@ void rows_impl(const DistillParams& p, int64_t begin, int64_t end) {
       }
     } else {
       p.loss[r] = 0.f;
+      if (p.lse) p.lse[r] = 0.f;
     }
     if (ignored) std::fill(s, s + n, 0.f);
     store_floats(s, n, grad_row, p.student_dtype, gstride);

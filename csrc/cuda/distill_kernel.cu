@@ -57,7 +57,8 @@ __global__ void distill_kernel(const DistillParams p) {
   const bool soft = p.teacher != nullptr;
   const bool hard = !ignored && label >= 0 && p.hard_weight != 0.f;
   const float inv_t = p.inv_temperature;
-  const bool separate_ce = hard && inv_t != 1.f;
+  const float cap = p.softcap, eps = p.label_smoothing;
+  const bool separate_ce = (hard || p.lse) && inv_t != 1.f;
   const DivergenceConsts& k = p.consts;
 
   const Ts* srow = static_cast<const Ts*>(p.student) + p.student_layout.row_offset(row);
@@ -70,7 +71,16 @@ __global__ void distill_kernel(const DistillParams p) {
   const int64_t step = int64_t(blockDim.x) * kVec;
   const int64_t first = int64_t(threadIdx.x) * kVec;
 
-  if (ignored && !want_stats) {
+  // Student logits as the math sees them: soft-capped when asked.
+  auto load_student = [&](int64_t c, float (&s)[kVec]) {
+    load8(srow, c, ss, n, svec, s);
+    if (cap > 0.f) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) s[j] = soft_cap(s[j], cap);
+    }
+  };
+
+  if (ignored && !want_stats && !p.lse) {
     const float zeros[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int64_t c = first; c < cols; c += step) store8(grow, c, gs, cols, gvec, zeros);
     if (threadIdx.x == 0) p.loss[row] = 0.f;
@@ -79,11 +89,15 @@ __global__ void distill_kernel(const DistillParams p) {
 
   // Sweep 1: log-sum-exps (student at T, teacher at T, student at 1, TAID mixture).
   OnlineLse lse[4];
-  float sbest = kNegInf, tbest = kNegInf;
+  float sbest = kNegInf, tbest = kNegInf, zsum = 0.f;
   int64_t sat = 0, tat = 0;
   for (int64_t c = first; c < n; c += step) {
     float s[kVec], t[kVec], x[kVec];
-    load8(srow, c, ss, n, svec, s);
+    load_student(c, s);
+    if (hard && eps != 0.f) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) zsum += c + j < n ? s[j] : 0.f;
+    }
 #pragma unroll
     for (int j = 0; j < kVec; ++j) x[j] = s[j] * inv_t;
     lse[0].add(x);
@@ -105,6 +119,11 @@ __global__ void distill_kernel(const DistillParams p) {
   }
   float lses[4];
   block_lse(lse, lses, scratch);
+  if (hard && eps != 0.f) {
+    float z[1] = {zsum};
+    block_allreduce(z, scratch, SumOp{});
+    zsum = z[0];
+  }
   RowScalars rs;
   rs.A = lses[0];
   rs.B = lses[1];
@@ -123,7 +142,7 @@ __global__ void distill_kernel(const DistillParams p) {
       float c[2] = {0.f, 0.f};
       for (int64_t col = first; col < n; col += step) {
         float s[kVec], t[kVec];
-        load8(srow, col, ss, n, svec, s);
+        load_student(col, s);
         load8(trow, col, ts, n, tvec, t);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) Math::pass2(s[j] * inv_t - rs.A, t[j] * inv_t - rs.B, 0.f, k, c[0], c[1]);
@@ -137,12 +156,16 @@ __global__ void distill_kernel(const DistillParams p) {
   // Sweep 3: gradient (padded columns get 0), pass-free losses, entropies.
   float scale = ignored ? 0.f : (p.weights ? p.weights[row] : 1.f);
   if (p.grad_scale) scale *= *p.grad_scale;
+  if (p.row_scale) scale *= p.row_scale[row];
   const float g_soft = scale * p.soft_weight * inv_t;
   const float g_hard = hard ? scale * p.hard_weight : 0.f;
+  const float g_soft_max = g_hard * (1.f + 2.f * p.z_loss * lse1);  // d(ce + z lse^2)/dz = this * softmax
+  const float g_uniform = g_hard * eps / static_cast<float>(n);
+  const float g_label = g_hard * (1.f - eps);
   float acc[3] = {0.f, 0.f, 0.f};  // pass-free loss, sum q log q, sum p log p
   for (int64_t c = first; c < cols; c += step) {
     float s[kVec], t[kVec], g[kVec];
-    load8(srow, c, ss, n, svec, s);
+    load_student(c, s);
     if (soft) load8(trow, c, ts, n, tvec, t);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
@@ -161,7 +184,8 @@ __global__ void distill_kernel(const DistillParams p) {
           const float lq = s[j] * inv_t - rs.A;
           acc[1] += xdiff(fkd_exp(lq), lq, 0.f);
         }
-        if (hard) gj += g_hard * (fkd_exp(s[j] - lse1) - (c + j == label ? 1.f : 0.f));
+        if (hard) gj += g_soft_max * fkd_exp(s[j] - lse1) - g_uniform - (c + j == label ? g_label : 0.f);
+        if (cap > 0.f) gj *= soft_cap_grad(s[j], cap);
       }
       g[j] = ignored ? 0.f : gj;
     }
@@ -172,7 +196,12 @@ __global__ void distill_kernel(const DistillParams p) {
   if (threadIdx.x == 0) {
     const float divergence = soft ? (Math::kNeedsPass2 ? rs.c0 : acc[0]) : 0.f;
     float loss = soft ? p.soft_weight * divergence : 0.f;
-    if (hard) loss += p.hard_weight * (lse1 - to_float(srow[label * ss]));
+    float zlabel = label >= 0 ? to_float(srow[label * ss]) : 0.f;
+    if (cap > 0.f) zlabel = soft_cap(zlabel, cap);
+    if (hard)
+      loss += p.hard_weight * ((1.f - eps) * (lse1 - zlabel) + eps * (lse1 - zsum / static_cast<float>(n)) +
+                               p.z_loss * lse1 * lse1);
+    if (p.lse) p.lse[row] = lse1;
     const float w = p.weights ? p.weights[row] : 1.f;
     p.loss[row] = ignored ? 0.f : w * loss;
     if (want_stats) {
@@ -181,7 +210,7 @@ __global__ void distill_kernel(const DistillParams p) {
       st[kStatDivergence] = divergence;
       st[kStatStudentEntropy] = -acc[1];
       st[kStatTeacherEntropy] = -acc[2];
-      st[kStatStudentLogprob] = has_label ? to_float(srow[label * ss]) * inv_t - rs.A : 0.f;
+      st[kStatStudentLogprob] = has_label ? zlabel * inv_t - rs.A : 0.f;
       st[kStatTeacherLogprob] = has_label && soft ? to_float(trow[label * ts]) * inv_t - rs.B : 0.f;
       p.agree[row] = agree;
     }

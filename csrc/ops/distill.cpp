@@ -56,6 +56,8 @@ DivergenceConsts make_consts(Divergence d, double beta, double alpha,
   return k;
 }
 
+}  // namespace
+
 int64_t reduction_code(c10::string_view r) {
   if (r == "none") return 0;
   if (r == "sum") return 1;
@@ -63,7 +65,32 @@ int64_t reduction_code(c10::string_view r) {
   TORCH_CHECK_VALUE(false, "reduction must be 'none', 'sum', 'mean' or 'batchmean', got '", std::string(r), "'");
 }
 
-}  // namespace
+void set_loss_options(DistillParams& p, c10::string_view divergence, double temperature, double beta, double alpha,
+                      std::optional<double> taid_lambda, double hard_weight, double soft_weight, bool t2_scaling) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(hard_weight >= 0 && soft_weight >= 0, "hard_weight and soft_weight must be >= 0");
+  p.divergence = parse_divergence(divergence);
+  p.consts = make_consts(p.divergence, beta, alpha, taid_lambda);
+  p.inv_temperature = static_cast<float>(1.0 / temperature);
+  p.hard_weight = static_cast<float>(hard_weight);
+  p.soft_weight = static_cast<float>(soft_weight * (t2_scaling ? temperature * temperature : 1.0));
+}
+
+void run_distill_rows(const DistillParams& p, const at::Tensor& like) {
+  if (p.rows == 0) return;
+  if (like.is_cuda()) {
+#ifdef FLASHKD_WITH_CUDA
+    DeviceScope scope(like);
+    check_launch(cuda::distill_rows(p, scope.stream), "distillation CUDA kernel");
+#else
+    DeviceScope scope(like);  // throws: built without CUDA
+#endif
+    return;
+  }
+  TORCH_CHECK_VALUE(like.is_cpu(), "logits must be CPU or CUDA tensors, got ", like.device());
+  const int64_t grain = std::max<int64_t>(1, 16384 / p.vocab);
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) { cpu::distill_rows(p, begin, end); });
+}
 
 at::Tensor checked_labels(const std::optional<at::Tensor>& labels, at::IntArrayRef lead, int64_t rows,
                           int64_t vocab, int64_t ignore_index, const at::Device& device) {
@@ -124,13 +151,10 @@ DistillResult distill_forward(const at::Tensor& student_in, const at::Tensor& te
   TORCH_CHECK_VALUE(cols >= 1, "student_logits must have a vocabulary dim of size >= 1");
   const int64_t vocab = vocab_size.value_or(cols);
   TORCH_CHECK_VALUE(vocab >= 1 && vocab <= cols, "vocab_size must be in [1, ", cols, "], got ", vocab);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK_VALUE(hard_weight >= 0 && soft_weight >= 0, "hard_weight and soft_weight must be >= 0");
   TORCH_CHECK_VALUE(hard_weight == 0 || labels_in.has_value(), "hard_weight > 0 needs labels");
 
   DistillParams p;
-  p.divergence = parse_divergence(divergence);
-  p.consts = make_consts(p.divergence, beta, alpha, taid_lambda);
+  set_loss_options(p, divergence, temperature, beta, alpha, taid_lambda, hard_weight, soft_weight, t2_scaling);
   const int64_t red = reduction_code(reduction);
   p.student_dtype = kernel_dtype(student_in, "student_logits");
   p.teacher_dtype = kernel_dtype(teacher_in, "teacher_logits");
@@ -172,24 +196,7 @@ DistillResult distill_forward(const at::Tensor& student_in, const at::Tensor& te
   p.loss = loss_tok.data_ptr<float>();
   p.stats = return_stats ? stats.data_ptr<float>() : nullptr;
   p.agree = return_stats ? agree.data_ptr<bool>() : nullptr;
-  p.inv_temperature = static_cast<float>(1.0 / temperature);
-  p.hard_weight = static_cast<float>(hard_weight);
-  p.soft_weight = static_cast<float>(soft_weight * (t2_scaling ? temperature * temperature : 1.0));
-
-  if (rows > 0) {
-    if (student.is_cuda()) {
-#ifdef FLASHKD_WITH_CUDA
-      DeviceScope scope(student);
-      check_launch(cuda::distill_rows(p, scope.stream), "distill_loss CUDA kernel");
-#else
-      DeviceScope scope(student);  // throws: built without CUDA
-#endif
-    } else {
-      TORCH_CHECK_VALUE(student.is_cpu(), "student_logits must be a CPU or CUDA tensor");
-      const int64_t grain = std::max<int64_t>(1, 16384 / vocab);
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { cpu::distill_rows(p, begin, end); });
-    }
-  }
+  run_distill_rows(p, student);
 
   std::vector<int64_t> lead_v(lead.begin(), lead.end());
   at::Tensor loss;

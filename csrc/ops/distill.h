@@ -14,6 +14,16 @@ at::Tensor checked_labels(const std::optional<at::Tensor>& labels, at::IntArrayR
 // Validated token weights as contiguous float32 [rows] (undefined when absent).
 at::Tensor checked_weights(const std::optional<at::Tensor>& weights, at::IntArrayRef lead, int64_t rows,
                            const at::Device& device);
+// "none" -> 0, "sum" -> 1, "mean"/"batchmean" -> 2; anything else is a ValueError.
+int64_t reduction_code(c10::string_view reduction);
+
+// Validates the loss options shared by every distillation op and stores them in `p`.
+void set_loss_options(DistillParams& p, c10::string_view divergence, double temperature, double beta, double alpha,
+                      std::optional<double> taid_lambda, double hard_weight, double soft_weight, bool t2_scaling);
+
+// Runs the row kernel of `like`'s device over p.rows rows.
+void run_distill_rows(const DistillParams& p, const at::Tensor& like);
+
 // Scale that turns a token sum into the mean (see DESIGN.md §2 "Reduction").
 at::Tensor mean_scale(const at::Tensor& labels, int64_t rows, int64_t ignore_index,
                       std::optional<double> num_items, const at::TensorOptions& opts);

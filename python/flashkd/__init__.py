@@ -3,8 +3,9 @@ from . import _ops  # noqa: F401  (loads the kernels)
 from . import nn, reference
 from ._ops import cpu_isa, has_cuda_kernels
 from .functional import DIVERGENCES, distill_loss
+from .linear import linear_cross_entropy, linear_distill_loss
 from .taid import TAIDSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["distill_loss", "DIVERGENCES", "TAIDSchedule", "nn", "reference", "has_cuda_kernels", "cpu_isa"]
+__all__ = ["distill_loss", "linear_cross_entropy", "linear_distill_loss", "DIVERGENCES", "TAIDSchedule", "nn", "reference", "has_cuda_kernels", "cpu_isa"]

@@ -32,17 +32,25 @@ struct DistillParams {
 
   void* grad = nullptr;              // dtype = student_dtype; may alias student
   RowLayout grad_layout;
-  const float* grad_scale = nullptr; // device/host scalar multiplying every gradient, or null
+  const float* grad_scale = nullptr; // scalar multiplying every gradient (same device), or null
+  const float* row_scale = nullptr;  // [rows] per-token gradient multiplier, or null
 
   float* loss = nullptr;             // [rows] per-token loss (weighted, 0 when ignored)
   float* stats = nullptr;            // [rows, kNumStats] or null
   bool* agree = nullptr;             // [rows] or null (with stats)
+  float* lse = nullptr;              // [rows] log-sum-exp of the (capped) student logits at T = 1, or null
 
   Divergence divergence = Divergence::kFKL;
   DivergenceConsts consts;
   float inv_temperature = 1.f;
   float hard_weight = 0.f;           // CE weight (needs labels)
   float soft_weight = 1.f;           // divergence weight, T^2 already folded in
+
+  // Cross-entropy extras (DESIGN.md §2), all of the hard term at T = 1:
+  // hard = (1 - eps) (lse - z_y) + eps (lse - mean z) + z_loss lse^2.
+  float label_smoothing = 0.f;       // eps
+  float z_loss = 0.f;
+  float softcap = 0.f;               // > 0: student logits z -> softcap * tanh(z / softcap) first
 };
 
 }  // namespace flashkd

@@ -77,6 +77,20 @@ FKD_HD float fkd_log1p(float x) { return fkd_log(1.0f + x); }
 
 FKD_HD float fkd_max(float a, float b) { return a > b ? a : b; }
 
+// c * tanh(z / c), the logit soft cap (Gemma 2); its derivative is 1 - (y / c)^2.
+FKD_HD float soft_cap(float z, float c) {
+#if defined(__CUDA_ARCH__)
+  return c * tanhf(z / c);
+#else
+  const float e = fkd_exp(2.0f * z / c);  // tanh = 1 - 2 / (e^{2x} + 1), saturates cleanly
+  return c * (1.0f - 2.0f / (e + 1.0f));
+#endif
+}
+FKD_HD float soft_cap_grad(float capped, float c) {
+  const float u = capped / c;
+  return 1.0f - u * u;
+}
+
 // log(e^x + e^y) without forming the sum; -inf + -inf = -inf.
 FKD_HD float logaddexp(float x, float y) {
   const float m = fkd_max(x, y);

@@ -1,0 +1,205 @@
+// Fused linear losses (DESIGN.md §3): cut cross-entropy and linear
+// distillation. Tokens are walked in chunks whose logits fit a memory budget;
+// per chunk, ATen GEMMs (cuBLAS / CPU BLAS) make the logits, the distillation
+// row kernel turns them into loss and d(logits) in place, and two more GEMMs
+// fold d(logits) into d(hidden) and d(weight). No [N, V] tensor ever exists.
+#include "linear_loss.h"
+#include <cmath>
+#include "distill.h"
+#include "tensor_utils.h"
+
+namespace flashkd::ops {
+namespace {
+
+enum GradMask : int64_t { kGradHidden = 1, kGradWeight = 2, kGradBias = 4 };
+
+int64_t default_budget(const at::Tensor& t) { return t.is_cuda() ? (int64_t(512) << 20) : (int64_t(32) << 20); }
+
+// (N, D) view of (..., D) hidden states; reshape copies only when no view exists.
+at::Tensor matrix_of(const at::Tensor& h) { return h.reshape({-1, h.size(-1)}); }
+
+// acc (float32) += a @ b, accumulating in float32 whatever a and b are.
+void accumulate_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    acc.addmm_(a, b);
+  } else if (a.is_cuda()) {
+    at::addmm_out(acc, acc, a, b, at::kFloat);  // cuBLAS, float32 output
+  } else {
+    acc.add_(at::mm(a, b));
+  }
+}
+
+void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const char* hname, const char* wname, const char* bname) {
+  TORCH_CHECK_VALUE(hidden.dim() >= 1, hname, " must have shape (..., D)");
+  TORCH_CHECK_VALUE(weight.dim() == 2, wname, " must be 2-D (V, D), got ", weight.dim(), " dims");
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(-1), wname, " has D=", weight.size(1), " but ", hname,
+                    " has D=", hidden.size(-1));
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), wname, " dtype ", weight.scalar_type(),
+                   " differs from ", hname, " dtype ", hidden.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == hidden.device(), wname, " must be on the device of ", hname);
+  kernel_dtype(hidden, hname);
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), bname, " must have shape (",
+                      weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), bname, " must have the dtype of ", hname);
+    TORCH_CHECK_VALUE(bias->device() == hidden.device(), bname, " must be on the device of ", hname);
+  }
+}
+
+}  // namespace
+
+LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& t_hidden_in,
+                             const std::optional<at::Tensor>& t_weight, const std::optional<at::Tensor>& t_bias,
+                             const std::optional<at::Tensor>& t_logits, const std::optional<at::Tensor>& labels_in,
+                             const std::optional<at::Tensor>& weights_in, c10::string_view divergence,
+                             double temperature, double beta, double alpha, std::optional<double> taid_lambda,
+                             int64_t ignore_index, double hard_weight, double soft_weight, bool t2_scaling,
+                             std::optional<int64_t> vocab_size, double label_smoothing, double z_loss,
+                             std::optional<double> softcap, c10::string_view reduction,
+                             std::optional<double> num_items, bool return_stats, bool return_lse,
+                             int64_t grad_mask, const std::optional<at::Tensor>& row_scale_in,
+                             std::optional<int64_t> chunk_budget_bytes) {
+  check_linear(hidden_in, weight, bias, "hidden", "weight", "bias");
+  const bool teacher_from_weights = t_hidden_in.has_value() || t_weight.has_value();
+  TORCH_CHECK_VALUE(!(teacher_from_weights && t_logits.has_value()),
+                    "give the teacher either as teacher_hidden + teacher_weight or as teacher_logits, not both");
+  if (teacher_from_weights) {
+    TORCH_CHECK_VALUE(t_hidden_in.has_value() && t_weight.has_value(),
+                      "teacher_hidden and teacher_weight must be given together");
+    check_linear(*t_hidden_in, *t_weight, t_bias, "teacher_hidden", "teacher_weight", "teacher_bias");
+  }
+  const bool has_teacher = teacher_from_weights || t_logits.has_value();
+  TORCH_CHECK_VALUE(has_teacher || soft_weight == 0 || hard_weight > 0,
+                    "a loss without teacher needs hard_weight > 0");
+
+  const at::Tensor hidden = matrix_of(hidden_in);
+  const int64_t rows = hidden.size(0), V = weight.size(0);
+  const auto lead = hidden_in.sizes().slice(0, hidden_in.dim() - 1);
+  const int64_t vocab = vocab_size.value_or(V);
+  TORCH_CHECK_VALUE(vocab >= 1 && vocab <= V, "vocab_size must be in [1, ", V, "], got ", vocab);
+  at::Tensor t_hidden, t_w;
+  if (teacher_from_weights) {
+    TORCH_CHECK_VALUE(t_hidden_in->sizes().slice(0, t_hidden_in->dim() - 1) == lead,
+                      "teacher_hidden must have the leading shape ", lead, " of hidden, got ", t_hidden_in->sizes());
+    TORCH_CHECK_VALUE(t_weight->size(0) >= V, "teacher_weight has a vocabulary of ", t_weight->size(0),
+                      ", smaller than the student's ", V);
+    TORCH_CHECK_VALUE(t_hidden_in->device() == hidden.device(), "teacher_hidden must be on the device of hidden");
+    t_hidden = matrix_of(*t_hidden_in);
+    t_w = t_weight->narrow(0, 0, V);
+  }
+  at::Tensor t_logits2d;
+  if (t_logits) {
+    TORCH_CHECK_VALUE(t_logits->dim() >= 1 && t_logits->sizes().slice(0, t_logits->dim() - 1) == lead,
+                      "teacher_logits must have shape (", lead, ", V_teacher), got ", t_logits->sizes());
+    TORCH_CHECK_VALUE(t_logits->size(-1) >= V, "teacher_logits has a vocabulary of ", t_logits->size(-1),
+                      ", smaller than the student's ", V);
+    TORCH_CHECK_TYPE(at::isFloatingType(t_logits->scalar_type()), "teacher_logits must be a float tensor");
+    TORCH_CHECK_VALUE(t_logits->device() == hidden.device(), "teacher_logits must be on the device of hidden");
+    t_logits2d = matrix_of(*t_logits).narrow(1, 0, V);
+  }
+
+  DistillParams p;
+  set_loss_options(p, divergence, temperature, beta, alpha, taid_lambda, hard_weight, soft_weight, t2_scaling);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, "label_smoothing must be in [0, 1], got ",
+                    label_smoothing);
+  TORCH_CHECK_VALUE(std::isfinite(z_loss) && z_loss >= 0, "z_loss must be >= 0, got ", z_loss);
+  TORCH_CHECK_VALUE(!softcap || *softcap > 0, "softcap must be > 0, got ", softcap.value_or(0));
+  p.label_smoothing = static_cast<float>(label_smoothing);
+  p.z_loss = static_cast<float>(z_loss);
+  p.softcap = static_cast<float>(softcap.value_or(0.0));
+  const int64_t red = reduction_code(reduction);
+  const at::Tensor labels = checked_labels(labels_in, lead, rows, vocab, ignore_index, hidden.device());
+  const at::Tensor weights = checked_weights(weights_in, lead, rows, hidden.device());
+  TORCH_CHECK_VALUE(hard_weight == 0 || labels.defined(), "hard_weight > 0 needs targets/labels");
+  at::Tensor row_scale;
+  if (row_scale_in) {
+    TORCH_CHECK_VALUE(row_scale_in->numel() == rows, "row_scale must have one entry per token");
+    row_scale = row_scale_in->to(at::kFloat).contiguous().reshape({rows});
+  }
+  const int64_t budget = chunk_budget_bytes.value_or(default_budget(hidden));
+  TORCH_CHECK_VALUE(budget > 0, "chunk_budget_bytes must be > 0, got ", budget);
+
+  const auto fopts = hidden.options().dtype(at::kFloat);
+  const at::Tensor scale = red == 2 ? mean_scale(labels, rows, ignore_index, num_items, hidden.options())
+                                    : at::Tensor();
+  at::Tensor loss_tok = new_output({rows}, fopts);
+  at::Tensor lse = new_output({return_lse ? rows : 0}, fopts);
+  at::Tensor stats = new_output({return_stats ? rows : 0, kNumStats}, fopts);
+  at::Tensor agree = new_output({return_stats ? rows : 0}, hidden.options().dtype(at::kBool));
+  const bool want_dh = grad_mask & kGradHidden, want_dw = grad_mask & kGradWeight;
+  const bool want_db = (grad_mask & kGradBias) && bias.has_value();
+  at::Tensor dhidden = want_dh ? new_output({rows, hidden.size(1)}, hidden.options()) : at::Tensor();
+  // d(weight) and d(bias) accumulate over chunks in float32.
+  at::Tensor dweight_acc = want_dw ? at::zeros({V, hidden.size(1)}, fopts) : at::Tensor();
+  at::Tensor dbias_acc = want_db ? at::zeros({V}, fopts) : at::Tensor();
+
+  // Rows per chunk: the student's (and a computed teacher's) logits fit the budget.
+  const int64_t row_bytes =
+      V * (hidden.element_size() + (teacher_from_weights ? t_hidden.element_size() : 0) +
+           (t_logits && t_logits2d.scalar_type() == at::kDouble ? 4 : 0));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, budget / std::max<int64_t>(row_bytes, 1)));
+
+  p.cols = V;
+  p.vocab = vocab;
+  p.ignore_index = ignore_index;
+  p.grad_scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  p.student_dtype = kernel_dtype(hidden, "hidden");
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    const at::Tensor h = hidden.narrow(0, r0, n);
+    at::Tensor logits = bias ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
+    at::Tensor tlog;
+    if (teacher_from_weights) {
+      const at::Tensor th = t_hidden.narrow(0, r0, n);
+      tlog = t_bias ? at::addmm(t_bias->narrow(0, 0, V), th, t_w.t()) : at::mm(th, t_w.t());
+    } else if (t_logits) {
+      tlog = t_logits2d.narrow(0, r0, n);
+      if (tlog.scalar_type() == at::kDouble || !row_layout(tlog)) tlog = tlog.to(at::kFloat).contiguous();
+    }
+    p.rows = n;
+    p.student = logits.data_ptr();
+    p.student_layout = *row_layout(logits);
+    p.grad = logits.data_ptr();  // d(logits) overwrite the logits in place
+    p.grad_layout = p.student_layout;
+    p.teacher = tlog.defined() ? tlog.data_ptr() : nullptr;
+    if (tlog.defined()) {
+      p.teacher_dtype = kernel_dtype(tlog, "teacher_logits");
+      p.teacher_layout = *row_layout(tlog);
+    }
+    p.labels = labels.defined() ? labels.data_ptr<int64_t>() + r0 : nullptr;
+    p.weights = weights.defined() ? weights.data_ptr<float>() + r0 : nullptr;
+    p.row_scale = row_scale.defined() ? row_scale.data_ptr<float>() + r0 : nullptr;
+    p.loss = loss_tok.data_ptr<float>() + r0;
+    p.lse = return_lse ? lse.data_ptr<float>() + r0 : nullptr;
+    p.stats = return_stats ? stats.data_ptr<float>() + r0 * kNumStats : nullptr;
+    p.agree = return_stats ? agree.data_ptr<bool>() + r0 : nullptr;
+    run_distill_rows(p, logits);
+    if (want_dh) {
+      at::Tensor dh = dhidden.narrow(0, r0, n);
+      at::mm_out(dh, logits, weight);
+    }
+    if (want_dw) accumulate_mm(dweight_acc, logits.t(), h);
+    if (want_db) dbias_acc.add_(logits.sum(0, false, at::kFloat));
+  }
+
+  std::vector<int64_t> lead_v(lead.begin(), lead.end());
+  LinearLossResult out;
+  if (red == 0) out.loss = loss_tok.reshape(lead_v);
+  else if (red == 1) out.loss = loss_tok.sum();
+  else out.loss = loss_tok.sum() * scale;
+  auto empty = hidden.new_empty({0});
+  std::vector<int64_t> dh_shape(hidden_in.sizes().begin(), hidden_in.sizes().end());
+  out.dhidden = want_dh ? dhidden.reshape(dh_shape) : empty;
+  out.dweight = want_dw ? dweight_acc.to(weight.scalar_type()) : empty;
+  out.dbias = want_db ? dbias_acc.to(bias->scalar_type()) : empty;
+  out.lse = return_lse ? lse.reshape(lead_v) : lse;
+  std::vector<int64_t> stats_shape = lead_v;
+  stats_shape.push_back(kNumStats);
+  out.stats = return_stats ? stats.reshape(stats_shape) : stats;
+  out.agree = return_stats ? agree.reshape(lead_v) : agree;
+  return out;
+}
+
+}  // namespace flashkd::ops

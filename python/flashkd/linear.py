@@ -1,0 +1,183 @@
+"""Fused linear losses: the LM head and the loss in one op, chunk by chunk, so
+the [tokens x vocab] logits never exist in memory (DESIGN.md §3)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._ops import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, ops
+from .functional import _check_options, _check_tensor, _stats_dict
+
+
+def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Position i predicts labels[i + 1] along the last (sequence) dim; the last
+    position of each sequence is ignored. Only the small label tensor moves."""
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[..., :-1] = labels[..., 1:]
+    return shifted
+
+
+def _grad_mask(hidden, weight, bias) -> int:
+    mask = GRAD_HIDDEN if hidden.requires_grad else 0
+    mask |= GRAD_WEIGHT if weight.requires_grad else 0
+    mask |= GRAD_BIAS if bias is not None and bias.requires_grad else 0
+    return mask
+
+
+def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels,
+                 weights, *, divergence, temperature, beta, alpha, taid_lambda, ignore_index, hard_weight,
+                 soft_weight, t2_scaling, vocab_size, label_smoothing, z_loss, softcap, reduction, num_items,
+                 return_stats, return_lse, shift, chunk_budget_bytes):
+    _check_tensor(hidden, "hidden")
+    _check_tensor(weight, "weight")
+    _check_options(divergence, reduction, taid_lambda)
+    if labels is not None:
+        _check_tensor(labels, "labels")
+        if labels.is_floating_point():
+            raise TypeError(f"targets/labels must be an integer tensor, got {labels.dtype}")
+        if shift:
+            labels = _shift_labels(labels, ignore_index)
+    elif shift:
+        raise ValueError("shift=True needs targets/labels")
+    mask = _grad_mask(hidden, weight, bias)
+    detach = lambda t: None if t is None else t.detach()
+    out = ops.linear_loss(
+        hidden, weight, bias, detach(teacher_hidden), detach(teacher_weight), detach(teacher_bias),
+        detach(teacher_logits), labels, weights, divergence, float(temperature), float(beta), float(alpha),
+        None if taid_lambda is None else float(taid_lambda), int(ignore_index), float(hard_weight),
+        float(soft_weight), bool(t2_scaling), None if vocab_size is None else int(vocab_size),
+        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), reduction,
+        None if num_items is None else float(num_items), bool(return_stats), bool(return_lse), mask, None,
+        None if chunk_budget_bytes is None else int(chunk_budget_bytes))
+    loss, _dh, _dw, _db, lse, stats, agree = out
+    return loss, lse, stats, agree
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    weights: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    num_items: Optional[float] = None,
+    shift: bool = False,
+    return_lse: bool = False,
+    chunk_budget_bytes: Optional[int] = None,
+):
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without
+    materializing the logits.
+
+    Equals ``torch.nn.functional.cross_entropy(hidden @ weight.T + bias, targets,
+    ignore_index=..., label_smoothing=..., reduction=...)`` (values and gradients
+    for hidden, weight and bias), plus:
+
+    - ``softcap`` s: logits z -> s * tanh(z / s) first (Gemma 2);
+    - ``z_loss`` c: adds c * LSE^2 per valid token;
+    - ``weights``: per-token non-negative weights; ``num_items`` overrides the
+      mean's divisor (gradient accumulation);
+    - ``shift``: position i predicts ``targets[..., i + 1]`` (no copy of hidden;
+      the last position of each sequence is ignored);
+    - ``return_lse``: also return the per-token float32 log-sum-exp (differentiable).
+
+    hidden (..., D) and weight (V, D) in float32/bfloat16/float16 (same dtype);
+    gradients come back in the input dtypes, d(weight) accumulated in float32.
+    ``chunk_budget_bytes`` bounds the logits held at once (default 32 MiB on
+    CPU, 512 MiB on CUDA); peak extra memory is that plus the gradients.
+    """
+    loss, lse, _, _ = _linear_loss(
+        hidden, weight, bias, None, None, None, None, targets, weights, divergence="fkl", temperature=1.0,
+        beta=0.5, alpha=0.1, taid_lambda=None, ignore_index=ignore_index, hard_weight=1.0, soft_weight=0.0,
+        t2_scaling=False, vocab_size=None, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        reduction=reduction, num_items=num_items, return_stats=False, return_lse=return_lse, shift=shift,
+        chunk_budget_bytes=chunk_budget_bytes)
+    return (loss, lse) if return_lse else loss
+
+
+def linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    shift: bool = False,
+    chunk_budget_bytes: Optional[int] = None,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    taid_lambda: Optional[float] = None,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    weights: Optional[torch.Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    t2_scaling: bool = False,
+    vocab_size: Optional[int] = None,
+    reduction: str = "mean",
+    num_items: Optional[float] = None,
+    return_stats: bool = False,
+):
+    """:func:`flashkd.distill_loss` of the student head's logits against the
+    teacher's, without ever holding either [tokens x vocab] logit matrix.
+
+    The teacher is ``teacher_hidden`` (..., Dt) with ``teacher_weight`` (Vt, Dt)
+    [+ ``teacher_bias``] — its logits computed chunk by chunk — or precomputed
+    ``teacher_logits`` (..., Vt) of any float dtype; exactly one of the two.
+    Vt >= V (the student's vocabulary): extra teacher columns are ignored.
+    Student and teacher hidden sizes may differ. ``softcap`` applies to the
+    student logits. Gradients flow to the student hidden, weight and bias only.
+    Every other option is :func:`flashkd.distill_loss`'s.
+    """
+    if teacher_logits is None and (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("give the teacher as teacher_hidden + teacher_weight, or as teacher_logits")
+    loss, _, stats, agree = _linear_loss(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+        labels, weights, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+        taid_lambda=taid_lambda, ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+        t2_scaling=t2_scaling, vocab_size=vocab_size, label_smoothing=0.0, z_loss=0.0, softcap=softcap,
+        reduction=reduction, num_items=num_items, return_stats=return_stats, return_lse=False, shift=shift,
+        chunk_budget_bytes=chunk_budget_bytes)
+    return (loss, _stats_dict(stats, agree)) if return_stats else loss
+
+
+def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_bytes, grad_mask):
+    """Gradient of sum(grad_lse * lse) w.r.t. hidden/weight/bias, recomputing
+    the logits chunk by chunk: d lse / d z = softmax(z) (times the cap's derivative)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    g = grad_lse.reshape(-1).float()
+    budget = chunk_budget_bytes or ((512 << 20) if h.is_cuda else (32 << 20))
+    chunk = max(1, budget // (weight.shape[0] * 4))
+    dh = torch.empty_like(h) if grad_mask & GRAD_HIDDEN else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad_mask & GRAD_WEIGHT else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) \
+        if grad_mask & GRAD_BIAS and bias is not None else None
+    lse_flat = lse.reshape(-1)
+    for r0 in range(0, h.shape[0], chunk):
+        hc = h[r0:r0 + chunk]
+        z = (hc @ weight.T if bias is None else torch.addmm(bias, hc, weight.T)).float()
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        dz = torch.exp(z - lse_flat[r0:r0 + chunk, None]) * g[r0:r0 + chunk, None]
+        if softcap:
+            dz = dz * (1 - (z / softcap) ** 2)
+        dz = dz.to(h.dtype)
+        if dh is not None:
+            dh[r0:r0 + chunk] = dz @ weight
+        if dw is not None:
+            dw += (dz.T @ hc).float()
+        if db is not None:
+            db += dz.float().sum(0)
+    return {"hidden": None if dh is None else dh.reshape(hidden.shape),
+            "weight": None if dw is None else dw.to(weight.dtype),
+            "bias": None if db is None else db.to(bias.dtype)}

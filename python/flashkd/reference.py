@@ -112,3 +112,54 @@ def distill_loss(student_logits, teacher_logits, *, divergence="fkl", temperatur
             stats["teacher_logprob"] = torch.zeros(lead, dtype=dt, device=s.device)
         stats["agree"] = s.argmax(-1) == t.argmax(-1)
     return loss, stats
+
+
+def _head(hidden, weight, bias, dt):
+    z = hidden.to(dt) @ weight.to(dt).T
+    return z if bias is None else z + bias.to(dt)
+
+
+def _shifted(labels, ignore_index):
+    out = torch.full_like(labels, ignore_index)
+    out[..., :-1] = labels[..., 1:]
+    return out
+
+
+def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, softcap=None,
+                         label_smoothing=0.0, z_loss=0.0, weights=None, reduction="mean", num_items=None,
+                         shift=False, return_lse=False, chunk_budget_bytes=None):
+    """Oracle of :func:`flashkd.linear_cross_entropy`: materializes the logits."""
+    dt = _compute_dtype(hidden, weight)
+    z = _head(hidden, weight, bias, dt)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    labels = _shifted(targets, ignore_index) if shift else targets
+    valid = labels != ignore_index
+    lse = torch.logsumexp(z, -1)
+    safe = torch.where(valid, labels, 0)
+    nll = lse - z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    smooth = lse - z.mean(-1)
+    per_token = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse ** 2
+    per_token = torch.where(valid, per_token, 0.0)
+    if weights is not None:
+        per_token = per_token * weights.to(dt)
+    loss = _reduce(per_token, valid, reduction, num_items)
+    return (loss, lse) if return_lse else loss
+
+
+def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
+                        teacher_logits=None, student_bias=None, teacher_bias=None, softcap=None, shift=False,
+                        chunk_budget_bytes=None, labels=None, ignore_index=-100, **options):
+    """Oracle of :func:`flashkd.linear_distill_loss`: materializes both logits."""
+    dt = _compute_dtype(student_hidden, student_weight)
+    zs = _head(student_hidden, student_weight, student_bias, dt)
+    if softcap is not None:
+        zs = softcap * torch.tanh(zs / softcap)
+    V = zs.shape[-1]
+    if teacher_logits is not None:
+        zt = teacher_logits[..., :V].to(dt)
+    else:
+        zt = _head(teacher_hidden, teacher_weight, teacher_bias, dt)[..., :V]
+    if shift and labels is not None:
+        labels = _shifted(labels, ignore_index)
+    return distill_loss(zs, zt, labels=labels, ignore_index=ignore_index, **options)

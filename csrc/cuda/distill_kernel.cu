@@ -1,310 +1,245 @@
-// CUDA distillation kernels and their launcher. Two ways to run one row
-// (the body is distill_row.cuh):
-//   distill_kernel          one block per row, reads global memory per sweep;
-//   distill_cluster_kernel  sm_90: a cluster of blocks per row, each caching
-//                           its slice in shared memory, so the logits cross
-//                           HBM once; partial sums meet through distributed
-//                           shared memory.
-#include <cooperative_groups.h>
-#include <cstdlib>
-#include "distill_row.cuh"
+// CUDA distillation kernel: one block per token row, three sweeps over the
+// vocabulary (statistics, optional pass-2 sums, gradient) with 16-byte loads.
+// The per-element math is csrc/include/flashkd/divergence.h, shared with the CPU.
+#include "device_utils.cuh"
+#include "flashkd/distill_params.h"
 #include "kernels.h"
-
-namespace cg = cooperative_groups;
 
 namespace flashkd::cuda {
 namespace {
 
-// 512 threads, two blocks per SM: caps the kernels at 64 registers per thread.
+// 512 threads, two blocks per SM: caps the kernel at 64 registers per thread.
+// (A cluster variant caching each row in shared memory measured 2x slower on
+// H100; see the commit that removed it.)
 constexpr int kMaxThreads = 512;
-constexpr int kMaxCluster = 8;
-// Shared-memory slice per block: two blocks per SM fit when a slice is this small...
-constexpr int64_t kSliceBytesTwoPerSm = 110 * 1024;
-// ...and one per SM up to this.
-constexpr int64_t kSliceBytesMax = 200 * 1024;
 
-// Row elements straight from global memory.
-template <typename Ts, typename Tt>
-struct GlobalSrc {
-  const Ts* srow;
-  const Tt* trow;
-  Ts* grow;
-  int64_t ss, ts, gs, n, cols, begin, end;
-  bool svec, tvec, gvec;
-
-  __device__ GlobalSrc(const DistillParams& p, int64_t row) {
-    srow = static_cast<const Ts*>(p.student) + p.student_layout.row_offset(row);
-    trow = p.teacher ? static_cast<const Tt*>(p.teacher) + p.teacher_layout.row_offset(row) : nullptr;
-    grow = static_cast<Ts*>(p.grad) + p.grad_layout.row_offset(row);
-    ss = p.student_layout.col_stride;
-    ts = p.teacher ? p.teacher_layout.col_stride : 1;
-    gs = p.grad_layout.col_stride;
-    svec = vec_ok(srow, ss);
-    tvec = trow && vec_ok(trow, ts);
-    gvec = vec_ok(grow, gs);
-    n = p.vocab;
-    cols = p.cols;
-    begin = 0;
-    end = p.cols;
+// Running log-sum-exp of one thread's elements, updated 8 at a time.
+struct OnlineLse {
+  float m = kNegInf, s = 0.f;
+  __device__ __forceinline__ void add(const float (&x)[kVec]) {
+    float mm = m;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) mm = fkd_max(mm, x[j]);
+    if (mm == kNegInf) return;
+    float acc = s * fkd_exp(m - mm);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) acc += fkd_exp(x[j] - mm);
+    s = acc;
+    m = mm;
   }
-  __device__ void first(int64_t c, float (&s)[kVec], float (&t)[kVec], bool soft) { again(c, s, t, soft); }
-  __device__ void again(int64_t c, float (&s)[kVec], float (&t)[kVec], bool soft) {
-    load8(srow, c, ss, n, svec, s);
-    if (soft) load8(trow, c, ts, n, tvec, t);
-  }
-  __device__ void store(int64_t c, const float (&g)[kVec]) { store8(grow, c, gs, cols, gvec, g); }
-  __device__ float student_at(int64_t col) const { return to_float(srow[col * ss]); }
-  __device__ float teacher_at(int64_t col) const { return to_float(trow[col * ts]); }
 };
 
-struct BlockRed {
-  float* scratch;     // 32 * 4 floats
-  int64_t* iscratch;  // 32
-  template <int N> __device__ void sum(float (&v)[N]) { block_allreduce(v, scratch, SumOp{}); }
-  template <int N> __device__ void max(float (&v)[N]) { block_allreduce(v, scratch, MaxOp{}); }
-  __device__ void argmax(float& v, int64_t& i) { block_argmax(v, i, scratch, iscratch); }
-  __device__ bool leader() const { return threadIdx.x == 0; }
-};
+// Combines per-thread OnlineLse values into block-wide log-sum-exps.
+template <int N>
+__device__ __forceinline__ void block_lse(OnlineLse (&l)[N], float (&out)[N], float* scratch) {
+  float m[N], s[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) m[i] = l[i].m;
+  block_allreduce(m, scratch, MaxOp{});
+#pragma unroll
+  for (int i = 0; i < N; ++i) s[i] = m[i] == kNegInf ? 0.f : l[i].s * fkd_exp(l[i].m - m[i]);
+  block_allreduce(s, scratch, SumOp{});
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = m[i] == kNegInf ? kNegInf : m[i] + logf(s[i]);
+}
 
-__device__ void zero_row_grad(void* grad, DType dtype, const RowLayout& layout, int64_t row, int64_t begin,
-                              int64_t end) {
-  const float zeros[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  auto run = [&](auto* g) {
-    g += layout.row_offset(row);
-    const bool vec = vec_ok(g, layout.col_stride);
-    for (int64_t c = begin + int64_t(threadIdx.x) * kVec; c < end; c += int64_t(blockDim.x) * kVec)
-      store8(g, c, layout.col_stride, end, vec && (c % kVec == 0), zeros);
-  };
-  if (dtype == DType::kFloat32) run(static_cast<float*>(grad));
-  else if (dtype == DType::kBFloat16) run(static_cast<__nv_bfloat16*>(grad));
-  else run(static_cast<__half*>(grad));
+__device__ __forceinline__ void track_argmax(const float (&x)[kVec], int64_t col, float& best,
+                                             int64_t& at) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    if (x[j] > best) { best = x[j]; at = col + j; }
 }
 
 template <Divergence D, typename Ts, typename Tt>
 __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillParams p) {
+  using Math = DivergenceMath<D>;
   __shared__ float scratch[32 * 4];
   __shared__ int64_t iscratch[32];
   const int64_t row = blockIdx.x;
-  if (row_is_skipped(p, row)) {
-    zero_row_grad(p.grad, p.student_dtype, p.grad_layout, row, 0, p.cols);
+  const int64_t label = p.labels ? p.labels[row] : -1;
+  const bool ignored = p.labels && label == p.ignore_index;
+  const bool want_stats = p.stats != nullptr;
+  const bool soft = p.teacher != nullptr;
+  const bool hard = !ignored && label >= 0 && p.hard_weight != 0.f;
+  const float inv_t = p.inv_temperature;
+  const float cap = p.softcap, eps = p.label_smoothing;
+  const bool separate_ce = (hard || p.lse) && inv_t != 1.f;
+  const DivergenceConsts& k = p.consts;
+
+  const Ts* srow = static_cast<const Ts*>(p.student) + p.student_layout.row_offset(row);
+  const Tt* trow = soft ? static_cast<const Tt*>(p.teacher) + p.teacher_layout.row_offset(row) : nullptr;
+  Ts* grow = static_cast<Ts*>(p.grad) + p.grad_layout.row_offset(row);
+  const int64_t ss = p.student_layout.col_stride, ts = soft ? p.teacher_layout.col_stride : 1;
+  const int64_t gs = p.grad_layout.col_stride;
+  const bool svec = vec_ok(srow, ss), tvec = soft && vec_ok(trow, ts), gvec = vec_ok(grow, gs);
+  const int64_t n = p.vocab, cols = p.cols;
+  const int64_t step = int64_t(blockDim.x) * kVec;
+  const int64_t first = int64_t(threadIdx.x) * kVec;
+
+  // Student logits as the math sees them: soft-capped when asked.
+  auto load_student = [&](int64_t c, float (&s)[kVec]) {
+    load8(srow, c, ss, n, svec, s);
+    if (cap > 0.f) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) s[j] = soft_cap(s[j], cap);
+    }
+  };
+
+  if (ignored && !want_stats && !p.lse) {
+    const float zeros[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t c = first; c < cols; c += step) store8(grow, c, gs, cols, gvec, zeros);
     if (threadIdx.x == 0) p.loss[row] = 0.f;
     return;
   }
-  GlobalSrc<Ts, Tt> src(p, row);
-  BlockRed red{scratch, iscratch};
-  distill_row_body<D>(p, row, src, red);
-}
 
-// ---------------------------------------------------------------------------
-// sm_90: one cluster per row, the row cached in shared memory.
-
-// A block's slice of the row in shared memory, in the input dtypes.
-template <typename Ts, typename Tt>
-struct SmemSrc : GlobalSrc<Ts, Tt> {
-  Ts* s_cache;
-  Tt* t_cache;
-  __device__ SmemSrc(const DistillParams& p, int64_t row, int64_t begin_, int64_t end_, char* smem)
-      : GlobalSrc<Ts, Tt>(p, row) {
-    this->begin = begin_;
-    this->end = end_;
-    s_cache = reinterpret_cast<Ts*>(smem);
-    t_cache = reinterpret_cast<Tt*>(smem + (end_ - begin_) * sizeof(Ts));
-  }
-  __device__ void first(int64_t c, float (&s)[kVec], float (&t)[kVec], bool soft) {
-    GlobalSrc<Ts, Tt>::again(c, s, t, soft);
-    put(s_cache + (c - this->begin), s);
-    if (soft) put(t_cache + (c - this->begin), t);
-  }
-  __device__ void again(int64_t c, float (&s)[kVec], float (&t)[kVec], bool soft) {
-    get(s_cache + (c - this->begin), s);
-    if (soft) get(t_cache + (c - this->begin), t);
-  }
-  // Values round-trip exactly: they came from T, and -inf exists in every T.
-  template <typename T> __device__ static void put(T* dst, const float (&v)[kVec]) {
-    uint4 words[kVec * sizeof(T) / 16];
-    T* e = reinterpret_cast<T*>(words);
+  // Sweep 1: log-sum-exps (student at T, teacher at T, student at 1, TAID mixture).
+  OnlineLse lse[4];
+  float sbest = kNegInf, tbest = kNegInf, zsum = 0.f;
+  int64_t sat = 0, tat = 0;
+  for (int64_t c = first; c < n; c += step) {
+    float s[kVec], t[kVec], x[kVec];
+    load_student(c, s);
+    if (hard && eps != 0.f) {
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) e[j] = from_float<T>(v[j]);
+      for (int j = 0; j < kVec; ++j) zsum += c + j < n ? s[j] : 0.f;
+    }
 #pragma unroll
-    for (int w = 0; w < int(kVec * sizeof(T) / 16); ++w) reinterpret_cast<uint4*>(dst)[w] = words[w];
-  }
-  template <typename T> __device__ static void get(const T* src, float (&v)[kVec]) {
-    uint4 words[kVec * sizeof(T) / 16];
+    for (int j = 0; j < kVec; ++j) x[j] = s[j] * inv_t;
+    lse[0].add(x);
+    if (separate_ce) lse[2].add(s);
+    if (want_stats) track_argmax(s, c, sbest, sat);
+    if (soft) {
+      load8(trow, c, ts, n, tvec, t);
+      if (want_stats) track_argmax(t, c, tbest, tat);
+      if constexpr (D == Divergence::kTAID) {
+        float r[kVec];
 #pragma unroll
-    for (int w = 0; w < int(kVec * sizeof(T) / 16); ++w) words[w] = reinterpret_cast<const uint4*>(src)[w];
-    const T* e = reinterpret_cast<const T*>(words);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) v[j] = to_float(e[j]);
-  }
-};
-
-// Block reduction, then an exchange through distributed shared memory: each
-// block publishes its value in its own slot of the current round (a fresh slot
-// per round, so no block overwrites a value another may still read), the
-// cluster syncs, and every thread folds all blocks' values in rank order, so
-// every block gets bitwise-identical results.
-struct ClusterRed {
-  static constexpr int kRounds = 8, kSlot = 4;
-  BlockRed block;
-  float* xchg;  // [kRounds][kSlot] floats in this block's shared memory
-  int round = 0;
-
-  template <int N, typename Fold>
-  __device__ void exchange(float (&v)[N], Fold fold) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    static_assert(N <= kSlot, "exchange slot too small");
-    cg::cluster_group cluster = cg::this_cluster();
-    float* slot = xchg + (round++) * kSlot;
-    if (threadIdx.x == 0)
-#pragma unroll
-      for (int i = 0; i < N; ++i) slot[i] = v[i];
-    cluster.sync();
-    const float* first = cluster.map_shared_rank(slot, 0);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = first[i];
-    for (unsigned r = 1; r < cluster.num_blocks(); ++r) fold(v, cluster.map_shared_rank(slot, r));
-#endif
-  }
-  template <int N> __device__ void sum(float (&v)[N]) {
-    block.sum(v);
-    exchange(v, [](float (&a)[N], const float* b) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) a[i] += b[i];
-    });
-  }
-  template <int N> __device__ void max(float (&v)[N]) {
-    block.max(v);
-    exchange(v, [](float (&a)[N], const float* b) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) a[i] = fkd_max(a[i], b[i]);
-    });
-  }
-  __device__ void argmax(float& v, int64_t& i) {
-    block.argmax(v, i);
-    float pair[2] = {v, static_cast<float>(i)};  // exact: vocabularies < 2^24
-    exchange(pair, [](float (&a)[2], const float* b) {
-      if (b[0] > a[0] || (b[0] == a[0] && b[1] < a[1])) { a[0] = b[0]; a[1] = b[1]; }
-    });
-    v = pair[0];
-    i = static_cast<int64_t>(pair[1]);
-  }
-  __device__ bool leader() const {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    return threadIdx.x == 0 && cg::this_cluster().block_rank() == 0;
-#else
-    return false;
-#endif
-  }
-};
-
-// Columns per cluster block: a multiple of kVec so slices stay 16-byte aligned.
-__host__ __device__ inline int64_t slice_cols(int64_t cols, int blocks) {
-  const int64_t per = (cols + blocks - 1) / blocks;
-  return (per + kVec - 1) / kVec * kVec;
-}
-
-template <Divergence D, typename Ts, typename Tt>
-__global__ void __launch_bounds__(kMaxThreads, 1) distill_cluster_kernel(const DistillParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  extern __shared__ __align__(16) char smem[];
-  __shared__ float scratch[32 * 4];
-  __shared__ int64_t iscratch[32];
-  __shared__ float xchg[ClusterRed::kRounds * ClusterRed::kSlot];
-  cg::cluster_group cluster = cg::this_cluster();
-  const int blocks = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int64_t row = blockIdx.x / blocks;
-  const int64_t per = slice_cols(p.cols, blocks);
-  const int64_t begin = rank * per;
-  const int64_t end = begin + per < p.cols ? begin + per : p.cols;
-  if (row_is_skipped(p, row)) {  // uniform across the cluster: no syncs are skipped unevenly
-    zero_row_grad(p.grad, p.student_dtype, p.grad_layout, row, begin, end);
-    if (threadIdx.x == 0 && rank == 0) p.loss[row] = 0.f;
-    return;
-  }
-  SmemSrc<Ts, Tt> src(p, row, begin, end, smem);
-  ClusterRed red{BlockRed{scratch, iscratch}, xchg};
-  distill_row_body<D>(p, row, src, red);
-  cluster.sync();  // no block may exit while others can still read its shared memory
-#endif
-}
-
-// ---------------------------------------------------------------------------
-// Launch
-
-int threads_for(int64_t cols_per_block) {
-  int t = 64;
-  while (t < kMaxThreads && int64_t(t) * kVec * 4 < cols_per_block) t *= 2;
-  return t;
-}
-
-int dtype_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
-
-bool aligned_rows(const void* base, const RowLayout& l, int elem) {
-  if (l.col_stride != 1 || reinterpret_cast<uintptr_t>(base) % 16) return false;
-  for (int d = 0; d < l.ndim; ++d)
-    if ((l.stride[d] * elem) % 16) return false;
-  return true;
-}
-
-// Blocks per row for the shared-memory cluster path, or 0 when it does not
-// apply (pre-Hopper GPU, small or huge vocabularies, strided or unaligned rows).
-int cluster_blocks(const DistillParams& p, int64_t& smem_bytes) {
-  static const int major = [] {
-    int dev = 0, v = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev);
-    return v;
-  }();
-  if (major < 9 || p.cols < 4096) return 0;
-  const int es = dtype_bytes(p.student_dtype), et = p.teacher ? dtype_bytes(p.teacher_dtype) : 0;
-  if (!aligned_rows(p.student, p.student_layout, es) || !aligned_rows(p.grad, p.grad_layout, es)) return 0;
-  if (p.teacher && !aligned_rows(p.teacher, p.teacher_layout, et)) return 0;
-  for (int64_t budget : {kSliceBytesTwoPerSm, kSliceBytesMax}) {
-    for (int blocks = 1; blocks <= kMaxCluster; ++blocks) {
-      const int64_t bytes = slice_cols(p.cols, blocks) * (es + et);
-      if (bytes <= budget) {
-        smem_bytes = bytes;
-        return blocks;
+        for (int j = 0; j < kVec; ++j) r[j] = taid_logit(x[j], t[j] * inv_t, k.lambda);
+        lse[3].add(r);
       }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) t[j] *= inv_t;
+      lse[1].add(t);
     }
   }
-  return 0;
+  // The label's logits, read before any thread passes the barriers below:
+  // sweep 3 may overwrite the student row with its gradient (in place).
+  const bool has_label = !ignored && label >= 0;  // validated to be < vocab
+  float zlabel = has_label ? to_float(srow[label * ss]) : 0.f;
+  if (cap > 0.f) zlabel = soft_cap(zlabel, cap);
+  const float tlabel = soft && has_label ? to_float(trow[label * ts]) : 0.f;
+  float lses[4];
+  block_lse(lse, lses, scratch);
+  if (hard && eps != 0.f) {
+    float z[1] = {zsum};
+    block_allreduce(z, scratch, SumOp{});
+    zsum = z[0];
+  }
+  RowScalars rs;
+  rs.A = lses[0];
+  rs.B = lses[1];
+  rs.R = lses[3];
+  const float lse1 = separate_ce ? lses[2] : lses[0];
+  bool agree = false;
+  if (want_stats && soft) {
+    block_argmax(sbest, sat, scratch, iscratch);
+    block_argmax(tbest, tat, scratch, iscratch);
+    agree = sat == tat;
+  }
+
+  // Sweep 2: the sums some gradients need (see divergence.h).
+  if constexpr (Math::kNeedsPass2) {
+    if (soft) {
+      float c[2] = {0.f, 0.f};
+      for (int64_t col = first; col < n; col += step) {
+        float s[kVec], t[kVec];
+        load_student(col, s);
+        load8(trow, col, ts, n, tvec, t);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) Math::pass2(s[j] * inv_t - rs.A, t[j] * inv_t - rs.B, 0.f, k, c[0], c[1]);
+      }
+      block_allreduce(c, scratch, SumOp{});
+      rs.c0 = c[0];
+      rs.c1 = c[1];
+    }
+  }
+
+  // Sweep 3: gradient (padded columns get 0), pass-free losses, entropies.
+  float scale = ignored ? 0.f : (p.weights ? p.weights[row] : 1.f);
+  if (p.grad_scale) scale *= *p.grad_scale;
+  if (p.row_scale) scale *= p.row_scale[row];
+  const float g_soft = scale * p.soft_weight * inv_t;
+  const float g_hard = hard ? scale * p.hard_weight : 0.f;
+  const float g_soft_max = g_hard * (1.f + 2.f * p.z_loss * lse1);  // d(ce + z lse^2)/dz = this * softmax
+  const float g_uniform = g_hard * eps / static_cast<float>(n);
+  const float g_label = g_hard * (1.f - eps);
+  float acc[3] = {0.f, 0.f, 0.f};  // pass-free loss, sum q log q, sum p log p
+  for (int64_t c = first; c < cols; c += step) {
+    float s[kVec], t[kVec], g[kVec];
+    load_student(c, s);
+    if (soft) load8(trow, c, ts, n, tvec, t);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      float gj = 0.f;
+      if (c + j < n) {
+        if (soft) {
+          const float a = s[j] * inv_t, b = t[j] * inv_t;
+          const float lq = a - rs.A, lp = b - rs.B;
+          const float lr = D == Divergence::kTAID ? taid_logit(a, b, k.lambda) - rs.R : 0.f;
+          gj = g_soft * Math::grad(lq, lp, lr, rs, k, acc[0]);
+          if (want_stats) {
+            acc[1] += xdiff(fkd_exp(lq), lq, 0.f);
+            acc[2] += xdiff(fkd_exp(lp), lp, 0.f);
+          }
+        } else if (want_stats) {
+          const float lq = s[j] * inv_t - rs.A;
+          acc[1] += xdiff(fkd_exp(lq), lq, 0.f);
+        }
+        if (hard) gj += g_soft_max * fkd_exp(s[j] - lse1) - g_uniform - (c + j == label ? g_label : 0.f);
+        if (cap > 0.f) gj *= soft_cap_grad(s[j], cap);
+      }
+      g[j] = ignored ? 0.f : gj;
+    }
+    store8(grow, c, gs, cols, gvec, g);
+  }
+  block_allreduce(acc, scratch, SumOp{});
+
+  if (threadIdx.x == 0) {
+    const float divergence = soft ? (Math::kNeedsPass2 ? rs.c0 : acc[0]) : 0.f;
+    float loss = soft ? p.soft_weight * divergence : 0.f;
+    if (hard)
+      loss += p.hard_weight * ((1.f - eps) * (lse1 - zlabel) + eps * (lse1 - zsum / static_cast<float>(n)) +
+                               p.z_loss * lse1 * lse1);
+    if (p.lse) p.lse[row] = lse1;
+    const float w = p.weights ? p.weights[row] : 1.f;
+    p.loss[row] = ignored ? 0.f : w * loss;
+    if (want_stats) {
+      float* st = p.stats + row * kNumStats;
+      st[kStatDivergence] = divergence;
+      st[kStatStudentEntropy] = -acc[1];
+      st[kStatTeacherEntropy] = -acc[2];
+      st[kStatStudentLogprob] = has_label ? zlabel * inv_t - rs.A : 0.f;
+      st[kStatTeacherLogprob] = has_label && soft ? tlabel * inv_t - rs.B : 0.f;
+      p.agree[row] = agree;
+    }
+  }
 }
 
-template <Divergence D, typename Ts, typename Tt>
-cudaError_t launch(const DistillParams& p, cudaStream_t stream) {
-  int64_t smem = 0;
-  const int blocks = cluster_blocks(p, smem);
-  if (blocks > 0 && !std::getenv("FLASHKD_NO_CLUSTER")) {
-    auto kernel = distill_cluster_kernel<D, Ts, Tt>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(p.rows * blocks));
-    cfg.blockDim = dim3(threads_for(slice_cols(p.cols, blocks)));
-    cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = blocks;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, kernel, p);
-  }
-  distill_kernel<D, Ts, Tt><<<dim3(static_cast<unsigned>(p.rows)), dim3(threads_for(p.vocab)), 0, stream>>>(p);
-  return cudaGetLastError();
+int threads_for(int64_t vocab) {
+  int t = 64;
+  while (t < kMaxThreads && int64_t(t) * kVec * 4 < vocab) t *= 2;
+  return t;
 }
 
 template <Divergence D, typename Ts>
 cudaError_t launch_teacher(const DistillParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.rows)), block(threads_for(p.vocab));
   switch (p.teacher_dtype) {
-    case DType::kFloat32: return launch<D, Ts, float>(p, stream);
-    case DType::kBFloat16: return launch<D, Ts, __nv_bfloat16>(p, stream);
-    default: return launch<D, Ts, __half>(p, stream);
+    case DType::kFloat32: distill_kernel<D, Ts, float><<<grid, block, 0, stream>>>(p); break;
+    case DType::kBFloat16: distill_kernel<D, Ts, __nv_bfloat16><<<grid, block, 0, stream>>>(p); break;
+    case DType::kFloat16: distill_kernel<D, Ts, __half><<<grid, block, 0, stream>>>(p); break;
   }
+  return cudaGetLastError();
 }
 
 struct Launcher {

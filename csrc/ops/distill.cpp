@@ -93,18 +93,18 @@ void run_distill_rows(const DistillParams& p, const at::Tensor& like) {
 }
 
 at::Tensor checked_labels(const std::optional<at::Tensor>& labels, at::IntArrayRef lead, int64_t rows,
-                          int64_t vocab, int64_t ignore_index, const at::Device& device) {
+                          int64_t vocab, int64_t ignore_index, const at::Device& device, const char* name) {
   if (!labels) return {};
   const at::Tensor& l = *labels;
   TORCH_CHECK_TYPE(at::isIntegralType(l.scalar_type(), /*includeBool=*/false),
-                   "labels must be an integer tensor, got ", l.scalar_type());
-  TORCH_CHECK_VALUE(l.sizes() == lead, "labels must have shape ", lead, " (the logits without their last dim), got ",
+                   name, " must be an integer tensor, got ", l.scalar_type());
+  TORCH_CHECK_VALUE(l.sizes() == lead, name, " must have shape ", lead, " (the logits without their last dim), got ",
                     l.sizes());
-  TORCH_CHECK_VALUE(l.device() == device, "labels must be on ", device, ", got ", l.device());
+  TORCH_CHECK_VALUE(l.device() == device, name, " must be on ", device, ", got ", l.device());
   at::Tensor flat = l.to(at::kLong).contiguous().reshape({rows});
   if (rows > 0) {
     const at::Tensor bad = flat.ne(ignore_index).logical_and(flat.lt(0).logical_or(flat.ge(vocab)));
-    TORCH_CHECK_VALUE(!bad.any().item<bool>(), "labels must be in [0, ", vocab, ") or equal ignore_index=",
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), name, " must be in [0, ", vocab, ") or equal ignore_index=",
                       ignore_index);
   }
   return flat;

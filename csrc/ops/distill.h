@@ -10,7 +10,8 @@ struct DistillResult {
 
 // Validated labels as contiguous int64 [rows] (undefined when absent).
 at::Tensor checked_labels(const std::optional<at::Tensor>& labels, at::IntArrayRef lead, int64_t rows,
-                          int64_t vocab, int64_t ignore_index, const at::Device& device);
+                          int64_t vocab, int64_t ignore_index, const at::Device& device,
+                          const char* name = "labels");
 // Validated token weights as contiguous float32 [rows] (undefined when absent).
 at::Tensor checked_weights(const std::optional<at::Tensor>& weights, at::IntArrayRef lead, int64_t rows,
                            const at::Device& device);

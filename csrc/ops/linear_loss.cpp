@@ -110,7 +110,8 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   p.z_loss = static_cast<float>(z_loss);
   p.softcap = static_cast<float>(softcap.value_or(0.0));
   const int64_t red = reduction_code(reduction);
-  const at::Tensor labels = checked_labels(labels_in, lead, rows, vocab, ignore_index, hidden.device());
+  const at::Tensor labels =
+      checked_labels(labels_in, lead, rows, vocab, ignore_index, hidden.device(), "labels");
   const at::Tensor weights = checked_weights(weights_in, lead, rows, hidden.device());
   TORCH_CHECK_VALUE(hard_weight == 0 || labels.defined(), "hard_weight > 0 needs targets/labels");
   at::Tensor row_scale;
@@ -189,11 +190,11 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   if (red == 0) out.loss = loss_tok.reshape(lead_v);
   else if (red == 1) out.loss = loss_tok.sum();
   else out.loss = loss_tok.sum() * scale;
-  auto empty = hidden.new_empty({0});
+  // Outputs never alias each other: an absent gradient is its own empty tensor.
   std::vector<int64_t> dh_shape(hidden_in.sizes().begin(), hidden_in.sizes().end());
-  out.dhidden = want_dh ? dhidden.reshape(dh_shape) : empty;
-  out.dweight = want_dw ? dweight_acc.to(weight.scalar_type()) : empty;
-  out.dbias = want_db ? dbias_acc.to(bias->scalar_type()) : empty;
+  out.dhidden = want_dh ? dhidden.reshape(dh_shape) : hidden.new_empty({0});
+  out.dweight = want_dw ? dweight_acc.to(weight.scalar_type()) : hidden.new_empty({0});
+  out.dbias = want_db ? dbias_acc.to(bias->scalar_type()) : hidden.new_empty({0});
   out.lse = return_lse ? lse.reshape(lead_v) : lse;
   std::vector<int64_t> stats_shape = lead_v;
   stats_shape.push_back(kNumStats);

@@ -108,47 +108,49 @@ def _linear_loss_fake(*args):
     a = dict(zip(LINEAR_LOSS_ARGS, args))
     hidden, weight, bias, mask = a["hidden"], a["weight"], a["bias"], a["grad_mask"]
     lead = hidden.shape[:-1]
-    empty = hidden.new_empty((0,))
+    empty = lambda: hidden.new_empty((0,))  # one per absent gradient: outputs never alias
     loss = hidden.new_empty(_loss_shape(lead, a["reduction"]), dtype=torch.float32)
-    dhidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if mask & GRAD_HIDDEN else empty
-    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask & GRAD_WEIGHT else empty
-    dbias = torch.empty_like(bias) if (mask & GRAD_BIAS and bias is not None) else empty
+    dhidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if mask & GRAD_HIDDEN else empty()
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask & GRAD_WEIGHT else empty()
+    dbias = torch.empty_like(bias) if (mask & GRAD_BIAS and bias is not None) else empty()
     lse = hidden.new_empty(tuple(lead) if a["return_lse"] else (0,), dtype=torch.float32)
     return (loss, dhidden, dweight, dbias, lse, *_stats_like(hidden, lead, a["return_stats"]))
 
 
 def _linear_setup_context(ctx, inputs, output):
     a = dict(zip(LINEAR_LOSS_ARGS, inputs))
+    ctx.set_materialize_grads(False)  # unused outputs get no zero-filled gradients
     ctx.options = {k: v for k, v in a.items() if not isinstance(v, torch.Tensor)}
     ctx.tensor_names = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
     _loss, dhidden, dweight, dbias, lse, _stats, _agree = output
-    # Keep the inputs only where backward recomputes: reduction="none", or a
-    # differentiable LSE output.
+    # The inputs are kept only where backward recomputes: reduction="none"
+    # (whose forward computes no gradients) and a differentiable LSE output.
     keep_inputs = a["reduction"] == "none" or a["return_lse"]
     saved = [a[k] for k in ctx.tensor_names] if keep_inputs else []
-    ctx.keep_inputs = keep_inputs
     ctx.save_for_backward(dhidden, dweight, dbias, lse, *saved)
 
 
 def _linear_backward(ctx, grad_loss, _gdh, _gdw, _gdb, grad_lse, _gstats, _gagree):
     dhidden, dweight, dbias, lse, *saved = ctx.saved_tensors
-    mask = ctx.options["grad_mask"]
+    inputs = dict(zip(ctx.tensor_names, saved))
+    mask = (GRAD_HIDDEN if ctx.needs_input_grad[0] else 0) | (GRAD_WEIGHT if ctx.needs_input_grad[1] else 0) \
+        | (GRAD_BIAS if ctx.needs_input_grad[2] else 0)
     grads = {"hidden": None, "weight": None, "bias": None}
     if grad_loss is not None:
         if ctx.options["reduction"] == "none":
-            a = dict(ctx.options, **dict(zip(ctx.tensor_names, saved)))
-            a.update(reduction="sum", return_stats=False, return_lse=False, row_scale=grad_loss, num_items=None)
+            a = dict(ctx.options, **inputs)
+            a.update(reduction="sum", return_stats=False, return_lse=False, row_scale=grad_loss, num_items=None,
+                     grad_mask=mask)
             _, dh, dw, db, *_ = ops.linear_loss(*(a.get(k) for k in LINEAR_LOSS_ARGS))
-        else:
-            dh, dw, db = dhidden * grad_loss, dweight * grad_loss, dbias * grad_loss
+        else:  # gradients were made in forward: scale them by grad_output
+            dh, dw, db = (scale_saved_grad(g, grad_loss) if g.numel() else g for g in (dhidden, dweight, dbias))
         grads.update(hidden=dh if mask & GRAD_HIDDEN else None, weight=dw if mask & GRAD_WEIGHT else None,
-                     bias=db if mask & GRAD_BIAS and db.numel() else None)
+                     bias=db if mask & GRAD_BIAS else None)
     if grad_lse is not None and ctx.options["return_lse"]:
         from .linear import lse_backward
 
-        a = dict(zip(ctx.tensor_names, saved))
-        extra = lse_backward(a["hidden"], a["weight"], a.get("bias"), lse, grad_lse, ctx.options["softcap"],
-                             ctx.options["chunk_budget_bytes"], mask)
+        extra = lse_backward(inputs["hidden"], inputs["weight"], inputs.get("bias"), lse, grad_lse,
+                             ctx.options["softcap"], ctx.options["chunk_budget_bytes"], mask)
         for k, g in extra.items():
             if g is not None:
                 grads[k] = g if grads[k] is None else grads[k] + g

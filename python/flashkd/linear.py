@@ -28,19 +28,23 @@ def _grad_mask(hidden, weight, bias) -> int:
 def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels,
                  weights, *, divergence, temperature, beta, alpha, taid_lambda, ignore_index, hard_weight,
                  soft_weight, t2_scaling, vocab_size, label_smoothing, z_loss, softcap, reduction, num_items,
-                 return_stats, return_lse, shift, chunk_budget_bytes):
+                 return_stats, return_lse, shift, chunk_budget_bytes, labels_name="labels"):
     _check_tensor(hidden, "hidden")
     _check_tensor(weight, "weight")
     _check_options(divergence, reduction, taid_lambda)
     if labels is not None:
-        _check_tensor(labels, "labels")
+        _check_tensor(labels, labels_name)
         if labels.is_floating_point():
-            raise TypeError(f"targets/labels must be an integer tensor, got {labels.dtype}")
+            raise TypeError(f"{labels_name} must be an integer tensor, got {labels.dtype}")
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"{labels_name} must have shape {list(hidden.shape[:-1])} (hidden without its last "
+                             f"dim), got {list(labels.shape)}")
         if shift:
             labels = _shift_labels(labels, ignore_index)
     elif shift:
         raise ValueError("shift=True needs targets/labels")
-    mask = _grad_mask(hidden, weight, bias)
+    # reduction="none" makes its gradients in backward, from grad_output.
+    mask = 0 if reduction == "none" else _grad_mask(hidden, weight, bias)
     detach = lambda t: None if t is None else t.detach()
     out = ops.linear_loss(
         hidden, weight, bias, detach(teacher_hidden), detach(teacher_weight), detach(teacher_bias),
@@ -96,7 +100,7 @@ def linear_cross_entropy(
         beta=0.5, alpha=0.1, taid_lambda=None, ignore_index=ignore_index, hard_weight=1.0, soft_weight=0.0,
         t2_scaling=False, vocab_size=None, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         reduction=reduction, num_items=num_items, return_stats=False, return_lse=return_lse, shift=shift,
-        chunk_budget_bytes=chunk_budget_bytes)
+        chunk_budget_bytes=chunk_budget_bytes, labels_name="targets")
     return (loss, lse) if return_lse else loss
 
 

@@ -1,0 +1,80 @@
+"""``python -m flashkd.bench``: measure flashkd against torch eager,
+torch.compile and peers on the best device present, print a table, and
+optionally write JSON and a plot. Exits 1 when a flashkd measurement failed."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import machine, report
+from .ops import OPS
+from .progress import Progress
+from .runner import run
+from .selection import select_cases
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m flashkd.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--ops", help="comma list of op or op:variant, e.g. distill_loss:fkl,distill_loss:jsd "
+                                 "(default: each op's default variants for the device)")
+    p.add_argument("--shapes", help="comma list of named sets (quick, accept, cpu, gpu) or shapes like "
+                                    "4096x32000:fp32 (default: accept on CPU, gpu on CUDA)")
+    p.add_argument("--providers", help="comma list (default: all of each op's providers)")
+    p.add_argument("--repeats", type=int, help="timed calls per measurement (default: adaptive, see timing.py)")
+    p.add_argument("--json", metavar="PATH", help="write the records and run metadata as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of forward+backward times (needs matplotlib)")
+    p.add_argument("--list", action="store_true", help="list ops, variants, shape sets and providers, then exit")
+    return p
+
+
+def _list():
+    for name, mod in OPS.items():
+        print(f"{name}\n  variants:  {', '.join(mod.VARIANTS)}\n  providers: {', '.join(mod.PROVIDERS)}")
+        for set_name, shapes in mod.SHAPE_SETS.items():
+            print(f"  shapes {set_name}: {', '.join(shapes)}")
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.list:
+        _list()
+        return 0
+    device = machine.resolve_device(args.device)
+    try:
+        cases = select_cases(args.ops, args.shapes, device.type)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    known = list(dict.fromkeys(p for name in dict.fromkeys(c.op for c in cases) for p in OPS[name].PROVIDERS))
+    providers = args.providers.split(",") if args.providers else known
+    unknown = [p for p in providers if p not in known]
+    if unknown:
+        raise SystemExit(f"error: unknown provider(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+    bandwidth = machine.copy_bandwidth(device)
+    meta = machine.describe(device, bandwidth)
+    meta["argv"] = sys.argv[1:] if argv is None else list(argv)
+    print(report.header(meta), flush=True)
+    progress = Progress(sum(len([p for p in providers if p in OPS[c.op].PROVIDERS]) for c in cases))
+    records = []
+    for case_records in run(cases, providers, device, bandwidth, machine.cache_bytes(device), progress,
+                            args.repeats):
+        records += case_records
+        if args.json:  # after every case, so a run cut short keeps what it measured
+            report.write_json(args.json, meta, records)
+    progress.close()
+
+    print(report.table(records))
+    print("\n" + report.LEGEND)
+    if args.json:
+        print(f"JSON written to {args.json}")
+    if args.plot:
+        print(report.write_plot(args.plot, meta, records))
+    return 1 if any(r["provider"] == "flashkd" and r["status"] != "ok" for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""What a benchmark case, its inputs and a provider are.
+
+A case is plain data (op, variant, shape, dtype) so that a fresh child process
+can rebuild exactly the same inputs from its JSON form and a seed; the op
+modules in ``flashkd.bench.ops`` give it meaning.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    variant: str
+    shape: str  # op-specific, e.g. "4096x32000"
+    dtype: str  # a key of DTYPES
+
+    @property
+    def label(self) -> str:
+        return f"{self.op}:{self.variant} {self.shape}:{self.dtype}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Unsupported(Exception):
+    """A provider cannot run this case here (package missing, wrong device); the
+    message says why and is shown in place of the numbers."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """How to build a provider's loss function for a case.
+
+    ``build(case, device)`` returns ``fn(tensors) -> scalar loss`` or raises
+    Unsupported. ``per_shape_warmup`` marks providers that compile for each
+    input shape (torch.compile, Triton kernels): when the accuracy call ran on
+    a smaller input they get an untimed call at the timed shape, while for the
+    others the accuracy call is warm-up enough.
+    """
+
+    build: Callable
+    per_shape_warmup: bool = False
+
+
+class Inputs:
+    """A case's tensors and the names of the leaves whose gradients are checked."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor], grad_names: Tuple[str, ...]):
+        self.tensors = tensors
+        self.grad_names = grad_names
+
+    def clear_grads(self) -> None:
+        for name in self.grad_names:
+            self.tensors[name].grad = None
+
+    def take_grads(self) -> Dict[str, torch.Tensor]:
+        """The gradients of the last backward; the leaves no longer hold them."""
+        grads = {name: self.tensors[name].grad for name in self.grad_names}
+        self.clear_grads()
+        return grads
+

@@ -1,0 +1,118 @@
+"""One (case, provider) measurement, done the same way on every device:
+
+1. the accuracy call, forward+backward on the op's accuracy inputs (the case's
+   own inputs when the float64 oracle can afford them, else a row subset of
+   them), whose loss and gradients the runner compares with the oracle; it also
+   warms the provider up;
+2. for providers that compile per input shape, an untimed call at the timed shape;
+3. the median time of forward calls, then of forward+backward calls, rotating
+   through enough input sets that they do not sit in the cache; the first timed
+   forward+backward call is also the one whose peak extra memory is recorded.
+"""
+from __future__ import annotations
+
+import gc
+import math
+
+import torch
+
+from .cases import Unsupported
+from .memory import PeakMemory
+from .ops import OPS
+from .timing import time_calls
+
+# Elements of [N, V] the float64 oracle evaluates: all of them on a GPU (which
+# also checks large offsets), a row subset on a CPU, where the oracle of one
+# acceptance-shape case takes about a minute.
+ORACLE_ELEMENTS = {"cpu": 1 << 22, "cuda": None}
+_MAX_INPUT_SETS = 16
+
+
+def input_sets(case, device, cache_bytes):
+    """Seeded input sets (set 0 is the accuracy set): as many as it takes for
+    three times the cache, so timed calls read memory, not cache."""
+    mod = OPS[case.op]
+    count = min(_MAX_INPUT_SETS, max(1, math.ceil(3 * cache_bytes / mod.floor_bytes(case))))
+    return [mod.make_inputs(case, device, seed) for seed in range(count)]
+
+
+def accuracy_inputs(case, sets, device):
+    limit = ORACLE_ELEMENTS[device.type]
+    return sets[0] if limit is None else OPS[case.op].accuracy_inputs(sets[0], limit)
+
+
+def _status(exc):
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of memory"
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"failed: {type(exc).__name__}: {first_line}"[:300]
+
+
+def build(case, provider_name, device):
+    """(fn, None), or (None, "skipped: why") when the provider cannot run here."""
+    try:
+        return OPS[case.op].PROVIDERS[provider_name].build(case, device), None
+    except Unsupported as exc:
+        return None, f"skipped: {exc}"
+
+
+def measure(case, provider_name, device, sets, repeats=None):
+    """Returns (record, outputs): outputs = (loss, {leaf name: gradient on the
+    CPU}) of the accuracy call, or None when the provider did not run."""
+    fn, skipped = build(case, provider_name, device)
+    if skipped:
+        return {"status": skipped}, None
+    try:
+        return _measure(fn, OPS[case.op].PROVIDERS[provider_name], case, device, sets, repeats)
+    except Exception as exc:  # noqa: BLE001  (a provider's failure is reported, not raised)
+        status = _status(exc)
+    # Outside the except block, so the traceback no longer pins the failed call's tensors.
+    for inputs in sets:
+        inputs.clear_grads()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"status": status}, None
+
+
+def _measure(fn, provider, case, device, sets, repeats):
+    acc = accuracy_inputs(case, sets, device)
+    acc.clear_grads()
+    loss = fn(acc.tensors)
+    loss.backward()
+    outputs = (float(loss.detach()), {name: g.detach().cpu() for name, g in acc.take_grads().items()})
+    del loss
+    if provider.per_shape_warmup and acc is not sets[0]:
+        fn(sets[0].tensors).backward()
+
+    def setup(i):
+        sets[i % len(sets)].clear_grads()
+
+    def forward(i):
+        return fn(sets[i % len(sets)].tensors)
+
+    def forward_backward(i):
+        fn(sets[i % len(sets)].tensors).backward()
+
+    fwd = time_calls(forward, setup, device, reps=repeats)
+    peak = PeakMemory(device)
+    fwd_bwd = time_calls(forward_backward, setup, device, reps=repeats, first=peak)
+    for inputs in sets:
+        inputs.clear_grads()
+    record = {
+        "status": "ok",
+        **_timing_fields("fwd", fwd),
+        **_timing_fields("fwd_bwd", fwd_bwd),
+        "peak_mb": peak.extra_bytes / 2**20,
+        "accuracy_shape": "x".join(map(str, next(iter(acc.tensors.values())).shape)),
+    }
+    return record, outputs
+
+
+def _timing_fields(prefix, timing):
+    return {
+        f"{prefix}_ms": timing.median_ms,
+        f"{prefix}_min_ms": timing.min_ms,
+        f"{prefix}_max_ms": timing.max_ms,
+        f"{prefix}_reps": timing.reps,
+    }

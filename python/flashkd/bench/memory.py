@@ -1,0 +1,80 @@
+"""Peak extra memory of a block: the high-water mark above what was in use when
+the block began, so inputs and warm state are not counted, while everything
+the block allocates (gradient, saved activations, workspace) is.
+
+CUDA: the caching allocator's peak statistics. CPU: the resident-set
+high-water mark (VmHWM), reset through /proc/self/clear_refs when the block
+begins; where that is unavailable, the growth of ru_maxrss, which misses what
+stays under an earlier peak: measuring each case in a fresh process keeps the
+earlier peak low. On a CPU the block also starts with malloc_trim, so memory
+the C heap kept from earlier calls (allocations under glibc's mmap threshold
+are reused, not returned) is counted again when the block touches it.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import re
+import resource
+
+import torch
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def _trim_c_heap():
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
+def _reset_rss_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_method():
+    """How CPU peaks are measured on this machine (recorded with the results)."""
+    return "VmHWM reset via clear_refs" if _reset_rss_peak() else "ru_maxrss growth"
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as peak: ...`` then ``peak.extra_bytes``."""
+
+    def __init__(self, device):
+        self.device = device
+        self.extra_bytes = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        _trim_c_heap()
+        if _reset_rss_peak():
+            self._base, self._field = _status_kib("VmRSS") * 1024, "VmHWM"
+        else:
+            self._base, self._field = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._field == "VmHWM":
+            peak = _status_kib("VmHWM") * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.extra_bytes = max(0, peak - self._base)
+        return False

@@ -1,0 +1,72 @@
+"""Walks cases and providers, then adds to each record what needs several
+providers: the float64 oracle's errors (one oracle pass per case), the
+physical floor and the speedups against torch eager and torch.compile.
+
+On a CPU each measurement runs in a fresh child process (see ``worker``); on a
+GPU they run here, sharing one case's input sets.
+"""
+from __future__ import annotations
+
+import gc
+import tempfile
+
+import torch
+
+from .measure import accuracy_inputs, build, input_sets, measure
+from .ops import OPS
+from .worker import measure_in_child
+
+EAGER, COMPILED = "torch", "torch.compile"
+
+
+def run(cases, providers, device, bandwidth, cache_bytes, progress, repeats=None):
+    """Yields each case's records as soon as the case is done."""
+    with tempfile.TemporaryDirectory(prefix="flashkd-bench-") as workdir:
+        for case in cases:
+            names = [p for p in providers if p in OPS[case.op].PROVIDERS]
+            results = {}
+            sets = None if device.type == "cpu" else input_sets(case, device, cache_bytes)
+            for name in names:
+                progress.step(f"{case.label} {name}")
+                results[name] = _measure_one(case, name, device, sets, cache_bytes, repeats, workdir)
+                status = results[name][0]["status"]
+                if status != "ok":
+                    progress.note(f"{case.label} {name}: {status}")
+            records = _records(case, results, device, bandwidth, sets)
+            del sets
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            yield records
+
+
+def _measure_one(case, name, device, sets, cache_bytes, repeats, workdir):
+    if sets is not None:
+        return measure(case, name, device, sets, repeats)
+    _, skipped = build(case, name, device)  # a provider that cannot run here needs no child
+    if skipped:
+        return {"status": skipped}, None
+    return measure_in_child(case, name, repeats, cache_bytes, workdir)
+
+
+def _records(case, results, device, bandwidth, sets):
+    mod = OPS[case.op]
+    outputs = {name: out for name, (_, out) in results.items() if out is not None}
+    errors = {}
+    if outputs:
+        sets = sets or [mod.make_inputs(case, device, seed=0)]
+        errors = mod.errors(case, accuracy_inputs(case, sets, device), outputs)
+    floor_ms = mod.floor_bytes(case) / bandwidth * 1e3
+    ok = {name: rec for name, (rec, _) in results.items() if rec["status"] == "ok"}
+    records = []
+    for name, (rec, _) in results.items():
+        record = {**case.to_dict(), "provider": name, **rec, **errors.get(name, {}), "floor_ms": floor_ms}
+        if name in ok:
+            record["x_floor"] = rec["fwd_bwd_ms"] / floor_ms
+            for key, base in (("x_torch", EAGER), ("x_compile", COMPILED)):
+                if base in ok:
+                    record[key] = ok[base]["fwd_bwd_ms"] / rec["fwd_bwd_ms"]
+            if EAGER in ok and ok[EAGER]["peak_mb"] > 0:
+                record["peak_vs_torch"] = rec["peak_mb"] / ok[EAGER]["peak_mb"]
+        records.append(record)
+    return records

@@ -1,0 +1,86 @@
+"""Median time of repeated calls.
+
+CUDA: a few untimed warm-up calls, then CUDA events around each call and one
+synchronize at the end; the number of calls adapts to their cost. CPU: the wall
+clock around each call, repeated until a time budget is spent (at least once:
+some eager baselines take tens of seconds per call); the caller warms up.
+
+``setup(i)`` runs untimed before call i (dropping the last gradient, say, whose
+freeing is not the call's work), and a call's result is dropped after its clock
+stops, for the same reason. ``first`` is a context manager entered around the
+first timed call only, outside its clock (the peak-memory probe).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+CPU_BUDGET_S = 3.0
+CPU_MAX_REPS = 20
+CUDA_WARMUP = 3
+CUDA_BUDGET_S = 0.3
+CUDA_MIN_REPS, CUDA_MAX_REPS = 10, 100
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    reps: int
+
+    @classmethod
+    def of(cls, times_ms):
+        return cls(statistics.median(times_ms), min(times_ms), max(times_ms), len(times_ms))
+
+
+def time_calls(fn, setup, device, *, reps=None, first=None):
+    """Time ``fn(i)`` for i = 0, 1, ...; ``reps`` fixes the number of timed calls."""
+    first = first or nullcontext()
+    if device.type == "cuda":
+        return _time_cuda(fn, setup, reps, first)
+    return _time_cpu(fn, setup, reps, first)
+
+
+def _time_cpu(fn, setup, reps, first):
+    times = []
+    start = time.perf_counter()
+    i = 0
+    while True:
+        setup(i)
+        with (first if i == 0 else nullcontext()):
+            t0 = time.perf_counter()
+            out = fn(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+        del out
+        i += 1
+        done = i >= reps if reps else (i >= CPU_MAX_REPS or time.perf_counter() - start >= CPU_BUDGET_S)
+        if done:
+            return Timing.of(times)
+
+
+def _time_cuda(fn, setup, reps, first):
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for i in range(CUDA_WARMUP):
+        setup(i)
+        fn(i)
+    end.record()
+    torch.cuda.synchronize()
+    if not reps:
+        per_call_ms = begin.elapsed_time(end) / CUDA_WARMUP
+        reps = int(min(CUDA_MAX_REPS, max(CUDA_MIN_REPS, CUDA_BUDGET_S * 1e3 / max(per_call_ms, 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (b, e) in enumerate(events):
+        setup(i)
+        with (first if i == 0 else nullcontext()):
+            b.record()
+            out = fn(i)
+            e.record()
+        del out
+    torch.cuda.synchronize()
+    return Timing.of([b.elapsed_time(e) for b, e in events])

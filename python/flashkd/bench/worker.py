@@ -1,0 +1,54 @@
+"""CPU measurements each run in a fresh child process:
+``python -m flashkd.bench.worker SPEC``.
+
+A CPU's peak memory is the process's resident set, which an earlier case's
+allocations, a compiler's caches or the allocator's state would blur; a fresh
+process per (case, provider) measures the case alone. SPEC is JSON (case,
+provider, repeats, cache_bytes, out); the child saves the accuracy outputs to
+``out`` with torch.save and prints its record as the last line of stdout.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULT_PREFIX = "flashkd-bench-record "
+
+
+def measure_in_child(case, provider, repeats, cache_bytes, workdir):
+    """Parent side: (record, outputs) as ``measure.measure`` returns them."""
+    out = Path(workdir) / f"{provider}.pt"
+    out.unlink(missing_ok=True)
+    spec = {"case": case.to_dict(), "provider": provider, "repeats": repeats,
+            "cache_bytes": cache_bytes, "out": str(out)}
+    proc = subprocess.run([sys.executable, "-m", "flashkd.bench.worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": f"failed: worker exited with {proc.returncode}: {tail}"[:300]}, None
+    record = json.loads(lines[-1][len(RESULT_PREFIX):])
+    outputs = torch.load(out, weights_only=True) if out.exists() else None
+    out.unlink(missing_ok=True)
+    return record, outputs
+
+
+def main():
+    from .cases import Case
+    from .measure import input_sets, measure
+
+    spec = json.loads(sys.argv[1])
+    case, device = Case(**spec["case"]), torch.device("cpu")
+    sets = input_sets(case, device, spec["cache_bytes"])
+    record, outputs = measure(case, spec["provider"], device, sets, spec["repeats"])
+    if outputs is not None:
+        torch.save(outputs, spec["out"])
+    print(RESULT_PREFIX + json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,643 @@
+"""Tests of flashkd.linear_cross_entropy (fused LM head + cross-entropy that never
+materializes the [tokens x vocab] logits, DESIGN.md sections 2, 3 and 5) and of the
+op behind it, torch.ops.flashkd.linear_loss.
+
+How results are judged
+----------------------
+Each case runs three computations on the same input values:
+  * the kernel: flashkd.linear_cross_entropy, chunked over tokens (most cases
+    force many chunks with a tiny chunk_budget_bytes, so that a chunk boundary
+    falls inside the tokens and the last chunk is partial);
+  * the oracle: flashkd.reference.linear_cross_entropy on float64 copies of the
+    very same (already rounded) inputs, with float64 autograd: "the truth";
+  * plain torch: F.cross_entropy(F.linear(hidden, weight, bias), ...) in the
+    inputs' own dtype, with torch autograd: what a user would otherwise write.
+
+For every output (loss, lse, d hidden, d weight, d bias) a case passes when
+
+    max|kernel - oracle| <= SLACK * max|plain - oracle| + floor,
+    floor = (K_FLOOR * EPS32 * sqrt(D + V) + u) * max|oracle|,
+
+u being, for gradients, the unit roundoff of their dtype (2^-8 bf16, 2^-11 fp16,
+2^-24 fp32; 0 for the float32 loss and LSE): one rounding of the largest element
+to the stored dtype, which neither the kernel nor torch avoids and in which
+torch may be luckier on a given case.
+
+SLACK = 2 allows for a different order of summation ("no worse than torch").
+The K_FLOOR term is a float32 noise level: logits are dot products of length D
+and the softmax normaliser a sum of V terms, each carrying about sqrt(length)
+units of float32 roundoff for random rounding; plain torch in float32 is
+sometimes much luckier than that on a given case, and the kernel must not be
+failed for it (measured: the kernel stays under 0.1 of this bound in float32).
+In bf16/fp16 the SLACK term dominates (both the kernel and torch round the
+logits and the gradients to the input dtype: the error has the same origin;
+measured: the kernel's error is 0.5-1.2x torch's). FLASHKD_TEST_REPORT_TOL=1
+pytest -s prints every error next to its bound.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashkd
+from flashkd import reference as R
+from flashkd._ops import LINEAR_LOSS_ARGS
+
+import memory
+
+EPS32 = 2.0 ** -24
+SLACK = 2.0
+K_FLOOR = 8.0
+UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+REPORT_TOL = bool(os.environ.get("FLASHKD_TEST_REPORT_TOL"))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def rows_budget(V, rows, elem=4):
+    """A chunk_budget_bytes that fits `rows` (fractional) rows of float32 logits:
+    the glue uses floor(budget / (V * elem)) rows per chunk."""
+    return int(rows * V * elem)
+
+
+def make_inputs(device, *, lead=(2, 7), V=37, D=24, dtype=torch.float32, bias=False, scale=3.0, ignore=0.0,
+                ignore_index=-100, weights=False, seed=0):
+    """Random hidden (lead..., D), weight (V, D), targets (lead...) and optional bias and
+    per-token weights. Logits have a standard deviation of about `scale`."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, D, generator=g)
+    W = torch.randn(V, D, generator=g) * (scale / math.sqrt(D))
+    b = torch.randn(V, generator=g) if bias else None
+    y = torch.randint(0, V, lead, generator=g)
+    if ignore:
+        y[torch.rand(lead, generator=g) < ignore] = ignore_index
+    w = (torch.rand(lead, generator=g) * 1.5 + 0.25) if weights else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return dict(h=cast(h), W=cast(W), b=cast(b), y=y.to(device),
+                weights=None if w is None else w.to(device))
+
+
+def plain_ce(h, W, y, b=None, *, ignore_index=-100, softcap=None, label_smoothing=0.0, z_loss=0.0, weights=None,
+             reduction="mean", num_items=None, shift=False, return_lse=False, chunk_budget_bytes=None):
+    """What a user writes in plain torch, computed in the inputs' dtype."""
+    z = F.linear(h, W, b)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if shift:
+        y2 = torch.full_like(y, ignore_index)
+        y2[..., :-1] = y[..., 1:]
+        y = y2
+    V = z.shape[-1]
+    per = F.cross_entropy(z.reshape(-1, V), y.reshape(-1), ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, reduction="none").reshape(y.shape)
+    lse = torch.logsumexp(z, -1)
+    valid = y != ignore_index
+    if z_loss:
+        per = per + z_loss * torch.where(valid, lse * lse, torch.zeros_like(lse))
+    if weights is not None:
+        per = per * weights.to(per.dtype)
+    if reduction == "none":
+        loss = per
+    elif reduction == "sum":
+        loss = per.sum()
+    else:
+        denom = num_items if num_items is not None else valid.sum().clamp_min(1)
+        loss = per.sum() / denom
+    return (loss, lse) if return_lse else loss
+
+
+def run(impl, inp, *, dtype=None, requires=("h", "W", "b"), view=None, seed=1, **kw):
+    """Forward + backward of `impl` (flashkd, the oracle or plain torch) on copies of the
+    inputs cast to `dtype` (float64 for the oracle). The objective multiplies the loss by a
+    non-trivial cotangent (a scalar for sum/mean, a random per-token tensor for "none") and
+    adds a random linear function of the LSE when it is returned, so that backward sees
+    grad_output != 1. `view` maps the leaf hidden to the hidden passed in (layout tests).
+    Returns the loss, the lse and the gradients of the leaves, all in float64."""
+    leaves = {}
+    for k in ("h", "W", "b"):
+        t = inp[k]
+        if t is None:
+            leaves[k] = None
+            continue
+        t = t.detach().clone() if dtype is None else t.detach().to(dtype)
+        leaves[k] = t.requires_grad_(k in requires)
+    h = leaves["h"] if view is None else view(leaves["h"])
+    out = impl(h, leaves["W"], inp["y"], leaves["b"], weights=inp.get("weights"), **kw)
+    loss, lse = out if kw.get("return_lse") else (out, None)
+    g = torch.Generator().manual_seed(seed)
+    if loss.dim() > 0:
+        # cotangents exactly representable in bf16/fp16, so that every computation sees the same ones
+        cot = (0.5 + torch.randint(0, 64, loss.shape, generator=g, dtype=torch.float64) / 64).to(loss.device)
+        obj = (loss * cot.to(loss.dtype)).sum()
+    else:
+        obj = loss * 1.75
+    if lse is not None:
+        cot = (torch.randint(-32, 33, lse.shape, generator=g, dtype=torch.float64) / 256).to(lse.device)
+        obj = obj + (lse * cot.to(lse.dtype)).sum()
+    grads = {}
+    if obj.requires_grad:
+        obj.backward()
+        grads = {k: None if (t is None or t.grad is None) else t.grad.double() for k, t in leaves.items()}
+    lse64 = None if lse is None else lse.detach().double()
+    return loss.detach().double(), lse64, grads
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check_against(kern, oracle, plain, *, V, D, dtype=torch.float32, what=""):
+    """kern/oracle/plain: results of `run`. Applies the tolerance model of the module docstring."""
+    kl, klse, kg = kern
+    ol, olse, og = oracle
+    pl, plse, pg = plain
+    pairs = [("loss", kl, ol, pl), ("lse", klse, olse, plse)]
+    pairs += [("grad " + k, kg.get(k), og.get(k), pg.get(k)) for k in ("h", "W", "b")]
+    noise = K_FLOOR * EPS32 * math.sqrt(D + V)
+    for name, k, o, p in pairs:
+        if o is None:
+            assert k is None, f"{what}{name}: kernel returned a value where the oracle has none"
+            continue
+        assert k is not None, f"{what}{name}: kernel returned nothing"
+        assert k.shape == o.shape, f"{what}{name}: shape {tuple(k.shape)} != {tuple(o.shape)}"
+        assert not torch.isnan(k).any(), f"{what}{name}: NaN in the kernel's result"
+        scale = o.abs().max().item() if o.numel() else 0.0
+        unit = UNIT[dtype] if name.startswith("grad") else 0.0
+        bound = SLACK * max_err(p, o) + (noise + unit) * scale
+        err = max_err(k, o)
+        if REPORT_TOL:  # calibration aid: FLASHKD_TEST_REPORT_TOL=1 pytest -s
+            print(f"TOL {what}{name}: kernel {err:.2e} plain {max_err(p, o):.2e} bound {bound:.2e} "
+                  f"ratio {err / bound if bound else 0.0:.3f}")
+        assert err <= bound, (f"{what}{name}: max|kernel - oracle| = {err:.3e} > bound {bound:.3e} "
+                              f"(plain torch error {max_err(p, o):.3e}, scale {scale:.3e})")
+
+
+def check_case(device, *, dtype=torch.float32, lead=(2, 7), V=37, D=24, bias=False, scale=3.0, ignore=0.0,
+               weights=False, seed=0, budget_rows=None, requires=("h", "W", "b"), view=None, **kw):
+    ignore_index = kw.get("ignore_index", -100)
+    inp = make_inputs(device, lead=lead, V=V, D=D, dtype=dtype, bias=bias, scale=scale, ignore=ignore,
+                      ignore_index=ignore_index, weights=weights, seed=seed)
+    if view is not None:
+        inp["h"] = view["make"](inp["h"])
+    kv = view["view"] if view is not None else None
+    budget = None if budget_rows is None else rows_budget(V, budget_rows, torch.empty((), dtype=dtype).element_size())
+    kern = run(flashkd.linear_cross_entropy, inp, requires=requires, view=kv, chunk_budget_bytes=budget, **kw)
+    oracle = run(R.linear_cross_entropy, inp, dtype=torch.float64, requires=requires, view=kv, **kw)
+    plain = run(plain_ce, inp, requires=requires, view=kv, **kw)
+    check_against(kern, oracle, plain, V=V, D=D, dtype=dtype)
+    return kern, oracle
+
+
+# ----------------------------------------------------------------------------- 1. values and gradients
+
+
+OPTION_CASES = {
+    "default": dict(),
+    "ignore": dict(ignore=0.3),
+    "ignore_index_5": dict(ignore=0.3, ignore_index=5),
+    "softcap": dict(softcap=4.0, scale=8.0),
+    "label_smoothing": dict(label_smoothing=0.1),
+    "z_loss": dict(z_loss=0.05),
+    "weights": dict(weights=True, ignore=0.2),
+    "bias": dict(bias=True),
+    "sum": dict(reduction="sum", ignore=0.2),
+    "none": dict(reduction="none", ignore=0.2),
+    "batchmean": dict(reduction="batchmean", ignore=0.2),
+    "num_items": dict(num_items=11.0, ignore=0.2),
+    "shift": dict(shift=True),
+    "shift_ignore_none": dict(shift=True, ignore=0.3, reduction="none"),
+    "return_lse": dict(return_lse=True),
+    "return_lse_none_softcap_bias": dict(return_lse=True, reduction="none", softcap=5.0, scale=6.0, bias=True),
+    "return_lse_shift_ignore": dict(return_lse=True, shift=True, ignore=0.3, weights=True),
+    "all_mean": dict(bias=True, ignore=0.25, softcap=6.0, scale=5.0, label_smoothing=0.15, z_loss=0.02, weights=True),
+    "all_none": dict(bias=True, ignore=0.25, softcap=6.0, scale=5.0, label_smoothing=0.15, z_loss=0.02,
+                     weights=True, reduction="none"),
+    "all_sum_shift": dict(bias=True, ignore=0.25, label_smoothing=0.05, z_loss=0.01, reduction="sum", shift=True),
+    "all_num_items_lse": dict(bias=True, ignore=0.25, softcap=6.0, label_smoothing=0.1, z_loss=0.02, weights=True,
+                              num_items=5.0, return_lse=True),
+}
+
+
+@pytest.mark.parametrize("chunks", ["one_chunk", "many_chunks"])
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_match_oracle(case, chunks, device):
+    # 14 tokens; 3.5 rows of budget -> chunks of 3 rows, the last one partial.
+    check_case(device, budget_rows=3.5 if chunks == "many_chunks" else None, **OPTION_CASES[case])
+
+
+SHAPES = {
+    "N1": dict(lead=(1,), V=37, D=24),
+    "N1_no_lead": dict(lead=(), V=37, D=24),
+    "V1": dict(lead=(5,), V=1, D=8),
+    "V3": dict(lead=(5,), V=3, D=8),
+    "N_lt_chunk": dict(lead=(2,), V=37, D=24),  # fewer tokens than one chunk holds (default budget)
+    "lead3": dict(lead=(2, 3, 4), V=29, D=16),
+    "V50257": dict(lead=(7,), V=50257, D=16),
+    "V128256": dict(lead=(3,), V=128256, D=8),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_shapes(shape, device):
+    # z_loss makes V = 1 non-trivial (its cross-entropy is identically 0).
+    budget_rows = None if shape == "N_lt_chunk" else 3.5
+    check_case(device, budget_rows=budget_rows, z_loss=0.05, bias=True, ignore=0.2, **SHAPES[shape])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_extreme_logits(reduction, device):
+    # Logits of order +-1e4: softmax is one-hot, the LSE is the max; no overflow, no NaN.
+    check_case(device, scale=1.5e4, bias=True, ignore=0.2, reduction=reduction, budget_rows=3.5)
+
+
+@pytest.mark.parametrize("requires", ["h", "W", "b", "hW", "hb", "Wb", "hWb", ""])
+def test_requires_grad_subsets(requires, device):
+    # The op's grad_mask follows which of hidden/weight/bias require grad.
+    check_case(device, bias=True, ignore=0.2, budget_rows=3.5, requires=tuple(requires), label_smoothing=0.1)
+
+
+LOWP_CASES = {
+    "bias_ignore": dict(bias=True, ignore=0.2),
+    "softcap_smooth_zloss_weights": dict(softcap=5.0, scale=6.0, label_smoothing=0.1, z_loss=0.01, weights=True),
+    "none_shift": dict(reduction="none", shift=True, ignore=0.2, bias=True),
+    "lse_sum": dict(return_lse=True, reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOWP_CASES))
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision(dtype, case, device):
+    # Judged against plain torch in the same dtype (module docstring): both round the
+    # logits and gradients to bf16/fp16; the kernel keeps the loss math in float32.
+    check_case(device, dtype=DTYPES[dtype], lead=(4, 16), V=300, D=64, budget_rows=7.5, **LOWP_CASES[case])
+
+
+LAYOUTS = {
+    # each: make(contiguous hidden) -> the leaf tensor; view(leaf) -> the hidden passed in
+    "transposed_lead": dict(make=lambda h: h.transpose(0, 1).contiguous(), view=lambda x: x.transpose(0, 1)),
+    "sliced_last_dim": dict(make=lambda h: torch.cat([h[..., :3], h, h[..., :5]], -1),
+                            view=lambda x: x[..., 3:-5]),
+    "strided_tokens": dict(make=lambda h: torch.stack([h, h * 0.5], -2).flatten(-3, -2),
+                           view=lambda x: x[:, ::2]),
+    "expanded_zero_stride": dict(make=lambda h: h[:1, :1], view=lambda x: x.expand(2, 7, x.shape[-1])),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_noncontiguous_hidden(layout, device):
+    check_case(device, bias=True, ignore=0.2, budget_rows=3.5, view=LAYOUTS[layout], label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("layout", ["column_major", "sliced"])
+def test_noncontiguous_weight_and_targets(layout, device):
+    inp = make_inputs(device, bias=True, ignore=0.2)
+    W = inp["W"]
+    if layout == "column_major":
+        inp["W"] = W.t().contiguous().t()
+    else:
+        inp["W"] = torch.cat([W, W[:, :4]], 1)[:, :W.shape[1]]
+    yb = torch.stack([inp["y"], inp["y"]], -1)
+    inp["y"] = yb[..., 0]  # strided targets
+    assert not inp["W"].is_contiguous() and not inp["y"].is_contiguous()
+    kern = run(flashkd.linear_cross_entropy, inp, chunk_budget_bytes=rows_budget(37, 3.5))
+    oracle = run(R.linear_cross_entropy, inp, dtype=torch.float64)
+    plain = run(plain_ce, inp)
+    check_against(kern, oracle, plain, V=37, D=24)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("extras", ["plain", "all_options"])
+def test_all_targets_ignored(reduction, extras, device):
+    """Loss 0 (per token 0 for "none"), gradients exactly 0, never NaN."""
+    kw = dict(label_smoothing=0.1, z_loss=0.05, softcap=5.0) if extras == "all_options" else {}
+    inp = make_inputs(device, bias=True, weights=extras == "all_options")
+    inp["y"] = torch.full_like(inp["y"], -100)
+    loss, _, grads = run(flashkd.linear_cross_entropy, inp, reduction=reduction,
+                         chunk_budget_bytes=rows_budget(37, 3.5), **kw)
+    assert torch.equal(loss, torch.zeros_like(loss)), loss
+    for k, g in grads.items():
+        assert g is not None and torch.equal(g, torch.zeros_like(g)), f"grad {k} not exactly 0: {g}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_shift_length_one_sequences(reduction, device):
+    """shift=True on sequences of length 1: every position is ignored."""
+    inp = make_inputs(device, lead=(3, 1), bias=True)
+    loss, _, grads = run(flashkd.linear_cross_entropy, inp, reduction=reduction, shift=True, z_loss=0.1)
+    assert torch.equal(loss, torch.zeros_like(loss)), loss
+    for k, g in grads.items():
+        assert torch.equal(g, torch.zeros_like(g)), f"grad {k} not exactly 0"
+    # ... but their LSE is still computed, and differentiable.
+    check_case(device, lead=(3, 1), bias=True, shift=True, reduction=reduction, return_lse=True)
+
+
+def test_lse_values_all_tokens(device):
+    """return_lse gives the LSE of every token, ignored ones included (as the oracle)."""
+    inp = make_inputs(device, bias=True, ignore=0.5, lead=(13,))
+    loss, lse = flashkd.linear_cross_entropy(inp["h"], inp["W"], inp["y"], inp["b"], return_lse=True,
+                                             chunk_budget_bytes=rows_budget(37, 2.5))
+    _, lse_ref = R.linear_cross_entropy(inp["h"].double(), inp["W"].double(), inp["y"], inp["b"].double(),
+                                        return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (13,)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_tied_weight(reduction, device):
+    """The head weight is also the input embedding and is regularized: its gradient is the
+    sum of the three paths (autograd accumulation into the same leaf)."""
+    g = torch.Generator().manual_seed(3)
+    V, D, N = 41, 16, 12
+    W0 = torch.randn(V, D, generator=g) * 0.8
+    A0 = torch.randn(D, D, generator=g) / math.sqrt(D) * 2
+    ids = torch.randint(0, V, (N,), generator=g).to(device)
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    y[::4] = -100
+
+    def step(impl, dtype, **kw):
+        W = W0.to(device=device, dtype=dtype).clone().requires_grad_()
+        A = A0.to(device=device, dtype=dtype).clone().requires_grad_()
+        h = torch.tanh(W[ids] @ A)  # embedding lookup with the tied weight
+        loss = impl(h, W, y, reduction=reduction, **kw)
+        if reduction == "none":
+            loss = (loss * torch.linspace(0.5, 1.5, N, device=device, dtype=loss.dtype)).sum()
+        total = loss + (W ** 2).sum() * 1e-3
+        total.backward()
+        return total.detach().double(), W.grad.double(), A.grad.double()
+
+    ours = step(flashkd.linear_cross_entropy, torch.float32, chunk_budget_bytes=rows_budget(V, 2.5))
+    ref = step(R.linear_cross_entropy, torch.float64)
+    for name, a, b in zip(("loss", "dW", "dA"), ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+def test_backward_twice_raises(device):
+    """The gradient made in forward is scaled in place by backward (no second
+    gradient-sized buffer), so a retained graph cannot be backpropagated twice:
+    torch's saved-tensor version check must raise instead of scaling twice."""
+    inp = make_inputs(device, bias=True, ignore=0.2)
+    h, W, b = (inp[k].clone().requires_grad_() for k in ("h", "W", "b"))
+    loss = flashkd.linear_cross_entropy(h, W, inp["y"], b, chunk_budget_bytes=rows_budget(37, 3.5))
+    (loss * 2.0).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss * 3.0).backward()
+
+
+# ----------------------------------------------------------------------------- 2. finite differences
+
+
+# A float64 torch.autograd.gradcheck is impossible here: the kernels take only
+# float32/bfloat16/float16. Instead, in float32: for random directions v over
+# (hidden, weight, bias) compare the analytic directional derivative <grad, v>
+# (from the op's backward) with the central difference
+#     (f(x + eps v) - f(x - eps v)) / (2 eps)
+# of the op's own forward. With f = O(1) (mean reduction), eps = 1e-2 and unit
+# |v| the truncation error is O(eps^2 |f'''|) ~ 1e-4 and the float32 rounding
+# error O(EPS32 |f| / eps) ~ 1e-5, so 3e-3 absolute + 1e-2 relative is a safe but
+# still discriminating tolerance (a missing factor or a wrong term is >> that).
+FD_EPS = 1e-2
+
+
+def directional_check(f, params, device, n_dirs=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    f(*leaves).backward()
+    grads = [p.grad.double() for p in leaves]
+    subsets = [list(range(len(params)))] * n_dirs + [[i] for i in range(len(params))]
+    for which in subsets:
+        v = [torch.randn(p.shape, generator=g, dtype=torch.float64) if i in which
+             else torch.zeros(p.shape, dtype=torch.float64) for i, p in enumerate(params)]
+        norm = math.sqrt(sum((t ** 2).sum().item() for t in v))
+        v = [(t / norm).to(device) for t in v]
+        analytic = sum((gr * t).sum().item() for gr, t in zip(grads, v))
+        with torch.no_grad():
+            plus = f(*[(p.double() + FD_EPS * t).float() for p, t in zip(params, v)]).item()
+            minus = f(*[(p.double() - FD_EPS * t).float() for p, t in zip(params, v)]).item()
+        fd = (plus - minus) / (2 * FD_EPS)
+        assert abs(fd - analytic) <= 3e-3 + 1e-2 * abs(analytic), \
+            f"direction over params {which}: finite difference {fd:.6g} vs analytic {analytic:.6g}"
+
+
+FD_CASES = {
+    "mean_all_options": dict(reduction="mean", softcap=5.0, label_smoothing=0.1, z_loss=0.02, weighted=True),
+    "none_cotangent": dict(reduction="none", label_smoothing=0.1),
+    "lse": dict(reduction="mean", return_lse=True, softcap=5.0),
+    "shift_num_items": dict(reduction="mean", shift=True, num_items=9.0),
+}
+
+
+@pytest.mark.parametrize("case", list(FD_CASES))
+def test_gradcheck_linear_cross_entropy(case, device):
+    kw = dict(FD_CASES[case])
+    weighted = kw.pop("weighted", False)
+    inp = make_inputs(device, lead=(2, 6), V=23, D=12, bias=True, ignore=0.2, weights=weighted)
+    cot = torch.linspace(0.5, 1.5, 12, device=device).reshape(2, 6) / 12
+    lse_cot = torch.linspace(-0.1, 0.1, 12, device=device).reshape(2, 6)
+
+    def f(h, W, b):
+        out = flashkd.linear_cross_entropy(h, W, inp["y"], b, weights=inp["weights"],
+                                           chunk_budget_bytes=rows_budget(23, 2.5), **kw)
+        loss, lse = out if kw.get("return_lse") else (out, None)
+        if loss.dim():
+            loss = (loss * cot).sum()
+        return loss if lse is None else loss + (lse * lse_cot).sum()
+
+    directional_check(f, [inp["h"], inp["W"], inp["b"]], device)
+
+
+# ----------------------------------------------------------------------------- 3. opcheck, torch.compile
+
+
+def op_args(inp, *, bias=True, reduction="mean", grad_mask=7, return_lse=False, label_smoothing=0.0,
+            z_loss=0.0, softcap=None, budget=None):
+    a = dict.fromkeys(LINEAR_LOSS_ARGS)
+    rg = lambda t, bit: t.detach().clone().requires_grad_(bool(grad_mask & bit))
+    a.update(hidden=rg(inp["h"], 1), weight=rg(inp["W"], 2), bias=rg(inp["b"], 4) if bias else None,
+             labels=inp["y"], weights=inp["weights"], divergence="fkl", temperature=1.0, beta=0.5, alpha=0.1,
+             taid_lambda=None, ignore_index=-100, hard_weight=1.0, soft_weight=0.0, t2_scaling=False,
+             vocab_size=None, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+             reduction=reduction, num_items=None, return_stats=False, return_lse=return_lse,
+             grad_mask=grad_mask, row_scale=None, chunk_budget_bytes=budget)
+    return tuple(a[k] for k in LINEAR_LOSS_ARGS)
+
+
+OPCHECK_CASES = {
+    "mean_mask7_lse": dict(reduction="mean", grad_mask=7, return_lse=True, label_smoothing=0.1, z_loss=0.01,
+                           softcap=5.0),
+    "none_mask7": dict(reduction="none", grad_mask=7),
+    "mean_mask3_nobias": dict(reduction="mean", grad_mask=3, bias=False),
+    "none_mask5_bias": dict(reduction="none", grad_mask=5),  # frozen weight, trainable bias: one empty output
+    # Absent gradients are distinct empty tensors: outputs never alias each other.
+    "none_mask0_nobias": dict(reduction="none", grad_mask=0, bias=False),
+    "mean_mask1_frozen_head": dict(reduction="mean", grad_mask=1, bias=False),
+}
+
+
+@pytest.mark.parametrize("case", list(OPCHECK_CASES.values()), ids=list(OPCHECK_CASES))
+def test_opcheck(case, device):
+    inp = make_inputs(device, lead=(2, 5), V=19, D=8, bias=True, ignore=0.2, weights=True)
+    args = op_args(inp, budget=rows_budget(19, 3.5), **case)
+    torch.library.opcheck(torch.ops.flashkd.linear_loss.default, args)
+
+
+def test_compile_fullgraph(device):
+    """torch.compile(fullgraph=True) of a function calling both fused linear losses:
+    forward and backward equal eager."""
+    V, Vt, D, Dt = 29, 33, 16, 12
+    inp = make_inputs(device, lead=(2, 6), V=V, D=D, bias=True, ignore=0.2, weights=True)
+    g = torch.Generator().manual_seed(7)
+    th = torch.randn(2, 6, Dt, generator=g).to(device)
+    tW = (torch.randn(Vt, Dt, generator=g) / 2).to(device)
+    budget = rows_budget(V, 2.5)
+
+    def f(h, W, b):
+        ce, lse = flashkd.linear_cross_entropy(h, W, inp["y"], b, label_smoothing=0.1, return_lse=True,
+                                               shift=True, chunk_budget_bytes=budget)
+        kd, stats = flashkd.linear_distill_loss(h, W, th, tW, student_bias=b, labels=inp["y"], hard_weight=0.5,
+                                                divergence="jsd", reduction="none", weights=inp["weights"],
+                                                return_stats=True, chunk_budget_bytes=budget)
+        return ce + (kd * inp["weights"]).sum() + 0.05 * lse.sum(), stats["teacher_entropy"]
+
+    def grads(fn):
+        leaves = [inp[k].clone().requires_grad_() for k in ("h", "W", "b")]
+        out, ent = fn(*leaves)
+        out.backward()
+        return [out.detach(), ent] + [t.grad for t in leaves]
+
+    eager = grads(f)
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(f, fullgraph=True))
+    for name, a, b in zip(("loss", "stats", "dh", "dW", "db"), compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- 4. bad inputs
+
+
+def _bad(device):
+    inp = make_inputs(device, lead=(4,), V=10, D=8)
+    h, W, y = inp["h"], inp["W"], inp["y"]
+    f = flashkd.linear_cross_entropy
+    return {
+        "hidden_weight_D": (lambda: f(h, W[:, :7], y), ValueError, r"weight has D=7 but hidden has D=8"),
+        "weight_not_2d": (lambda: f(h, W.unsqueeze(0), y), ValueError, r"weight must be 2-D"),
+        "weight_1d": (lambda: f(h, W[0], y), ValueError, r"weight must be 2-D"),
+        "target_too_large": (lambda: f(h, W, torch.tensor([0, 1, 10, 2], device=device)), ValueError,
+                             r"(targets|labels) must be in \[0, 10\)"),
+        "target_negative": (lambda: f(h, W, torch.tensor([0, -1, 3, 2], device=device)), ValueError,
+                            r"(targets|labels) must be in \[0, 10\) or equal ignore_index=-100"),
+        "float_targets": (lambda: f(h, W, y.float()), TypeError, r"targets.* must be an integer tensor"),
+        "targets_shape": (lambda: f(h, W, y[:3]), ValueError, r"(targets|labels) must have shape \[4\]"),
+        "targets_shape_2d": (lambda: f(h, W, y.reshape(2, 2)), ValueError, r"(targets|labels) must have shape"),
+        "weight_dtype": (lambda: f(h, W.bfloat16(), y), TypeError, r"weight dtype"),
+        "hidden_float64": (lambda: f(h.double(), W.double(), y), TypeError,
+                           r"hidden must be float32, bfloat16 or float16"),
+        "bias_shape": (lambda: f(h, W, y, torch.zeros(9, device=device)), ValueError, r"bias must have shape"),
+        "weights_shape": (lambda: f(h, W, y, weights=torch.ones(3, device=device)), ValueError,
+                          r"weights must have shape"),
+        "negative_weights": (lambda: f(h, W, y, weights=-torch.ones(4, device=device)), ValueError,
+                             r"weights must be >= 0"),
+        "reduction": (lambda: f(h, W, y, reduction="avg"), ValueError, r"reduction must be one of"),
+        "label_smoothing": (lambda: f(h, W, y, label_smoothing=1.5), ValueError, r"label_smoothing"),
+        "softcap": (lambda: f(h, W, y, softcap=0.0), ValueError, r"softcap must be > 0"),
+        "z_loss": (lambda: f(h, W, y, z_loss=-1.0), ValueError, r"z_loss must be >= 0"),
+        "num_items": (lambda: f(h, W, y, num_items=0), ValueError, r"num_items must be > 0"),
+        "budget": (lambda: f(h, W, y, chunk_budget_bytes=0), ValueError, r"chunk_budget_bytes must be > 0"),
+        "hidden_not_tensor": (lambda: f(h.tolist(), W, y), TypeError, r"hidden must be a torch.Tensor"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad("cpu")))
+def test_bad_inputs(case, device):
+    fn, exc, pattern = _bad(device)[case]
+    with pytest.raises(exc, match=pattern):
+        fn()
+
+
+# ----------------------------------------------------------------------------- 6. workspace
+
+
+def test_memory_helper(device):
+    """tests/memory.py reconstructs a known peak (CPU); on CUDA it reads the allocator."""
+    if device == "cpu":
+        memory.self_test()
+    m = memory.measure(lambda: torch.empty(1 << 20, dtype=torch.uint8, device=device), device)
+    assert m.peak >= 1 << 20 and m.net >= 1 << 20
+
+
+# Bytes the glue may allocate besides the logits chunk and the returned gradients:
+# per-token vectors (int64 labels copy, float32 loss/weights/lse, masks used by the
+# label check: under 64 bytes a token), a few scalars, and allocator rounding.
+def small_constant(N):
+    return 64 * N + (64 << 10)
+
+
+WORKSPACE_SHAPES = [(64, 4000, 32), (64, 32000, 32), (300, 4000, 16), (5, 32000, 64)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("N,V,D", WORKSPACE_SHAPES)
+def test_workspace_forward(N, V, D, reduction, device):
+    """The op call (the loss and its gradients are computed during forward) needs at most
+    chunk_budget_bytes + a small constant beyond the gradients it returns, whatever V."""
+    budget = 256 << 10  # 256 KiB; the full logits are 1-75 MiB
+    inp = make_inputs(device, lead=(N,), V=V, D=D, ignore=0.1)
+    args = op_args(dict(inp, weights=None), bias=False, reduction=reduction, grad_mask=3, budget=budget)
+    torch.ops.flashkd.linear_loss(*args)  # warm-up: one-time allocations (cuBLAS workspace) are not workspace
+    m = memory.measure(lambda: torch.ops.flashkd.linear_loss(*args), device)
+    loss, dh, dw = m.result[:3]
+    returned = memory.nbytes(m.result)
+    assert dh.shape == inp["h"].shape and dw.shape == inp["W"].shape
+    workspace = m.peak - returned
+    assert workspace <= budget + small_constant(N), \
+        f"N={N} V={V} D={D}: workspace {workspace} B > budget {budget} B + {small_constant(N)} B"
+
+
+# A training step holds the gradients once: backward scales the ones made in
+# forward in place (no zero-filled grads for unused outputs, no out-of-place
+# products), and reduction="none" makes them only in backward.
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("N,V,D", [(64, 4000, 32), (64, 32000, 32)])
+def test_workspace_training_step(N, V, D, reduction, device):
+    """A whole training step, loss = linear_cross_entropy(...); loss.backward(): peak memory
+    beyond the final .grad tensors stays within chunk_budget_bytes + a small constant
+    (DESIGN.md section 3: peak extra memory = dweight + dhidden + the budget)."""
+    budget = 256 << 10
+    inp = make_inputs(device, lead=(N,), V=V, D=D, ignore=0.1)
+    h, W = inp["h"].requires_grad_(), inp["W"].requires_grad_()
+
+    def step():
+        loss = flashkd.linear_cross_entropy(h, W, inp["y"], chunk_budget_bytes=budget, reduction=reduction)
+        loss.sum().backward()
+        return None
+
+    step()  # warm-up
+    h.grad = W.grad = None
+    m = memory.measure(step, device)
+    workspace = m.peak - memory.nbytes([h.grad, W.grad])
+    assert workspace <= budget + small_constant(N), \
+        f"N={N} V={V} D={D}: workspace {workspace} B > budget {budget} B + {small_constant(N)} B " \
+        f"(gradients {memory.nbytes([h.grad, W.grad])} B)"
+
+
+def test_workspace_independent_of_vocab(device):
+    """Same budget, 8x the vocabulary: the workspace beyond the gradients stays within the
+    same bound (the logits are never materialized; only the gradient grows with V)."""
+    budget = 256 << 10
+    spaces = {}
+    for V in (4000, 32000):
+        inp = make_inputs(device, lead=(128,), V=V, D=32)
+        args = op_args(dict(inp, weights=None), bias=False, reduction="mean", grad_mask=3, budget=budget)
+        torch.ops.flashkd.linear_loss(*args)  # warm-up
+        m = memory.measure(lambda: torch.ops.flashkd.linear_loss(*args), device)
+        spaces[V] = m.peak - memory.nbytes(m.result)
+        assert spaces[V] <= budget + small_constant(128), spaces
+    # 32000 x 128 float32 logits would be 16 MiB, 4000 x 128 2 MiB: neither shows up.
+    assert abs(spaces[32000] - spaces[4000]) <= small_constant(128), spaces

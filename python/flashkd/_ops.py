@@ -70,6 +70,7 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
 
 
 def _distill_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled [N, V] gradient for the unused grad output
     ctx.save_for_backward(output[1])
 
 

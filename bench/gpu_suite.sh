@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# flashkd on one NVIDIA GPU, offline, in one command (about 9 minutes on an H100):
+#   1. install peer wheels from .whl/ (liger-kernel, ...) into /tmp/site
+#   2. build flashkd in place with its CUDA kernels
+#   3. show the GPU, torch and whether the CUDA kernels loaded
+#   4. every cuda-marked test
+#   5. compute-sanitizer memcheck, then racecheck, on a reduced set of cuda tests
+#   6. the benchmark: bench/results/<date>-<gpu>.json and a markdown summary .md
+# Every step is logged with its time; a failing step is recorded and the later
+# steps that can still run do (tests and benchmark need the build). The exit
+# status is non-zero when any step failed. When $OUT is set (the device tool),
+# the logs are written there and the results copied there: 8 flat files.
+#
+# Environment:
+#   FLASHKD_SANITIZER_TESTS   test files for step 5 (default tests/test_distill.py)
+#   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default "gradcheck or identical or inf")
+#   FLASHKD_BENCH_ARGS        arguments for python3 -m flashkd.bench (default "--ops distill_loss:fkl,distill_loss:jsd":
+#                             torch.compile compiles once per case, which makes all four divergences too long
+#                             for the suite's budget; set it to "" for the full default)
+#   FLASHKD_COMMIT            commit to record when the checkout has no .git
+#   *_TIMEOUT                 seconds: FLASHKD_TEST_TIMEOUT (240), FLASHKD_SANITIZER_TIMEOUT (120 per tool),
+#                             FLASHKD_BENCH_TIMEOUT (240; the JSON is written after every case, so a
+#                             benchmark cut short still leaves its finished cases)
+set -u
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+# Logs go straight to $OUT when set, so a run cut short still returns them.
+WORK=${OUT:-$(mktemp -d /tmp/flashkd-suite.XXXXXX)}
+exec > >(tee -a "$WORK/suite.log") 2>&1
+
+log() { echo "[$(date -u +%H:%M:%S)] $*"; }
+FAILED=()
+SUMMARY=()
+# step NAME LOGFILE COMMAND...: run (output also copied to LOGFILE unless it
+# is -), log the time taken, record a failure.
+step() {
+    local name=$1 file=$2 start=$SECONDS rc
+    shift 2
+    log "== $name: $*"
+    if [ "$file" = - ]; then
+        "$@"
+        rc=$?
+    else
+        "$@" 2>&1 | tee "$file"
+        rc=${PIPESTATUS[0]}
+    fi
+    log "== $name: exit $rc after $((SECONDS - start)) s"
+    if [ "$rc" -ne 0 ]; then FAILED+=("$name (exit $rc)"); fi
+    SUMMARY+=("$name: exit $rc, $((SECONDS - start)) s")
+    return "$rc"
+}
+
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr 'A-Z' 'a-z' | tr -s ' ' '-')
+STAMP=$(date -u +%Y-%m-%d-%H%M)
+RESULT=bench/results/$STAMP-${GPU:-unknown-gpu}
+export FLASHKD_COMMIT=${FLASHKD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+mkdir -p bench/results
+log "flashkd GPU suite: commit $FLASHKD_COMMIT, results $RESULT.{json,md}, logs $WORK"
+
+# 1. peer wheels
+shopt -s nullglob
+WHEELS=(.whl/*.whl)
+shopt -u nullglob
+if [ ${#WHEELS[@]} -gt 0 ]; then
+    step wheels - python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "${WHEELS[@]}" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+    log "== wheels: none in .whl/"
+fi
+
+# 2. build
+BUILT=0
+step build - env FLASHKD_CUDA=ON MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+    python3 -m pip install --no-build-isolation --no-deps -e . && BUILT=1
+
+# 3. device
+nvidia-smi
+step device - python3 -c "
+import torch, flashkd
+print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name())
+print('flashkd CUDA kernels:', flashkd.has_cuda_kernels())
+assert flashkd.has_cuda_kernels(), 'flashkd was built without its CUDA kernels'"
+
+# pytest's closing line, e.g. "830 passed, 2 skipped in 95.1s"
+summary_line() { grep -E '(passed|failed|skipped|deselected|errors?|no tests ran).* in [0-9.]+s' "$1" | tail -n1; }
+
+# 4. tests
+TESTS="not run (no build)"
+if [ $BUILT = 1 ]; then
+    step tests "$WORK/pytest.log" timeout "${FLASHKD_TEST_TIMEOUT:-240}" \
+        python3 -m pytest -m cuda -q -x -p no:cacheprovider --junitxml="$WORK/pytest-junit.xml"
+    TESTS=$(summary_line "$WORK/pytest.log")
+fi
+
+# 5. compute-sanitizer; without the caching allocator, so memcheck sees each allocation's bounds
+SANITIZER=()
+SAN_TESTS=${FLASHKD_SANITIZER_TESTS:-tests/test_distill.py}
+SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf}
+if [ $BUILT = 0 ]; then
+    SANITIZER+=("not run (no build)")
+elif ! command -v compute-sanitizer >/dev/null; then
+    SANITIZER+=("not run: compute-sanitizer is not on PATH")
+else
+    for tool in memcheck racecheck; do
+        # shellcheck disable=SC2086  (SAN_TESTS is a list of paths)
+        step "$tool" "$WORK/$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            timeout "${FLASHKD_SANITIZER_TIMEOUT:-120}" \
+            compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
+            python3 -m pytest -m cuda -q -x -p no:cacheprovider $SAN_TESTS -k "$SAN_SUBSET"
+        SANITIZER+=("$tool ($SAN_TESTS -k \"$SAN_SUBSET\"): $(summary_line "$WORK/$tool.log"); $(grep -m1 \
+            'ERROR SUMMARY' "$WORK/$tool.log" || echo 'no ERROR SUMMARY line')")
+    done
+fi
+
+# 6. benchmark
+BENCH_ARGS=${FLASHKD_BENCH_ARGS---ops distill_loss:fkl,distill_loss:jsd}
+if [ $BUILT = 1 ]; then
+    # shellcheck disable=SC2086  (BENCH_ARGS is a list of words)
+    step bench - timeout "${FLASHKD_BENCH_TIMEOUT:-240}" python3 -m flashkd.bench \
+        --device cuda --json "$RESULT.json" --plot "$WORK/bench.png" $BENCH_ARGS
+fi
+
+{
+    echo "# flashkd GPU suite, $STAMP"
+    echo
+    echo "- device: ${GPU:-unknown}; $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | sed 's/^/driver /')"
+    echo "- torch: $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)"
+    echo "- commit: $FLASHKD_COMMIT"
+    echo "- tests (pytest -m cuda): ${TESTS:-no summary line}"
+    for line in "${SANITIZER[@]}"; do echo "- $line"; done
+    echo "- steps: $(printf '%s; ' "${SUMMARY[@]}")"
+    echo "- failed: ${FAILED[*]:-none}"
+    echo
+    echo "## Benchmark"
+    echo
+    echo '```text'
+    python3 -m flashkd.bench.report "$RESULT.json" 2>/dev/null || echo "no benchmark results"
+    echo '```'
+} > "$RESULT.md"
+log "summary written to $RESULT.md"
+
+if [ -n "${OUT:-}" ]; then
+    for f in "$RESULT.json" "$RESULT.md"; do
+        if [ -f "$f" ]; then cp "$f" "$OUT/"; fi
+    done
+fi
+
+if [ ${#FAILED[@]} -gt 0 ]; then
+    log "FAILED: ${FAILED[*]}"
+    exit 1
+fi
+log "all steps passed"

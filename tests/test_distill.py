@@ -721,15 +721,11 @@ def test_grad_output_scaling(div, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-def test_backward_scaling_rounds_once(dtype, device, request):
+def test_backward_scaling_rounds_once(dtype, device):
     """Backward multiplies the saved gradient (student dtype) by the cotangent:
     the result must be that product computed exactly and rounded once, the
     float32 product cast to the student's dtype, as torch's own mul does."""
     dt = DTYPES[dtype]
-    if device == "cpu" and dt != torch.float32:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "CPU scale_rows_ (csrc/ops/scale_rows.cpp) casts the cotangent to the gradient's dtype before "
-            "multiplying, rounding it to bf16/fp16 first: the gradient is off by up to one more unit")))
     g = gen("rounds_once", dtype)
     lead, V = (8, 16), 128
     s, t = logits((*lead, V), g, dt, device), logits((*lead, V), g, dt, device)
@@ -866,9 +862,6 @@ def test_extreme_logits(div, device):
     check_run(r, s, t, kw, dtype=torch.float32)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kernel forms log-probs as z/T - LSE with LSE = max + log(sum) rounded to float32: at |max| ~ 1e4 that "
-    "loses ~2^-11 absolute (ulp of 1e4) where torch's (z - max) - log(sum) loses ~1e-7; errors ~1000x torch's"))
 @pytest.mark.parametrize("div", DIVS)
 def test_large_logit_offset(div, device):
     """Logits 1e4 + O(1) (the softmax is shift-invariant): losses and gradients
@@ -941,7 +934,8 @@ def test_identical_student_teacher(div, dtype, device):
     assert torch.isfinite(loss).all() and (loss.double().abs() <= bound).all(), (loss.abs().max(), bound.max())
     assert (leaf.grad.double().abs() <= bound[..., None] / 1.7).all(), leaf.grad.abs().max()
     assert stats["agree"].all()
-    torch.testing.assert_close(stats["student_entropy"], stats["teacher_entropy"], rtol=0, atol=0)
+    # Same values, but the two entropies may be summed in different orders.
+    assert ((stats["student_entropy"] - stats["teacher_entropy"]).double().abs() <= bound).all()
 
 
 # ----------------------------------------------------------------------------

@@ -19,14 +19,14 @@ inline float row_max(const float* x, int64_t n, float mul) {
   return m;
 }
 
-// log sum exp(x * mul); -inf when every entry is -inf.
-inline float row_lse(const float* x, int64_t n, float mul) {
+// log sum exp(x * mul); max = -inf when every entry is -inf.
+inline LogNorm row_lse(const float* x, int64_t n, float mul) {
   const float m = row_max(x, n, mul);
-  if (m == kNegInf) return kNegInf;
+  if (m == kNegInf) return {};
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) sum += fkd_exp(x[k] * mul - m);
-  return m + std::log(sum);
+  return {m, std::log(sum)};
 }
 
 inline int64_t first_argmax(const float* x, int64_t n) {
@@ -36,12 +36,12 @@ inline int64_t first_argmax(const float* x, int64_t n) {
   return 0;
 }
 
-// -sum exp(l) * l over l = x * mul - lse (entropy of softmax(x * mul)).
-inline float row_entropy(const float* x, int64_t n, float mul, float lse) {
+// -sum exp(l) * l over l = log softmax(x * mul) (the entropy).
+inline float row_entropy(const float* x, int64_t n, float mul, LogNorm lse) {
   float h = 0.f;
 #pragma omp simd reduction(+ : h)
   for (int64_t k = 0; k < n; ++k) {
-    const float l = x[k] * mul - lse;
+    const float l = lse.log_prob(x[k] * mul);
     h -= xdiff(fkd_exp(l), l, 0.f);
   }
   return h;
@@ -69,25 +69,29 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
   RowScalars rs;
   rs.A = row_lse(s, n, inv_t);
   const bool want_lse1 = hard || lse_out;
-  const float lse1 = want_lse1 ? (inv_t == 1.f ? rs.A : row_lse(s, n, 1.f)) : 0.f;
-  if (lse_out) *lse_out = lse1;
+  const LogNorm lse1 = want_lse1 ? (inv_t == 1.f ? rs.A : row_lse(s, n, 1.f)) : LogNorm{};
+  if (lse_out) *lse_out = lse1.value();
   float divergence = 0.f;
   if (soft) {
     rs.B = row_lse(t, n, inv_t);
     if constexpr (D == Divergence::kTAID) {
+      // The mixture is formed from log-probs, not logits: softmax is shift
+      // invariant, and log-probs are small, so no precision is lost at |z| ~ 1e4.
       float m = kNegInf;
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < n; ++j) m = fkd_max(m, taid_logit(s[j] * inv_t, t[j] * inv_t, k.lambda));
+      for (int64_t j = 0; j < n; ++j)
+        m = fkd_max(m, taid_logit(rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), k.lambda));
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) sum += fkd_exp(taid_logit(s[j] * inv_t, t[j] * inv_t, k.lambda) - m);
-      rs.R = m == kNegInf ? kNegInf : m + std::log(sum);
+      for (int64_t j = 0; j < n; ++j)
+        sum += fkd_exp(taid_logit(rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), k.lambda) - m);
+      rs.R = m == kNegInf ? LogNorm{} : LogNorm{m, std::log(sum)};
     }
     if constexpr (Math::kNeedsPass2) {
       float c0 = 0.f, c1 = 0.f;
 #pragma omp simd reduction(+ : c0, c1)
       for (int64_t j = 0; j < n; ++j)
-        Math::pass2(s[j] * inv_t - rs.A, t[j] * inv_t - rs.B, 0.f, k, c0, c1);
+        Math::pass2(rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), 0.f, k, c0, c1);
       rs.c0 = c0;
       rs.c1 = c1;
       divergence = c0;
@@ -100,8 +104,8 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
       out.agree = first_argmax(s, n) == first_argmax(t, n);
     }
     if (label >= 0) {
-      out.stats[kStatStudentLogprob] = s[label] * inv_t - rs.A;
-      if (soft) out.stats[kStatTeacherLogprob] = t[label] * inv_t - rs.B;
+      out.stats[kStatStudentLogprob] = rs.A.log_prob(s[label] * inv_t);
+      if (soft) out.stats[kStatTeacherLogprob] = rs.B.log_prob(t[label] * inv_t);
     }
   }
 
@@ -116,24 +120,27 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
       for (int64_t j = 0; j < n; ++j) sum += s[j];
       mean_z = sum / static_cast<float>(n);
     }
-    hard_loss = (1.f - eps) * (lse1 - s[label]) + eps * (lse1 - mean_z) + p.z_loss * lse1 * lse1;
+    const float lse = lse1.value();
+    hard_loss = -(1.f - eps) * lse1.log_prob(s[label]) + eps * ((lse1.max - mean_z) + lse1.log_sum) +
+                p.z_loss * lse * lse;
   }
 
   // Gradient pass: overwrites s. Loss terms of pass-free divergences accrue here.
   const float g_soft = grad_scale * p.soft_weight * inv_t;
   const float g_hard = hard ? grad_scale * p.hard_weight : 0.f;
-  const float g_soft_max = g_hard * (1.f + 2.f * p.z_loss * lse1);  // d(ce + z lse^2)/dz = this * softmax
+  const float g_soft_max = g_hard * (1.f + 2.f * p.z_loss * lse1.value());  // d(ce + z lse^2)/dz = this * softmax
   const float g_uniform = g_hard * eps / static_cast<float>(n);
   // The cap's derivative at the label, read before s is overwritten.
   const float label_cap_grad = hard && cap > 0.f ? soft_cap_grad(s[label], cap) : 1.f;
   float loss_acc = 0.f;
 #pragma omp simd reduction(+ : loss_acc)
   for (int64_t j = 0; j < n; ++j) {
-    float g = hard ? g_soft_max * fkd_exp(s[j] - lse1) - g_uniform : 0.f;
+    float g = hard ? g_soft_max * fkd_exp(lse1.log_prob(s[j])) - g_uniform : 0.f;
     if (soft) {
       const float a = s[j] * inv_t, b = t[j] * inv_t;
-      const float lr = D == Divergence::kTAID ? taid_logit(a, b, k.lambda) - rs.R : 0.f;
-      g += g_soft * Math::grad(a - rs.A, b - rs.B, lr, rs, k, loss_acc);
+      const float lq = rs.A.log_prob(a), lp = rs.B.log_prob(b);
+      const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
+      g += g_soft * Math::grad(lq, lp, lr, rs, k, loss_acc);
     }
     s[j] = cap > 0.f ? g * soft_cap_grad(s[j], cap) : g;
   }

@@ -23,4 +23,9 @@ void set_isa(const char* name);  // "" restores detection; unknown names throw
 
 void distill_rows(const DistillParams& p, int64_t begin, int64_t end);
 
+// grad[row, :] *= factor[row] (or factor[0] unless per_row) for rows [begin, end),
+// in float32, rounded once; rows whose factor is 1 are skipped.
+void scale_rows(void* grad, DType dtype, const RowLayout& layout, int64_t begin, int64_t end, int64_t cols,
+                const float* factor, bool per_row);
+
 }  // namespace flashkd::cpu

@@ -31,7 +31,7 @@ struct OnlineLse {
 
 // Combines per-thread OnlineLse values into block-wide log-sum-exps.
 template <int N>
-__device__ __forceinline__ void block_lse(OnlineLse (&l)[N], float (&out)[N], float* scratch) {
+__device__ __forceinline__ void block_lse(OnlineLse (&l)[N], LogNorm (&out)[N], float* scratch) {
   float m[N], s[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) m[i] = l[i].m;
@@ -40,7 +40,7 @@ __device__ __forceinline__ void block_lse(OnlineLse (&l)[N], float (&out)[N], fl
   for (int i = 0; i < N; ++i) s[i] = m[i] == kNegInf ? 0.f : l[i].s * fkd_exp(l[i].m - m[i]);
   block_allreduce(s, scratch, SumOp{});
 #pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = m[i] == kNegInf ? kNegInf : m[i] + logf(s[i]);
+  for (int i = 0; i < N; ++i) out[i] = m[i] == kNegInf ? LogNorm{} : LogNorm{m[i], logf(s[i])};
 }
 
 __device__ __forceinline__ void track_argmax(const float (&x)[kVec], int64_t col, float& best,
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
   }
 
   // Sweep 1: log-sum-exps (student at T, teacher at T, student at 1, TAID mixture).
-  OnlineLse lse[4];
+  OnlineLse lse[3];
   float sbest = kNegInf, tbest = kNegInf, zsum = 0.f;
   int64_t sat = 0, tat = 0;
   for (int64_t c = first; c < n; c += step) {
@@ -111,12 +111,6 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
     if (soft) {
       load8(trow, c, ts, n, tvec, t);
       if (want_stats) track_argmax(t, c, tbest, tat);
-      if constexpr (D == Divergence::kTAID) {
-        float r[kVec];
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) r[j] = taid_logit(x[j], t[j] * inv_t, k.lambda);
-        lse[3].add(r);
-      }
 #pragma unroll
       for (int j = 0; j < kVec; ++j) t[j] *= inv_t;
       lse[1].add(t);
@@ -128,7 +122,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
   float zlabel = has_label ? to_float(srow[label * ss]) : 0.f;
   if (cap > 0.f) zlabel = soft_cap(zlabel, cap);
   const float tlabel = soft && has_label ? to_float(trow[label * ts]) : 0.f;
-  float lses[4];
+  LogNorm lses[3];
   block_lse(lse, lses, scratch);
   if (hard && eps != 0.f) {
     float z[1] = {zsum};
@@ -138,8 +132,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
   RowScalars rs;
   rs.A = lses[0];
   rs.B = lses[1];
-  rs.R = lses[3];
-  const float lse1 = separate_ce ? lses[2] : lses[0];
+  const LogNorm lse1 = separate_ce ? lses[2] : lses[0];
   bool agree = false;
   if (want_stats && soft) {
     block_argmax(sbest, sat, scratch, iscratch);
@@ -147,20 +140,34 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
     agree = sat == tat;
   }
 
-  // Sweep 2: the sums some gradients need (see divergence.h).
-  if constexpr (Math::kNeedsPass2) {
+  // Sweep 2: the sums some gradients need (see divergence.h); for TAID the
+  // log-sum-exp of its mixture, formed from log-probs (small numbers, so no
+  // precision is lost at |z| ~ 1e4; softmax is shift invariant).
+  if constexpr (Math::kNeedsPass2 || D == Divergence::kTAID) {
     if (soft) {
       float c[2] = {0.f, 0.f};
+      OnlineLse mix[1];
       for (int64_t col = first; col < n; col += step) {
-        float s[kVec], t[kVec];
+        float s[kVec], t[kVec], r[kVec];
         load_student(col, s);
         load8(trow, col, ts, n, tvec, t);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) Math::pass2(s[j] * inv_t - rs.A, t[j] * inv_t - rs.B, 0.f, k, c[0], c[1]);
+        for (int j = 0; j < kVec; ++j) {
+          const float lq = rs.A.log_prob(s[j] * inv_t), lp = rs.B.log_prob(t[j] * inv_t);
+          if constexpr (D == Divergence::kTAID) r[j] = taid_logit(lq, lp, k.lambda);
+          else Math::pass2(lq, lp, 0.f, k, c[0], c[1]);
+        }
+        if constexpr (D == Divergence::kTAID) mix[0].add(r);
       }
-      block_allreduce(c, scratch, SumOp{});
-      rs.c0 = c[0];
-      rs.c1 = c[1];
+      if constexpr (D == Divergence::kTAID) {
+        LogNorm r[1];
+        block_lse(mix, r, scratch);
+        rs.R = r[0];
+      } else {
+        block_allreduce(c, scratch, SumOp{});
+        rs.c0 = c[0];
+        rs.c1 = c[1];
+      }
     }
   }
 
@@ -170,7 +177,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
   if (p.row_scale) scale *= p.row_scale[row];
   const float g_soft = scale * p.soft_weight * inv_t;
   const float g_hard = hard ? scale * p.hard_weight : 0.f;
-  const float g_soft_max = g_hard * (1.f + 2.f * p.z_loss * lse1);  // d(ce + z lse^2)/dz = this * softmax
+  const float g_soft_max = g_hard * (1.f + 2.f * p.z_loss * lse1.value());  // d(ce + z lse^2)/dz = this * softmax
   const float g_uniform = g_hard * eps / static_cast<float>(n);
   const float g_label = g_hard * (1.f - eps);
   float acc[3] = {0.f, 0.f, 0.f};  // pass-free loss, sum q log q, sum p log p
@@ -184,18 +191,18 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
       if (c + j < n) {
         if (soft) {
           const float a = s[j] * inv_t, b = t[j] * inv_t;
-          const float lq = a - rs.A, lp = b - rs.B;
-          const float lr = D == Divergence::kTAID ? taid_logit(a, b, k.lambda) - rs.R : 0.f;
+          const float lq = rs.A.log_prob(a), lp = rs.B.log_prob(b);
+          const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
           gj = g_soft * Math::grad(lq, lp, lr, rs, k, acc[0]);
           if (want_stats) {
             acc[1] += xdiff(fkd_exp(lq), lq, 0.f);
             acc[2] += xdiff(fkd_exp(lp), lp, 0.f);
           }
         } else if (want_stats) {
-          const float lq = s[j] * inv_t - rs.A;
+          const float lq = rs.A.log_prob(s[j] * inv_t);
           acc[1] += xdiff(fkd_exp(lq), lq, 0.f);
         }
-        if (hard) gj += g_soft_max * fkd_exp(s[j] - lse1) - g_uniform - (c + j == label ? g_label : 0.f);
+        if (hard) gj += g_soft_max * fkd_exp(lse1.log_prob(s[j])) - g_uniform - (c + j == label ? g_label : 0.f);
         if (cap > 0.f) gj *= soft_cap_grad(s[j], cap);
       }
       g[j] = ignored ? 0.f : gj;
@@ -208,9 +215,10 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
     const float divergence = soft ? (Math::kNeedsPass2 ? rs.c0 : acc[0]) : 0.f;
     float loss = soft ? p.soft_weight * divergence : 0.f;
     if (hard)
-      loss += p.hard_weight * ((1.f - eps) * (lse1 - zlabel) + eps * (lse1 - zsum / static_cast<float>(n)) +
-                               p.z_loss * lse1 * lse1);
-    if (p.lse) p.lse[row] = lse1;
+      loss += p.hard_weight * (-(1.f - eps) * lse1.log_prob(zlabel) +
+                               eps * ((lse1.max - zsum / static_cast<float>(n)) + lse1.log_sum) +
+                               p.z_loss * lse1.value() * lse1.value());
+    if (p.lse) p.lse[row] = lse1.value();
     const float w = p.weights ? p.weights[row] : 1.f;
     p.loss[row] = ignored ? 0.f : w * loss;
     if (want_stats) {
@@ -218,8 +226,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
       st[kStatDivergence] = divergence;
       st[kStatStudentEntropy] = -acc[1];
       st[kStatTeacherEntropy] = -acc[2];
-      st[kStatStudentLogprob] = has_label ? zlabel * inv_t - rs.A : 0.f;
-      st[kStatTeacherLogprob] = has_label && soft ? tlabel * inv_t - rs.B : 0.f;
+      st[kStatStudentLogprob] = has_label ? rs.A.log_prob(zlabel * inv_t) : 0.f;
+      st[kStatTeacherLogprob] = has_label && soft ? rs.B.log_prob(tlabel * inv_t) : 0.f;
       p.agree[row] = agree;
     }
   }

@@ -35,19 +35,19 @@ DivergenceConsts make_consts(Divergence d, double beta, double alpha,
   };
   switch (d) {
     case Divergence::kJSD:
-      TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "beta must be in (0, 1) for jsd, got ", beta,
+      TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "beta must be in (0, 1) for jsd, got ", num(beta),
                         "; at beta = 0 or 1 the JSD vanishes: use divergence='fkl' or 'rkl'");
       set(beta);
       break;
     case Divergence::kSKL:
     case Divergence::kSRKL:
-      TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, "alpha must be in [0, 1) for skl/srkl, got ", alpha);
+      TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, "alpha must be in [0, 1) for skl/srkl, got ", num(alpha));
       set(d == Divergence::kSKL ? alpha : 1.0 - alpha);
       break;
     case Divergence::kTAID:
       TORCH_CHECK_VALUE(taid_lambda.has_value(), "taid_lambda is required for divergence='taid'");
       TORCH_CHECK_VALUE(*taid_lambda >= 0.0 && *taid_lambda <= 1.0, "taid_lambda must be in [0, 1], got ",
-                        *taid_lambda);
+                        num(*taid_lambda));
       k.lambda = static_cast<float>(*taid_lambda);
       break;
     default:
@@ -67,7 +67,7 @@ int64_t reduction_code(c10::string_view r) {
 
 void set_loss_options(DistillParams& p, c10::string_view divergence, double temperature, double beta, double alpha,
                       std::optional<double> taid_lambda, double hard_weight, double soft_weight, bool t2_scaling) {
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", num(temperature));
   TORCH_CHECK_VALUE(hard_weight >= 0 && soft_weight >= 0, "hard_weight and soft_weight must be >= 0");
   p.divergence = parse_divergence(divergence);
   p.consts = make_consts(p.divergence, beta, alpha, taid_lambda);
@@ -98,14 +98,14 @@ at::Tensor checked_labels(const std::optional<at::Tensor>& labels, at::IntArrayR
   const at::Tensor& l = *labels;
   TORCH_CHECK_TYPE(at::isIntegralType(l.scalar_type(), /*includeBool=*/false),
                    name, " must be an integer tensor, got ", l.scalar_type());
-  TORCH_CHECK_VALUE(l.sizes() == lead, name, " must have shape ", lead, " (the logits without their last dim), got ",
-                    l.sizes());
+  TORCH_CHECK_VALUE(l.sizes() == lead, name, " must have shape ", shape(lead),
+                    " (the logits without their last dim), got ", shape(l.sizes()));
   TORCH_CHECK_VALUE(l.device() == device, name, " must be on ", device, ", got ", l.device());
   at::Tensor flat = l.to(at::kLong).contiguous().reshape({rows});
   if (rows > 0) {
     const at::Tensor bad = flat.ne(ignore_index).logical_and(flat.lt(0).logical_or(flat.ge(vocab)));
-    TORCH_CHECK_VALUE(!bad.any().item<bool>(), name, " must be in [0, ", vocab, ") or equal ignore_index=",
-                      ignore_index);
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), name, " must be in [0, ", num(vocab),
+                      ") or equal ignore_index=", num(ignore_index));
   }
   return flat;
 }
@@ -115,7 +115,7 @@ at::Tensor checked_weights(const std::optional<at::Tensor>& weights, at::IntArra
   if (!weights) return {};
   const at::Tensor& w = *weights;
   TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), "weights must be a float tensor, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.sizes() == lead, "weights must have shape ", lead, ", got ", w.sizes());
+  TORCH_CHECK_VALUE(w.sizes() == lead, "weights must have shape ", shape(lead), ", got ", shape(w.sizes()));
   TORCH_CHECK_VALUE(w.device() == device, "weights must be on ", device, ", got ", w.device());
   at::Tensor flat = w.to(at::kFloat).contiguous().reshape({rows});
   if (rows > 0) TORCH_CHECK_VALUE(!flat.lt(0).any().item<bool>(), "weights must be >= 0");
@@ -127,7 +127,7 @@ at::Tensor checked_weights(const std::optional<at::Tensor>& weights, at::IntArra
 at::Tensor mean_scale(const at::Tensor& labels, int64_t rows, int64_t ignore_index,
                       std::optional<double> num_items, const at::TensorOptions& opts) {
   if (num_items) {
-    TORCH_CHECK_VALUE(*num_items > 0, "num_items must be > 0, got ", *num_items);
+    TORCH_CHECK_VALUE(*num_items > 0, "num_items must be > 0, got ", num(*num_items));
     return at::full({}, 1.0 / *num_items, opts.dtype(at::kFloat));
   }
   at::Tensor count = labels.defined() ? labels.ne(ignore_index).sum().to(at::kFloat)
@@ -145,12 +145,12 @@ DistillResult distill_forward(const at::Tensor& student_in, const at::Tensor& te
                               bool return_stats, const std::optional<at::Tensor>& grad_into) {
   TORCH_CHECK_VALUE(student_in.dim() >= 1, "student_logits must have at least 1 dim (..., V)");
   TORCH_CHECK_VALUE(teacher_in.sizes() == student_in.sizes(), "teacher_logits must have the shape of student_logits ",
-                    student_in.sizes(), ", got ", teacher_in.sizes());
+                    shape(student_in.sizes()), ", got ", shape(teacher_in.sizes()));
   TORCH_CHECK_VALUE(teacher_in.device() == student_in.device(), "teacher_logits must be on the device of student_logits");
   const int64_t cols = student_in.size(-1);
   TORCH_CHECK_VALUE(cols >= 1, "student_logits must have a vocabulary dim of size >= 1");
   const int64_t vocab = vocab_size.value_or(cols);
-  TORCH_CHECK_VALUE(vocab >= 1 && vocab <= cols, "vocab_size must be in [1, ", cols, "], got ", vocab);
+  TORCH_CHECK_VALUE(vocab >= 1 && vocab <= cols, "vocab_size must be in [1, ", num(cols), "], got ", num(vocab));
   TORCH_CHECK_VALUE(hard_weight == 0 || labels_in.has_value(), "hard_weight > 0 needs labels");
 
   DistillParams p;

@@ -33,15 +33,15 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std:
                   const char* hname, const char* wname, const char* bname) {
   TORCH_CHECK_VALUE(hidden.dim() >= 1, hname, " must have shape (..., D)");
   TORCH_CHECK_VALUE(weight.dim() == 2, wname, " must be 2-D (V, D), got ", weight.dim(), " dims");
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(-1), wname, " has D=", weight.size(1), " but ", hname,
-                    " has D=", hidden.size(-1));
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(-1), wname, " has D=", num(weight.size(1)), " but ", hname,
+                    " has D=", num(hidden.size(-1)));
   TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), wname, " dtype ", weight.scalar_type(),
                    " differs from ", hname, " dtype ", hidden.scalar_type());
   TORCH_CHECK_VALUE(weight.device() == hidden.device(), wname, " must be on the device of ", hname);
   kernel_dtype(hidden, hname);
   if (bias) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), bname, " must have shape (",
-                      weight.size(0), ",), got ", bias->sizes());
+                      num(weight.size(0)), ",), got ", shape(bias->sizes()));
     TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), bname, " must have the dtype of ", hname);
     TORCH_CHECK_VALUE(bias->device() == hidden.device(), bname, " must be on the device of ", hname);
   }
@@ -78,13 +78,14 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   const int64_t rows = hidden.size(0), V = weight.size(0);
   const auto lead = hidden_in.sizes().slice(0, hidden_in.dim() - 1);
   const int64_t vocab = vocab_size.value_or(V);
-  TORCH_CHECK_VALUE(vocab >= 1 && vocab <= V, "vocab_size must be in [1, ", V, "], got ", vocab);
+  TORCH_CHECK_VALUE(vocab >= 1 && vocab <= V, "vocab_size must be in [1, ", num(V), "], got ", num(vocab));
   at::Tensor t_hidden, t_w;
   if (teacher_from_weights) {
     TORCH_CHECK_VALUE(t_hidden_in->sizes().slice(0, t_hidden_in->dim() - 1) == lead,
-                      "teacher_hidden must have the leading shape ", lead, " of hidden, got ", t_hidden_in->sizes());
-    TORCH_CHECK_VALUE(t_weight->size(0) >= V, "teacher_weight has a vocabulary of ", t_weight->size(0),
-                      ", smaller than the student's ", V);
+                      "teacher_hidden must have the leading shape ", shape(lead), " of hidden, got ",
+                      shape(t_hidden_in->sizes()));
+    TORCH_CHECK_VALUE(t_weight->size(0) >= V, "teacher_weight has a vocabulary of ", num(t_weight->size(0)),
+                      ", smaller than the student's ", num(V));
     TORCH_CHECK_VALUE(t_hidden_in->device() == hidden.device(), "teacher_hidden must be on the device of hidden");
     t_hidden = matrix_of(*t_hidden_in);
     t_w = t_weight->narrow(0, 0, V);
@@ -92,9 +93,10 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   at::Tensor t_logits2d;
   if (t_logits) {
     TORCH_CHECK_VALUE(t_logits->dim() >= 1 && t_logits->sizes().slice(0, t_logits->dim() - 1) == lead,
-                      "teacher_logits must have shape (", lead, ", V_teacher), got ", t_logits->sizes());
-    TORCH_CHECK_VALUE(t_logits->size(-1) >= V, "teacher_logits has a vocabulary of ", t_logits->size(-1),
-                      ", smaller than the student's ", V);
+                      "teacher_logits must have shape ", shape(lead), " + (V_teacher,), got ",
+                      shape(t_logits->sizes()));
+    TORCH_CHECK_VALUE(t_logits->size(-1) >= V, "teacher_logits has a vocabulary of ", num(t_logits->size(-1)),
+                      ", smaller than the student's ", num(V));
     TORCH_CHECK_TYPE(at::isFloatingType(t_logits->scalar_type()), "teacher_logits must be a float tensor");
     TORCH_CHECK_VALUE(t_logits->device() == hidden.device(), "teacher_logits must be on the device of hidden");
     t_logits2d = matrix_of(*t_logits).narrow(1, 0, V);
@@ -103,9 +105,9 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   DistillParams p;
   set_loss_options(p, divergence, temperature, beta, alpha, taid_lambda, hard_weight, soft_weight, t2_scaling);
   TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, "label_smoothing must be in [0, 1], got ",
-                    label_smoothing);
-  TORCH_CHECK_VALUE(std::isfinite(z_loss) && z_loss >= 0, "z_loss must be >= 0, got ", z_loss);
-  TORCH_CHECK_VALUE(!softcap || *softcap > 0, "softcap must be > 0, got ", softcap.value_or(0));
+                    num(label_smoothing));
+  TORCH_CHECK_VALUE(std::isfinite(z_loss) && z_loss >= 0, "z_loss must be >= 0, got ", num(z_loss));
+  TORCH_CHECK_VALUE(!softcap || *softcap > 0, "softcap must be > 0, got ", num(softcap.value_or(0.0)));
   p.label_smoothing = static_cast<float>(label_smoothing);
   p.z_loss = static_cast<float>(z_loss);
   p.softcap = static_cast<float>(softcap.value_or(0.0));
@@ -120,7 +122,7 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
     row_scale = row_scale_in->to(at::kFloat).contiguous().reshape({rows});
   }
   const int64_t budget = chunk_budget_bytes.value_or(default_budget(hidden));
-  TORCH_CHECK_VALUE(budget > 0, "chunk_budget_bytes must be > 0, got ", budget);
+  TORCH_CHECK_VALUE(budget > 0, "chunk_budget_bytes must be > 0, got ", num(budget));
 
   const auto fopts = hidden.options().dtype(at::kFloat);
   const at::Tensor scale = red == 2 ? mean_scale(labels, rows, ignore_index, num_items, hidden.options())
@@ -131,7 +133,9 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   at::Tensor agree = new_output({return_stats ? rows : 0}, hidden.options().dtype(at::kBool));
   const bool want_dh = grad_mask & kGradHidden, want_dw = grad_mask & kGradWeight;
   const bool want_db = (grad_mask & kGradBias) && bias.has_value();
-  at::Tensor dhidden = want_dh ? new_output({rows, hidden.size(1)}, hidden.options()) : at::Tensor();
+  // d(hidden) is allocated in the caller's shape (not returned as a view: backward scales it in place).
+  at::Tensor dhidden_out = want_dh ? new_output(hidden_in.sizes(), hidden.options()) : at::Tensor();
+  at::Tensor dhidden = want_dh ? dhidden_out.view({rows, hidden.size(1)}) : at::Tensor();
   // d(weight) and d(bias) accumulate over chunks in float32.
   at::Tensor dweight_acc = want_dw ? at::zeros({V, hidden.size(1)}, fopts) : at::Tensor();
   at::Tensor dbias_acc = want_db ? at::zeros({V}, fopts) : at::Tensor();
@@ -191,8 +195,7 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   else if (red == 1) out.loss = loss_tok.sum();
   else out.loss = loss_tok.sum() * scale;
   // Outputs never alias each other: an absent gradient is its own empty tensor.
-  std::vector<int64_t> dh_shape(hidden_in.sizes().begin(), hidden_in.sizes().end());
-  out.dhidden = want_dh ? dhidden.reshape(dh_shape) : hidden.new_empty({0});
+  out.dhidden = want_dh ? dhidden_out : hidden.new_empty({0});
   out.dweight = want_dw ? dweight_acc.to(weight.scalar_type()) : hidden.new_empty({0});
   out.dbias = want_db ? dbias_acc.to(bias->scalar_type()) : hidden.new_empty({0});
   out.lse = return_lse ? lse.reshape(lead_v) : lse;

@@ -1,4 +1,5 @@
 #include "tensor_utils.h"
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 
@@ -60,6 +61,20 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
     else out.fill_(-7);
   }
   return out;
+}
+
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
 }
 
 void check_launch(const char* error, const char* what) {

@@ -36,4 +36,11 @@ void check_launch(const char* error, const char* what);
 
 bool cuda_compiled();
 
+// Numbers and shapes for error messages, formatted with snprintf. (On the GPU
+// machine's torch 2.11 + gcc 13 build, inserting a number into the ostream
+// behind c10::str crashed the process instead of raising; strings are safe.)
+std::string num(double v);
+std::string num(int64_t v);
+std::string shape(at::IntArrayRef sizes);
+
 }  // namespace flashkd::ops

@@ -66,6 +66,9 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
         factor = grad_output.unsqueeze(-1) if grad_output.dim() > 0 else grad_output
         return grad * factor.to(grad.dtype)
     ops.scale_rows_(grad, grad_output)
+    # The kernel writes through the data pointer; mark the mutation so that a
+    # second backward through a retained graph fails loudly instead of scaling twice.
+    torch.autograd.graph.increment_version(grad)
     return grad
 
 

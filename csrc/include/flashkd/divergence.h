@@ -20,10 +20,21 @@ struct DivergenceConsts {
   float lambda = 0.f;                    // taid interpolation
 };
 
-// Per-row scalars: A, B (and R = LSE of the TAID mixture logits), and the
-// two pass-2 sums c0, c1 whose meaning depends on the divergence.
+// A log-sum-exp kept as (max, log of the max-shifted sum). Log-probabilities
+// are formed as (x - max) - log_sum, as accurate as torch's log_softmax even
+// when |max| is large (logits ~1e4), where max + log_sum would round to the
+// ulp of max before the subtraction.
+struct LogNorm {
+  float max = kNegInf, log_sum = 0.f;
+  FKD_HD float log_prob(float x) const { return (x - max) - log_sum; }
+  FKD_HD float value() const { return max + log_sum; }
+};
+
+// Per-row scalars: A, B (and R, of the TAID mixture logits), and the two
+// pass-2 sums c0, c1 whose meaning depends on the divergence.
 struct RowScalars {
-  float A = 0.f, B = 0.f, R = 0.f, c0 = 0.f, c1 = 0.f;
+  LogNorm A, B, R;
+  float c0 = 0.f, c1 = 0.f;
 };
 
 // x * (lx - ly) with 0 * anything = 0 (masked entries carry -inf logs).

@@ -12,15 +12,22 @@ from .progress import Progress
 from .runner import run
 from .selection import select_cases
 
+# What --skip leaves out by default: on a GPU, torch.compile of the fused linear
+# ops, whose compiles would take a bare run past its ~3 minute budget.
+DEFAULT_SKIP = {"cpu": "", "cuda": "linear_ce:torch.compile,linear_distill:torch.compile"}
+
 
 def _parser():
     p = argparse.ArgumentParser(prog="python -m flashkd.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--ops", help="comma list of op or op:variant, e.g. distill_loss:fkl,distill_loss:jsd "
                                  "(default: each op's default variants for the device)")
-    p.add_argument("--shapes", help="comma list of named sets (quick, accept, cpu, gpu) or shapes like "
-                                    "4096x32000:fp32 (default: accept on CPU, gpu on CUDA)")
+    p.add_argument("--shapes", help="comma list of named sets (quick, accept, cpu, gpu, gpu-target) or shapes like "
+                                    "4096x32000:fp32, each op reading its own (default: accept on CPU, "
+                                    "gpu-target on CUDA)")
     p.add_argument("--providers", help="comma list (default: all of each op's providers)")
+    p.add_argument("--skip", help="comma list of providers or op:provider pairs not to run, shown as skipped "
+                                  f"(default: none on CPU, {DEFAULT_SKIP['cuda']} on CUDA; --skip '' runs all)")
     p.add_argument("--repeats", type=int, help="timed calls per measurement (default: adaptive, see timing.py)")
     p.add_argument("--json", metavar="PATH", help="write the records and run metadata as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of forward+backward times (needs matplotlib)")
@@ -33,6 +40,17 @@ def _list():
         print(f"{name}\n  variants:  {', '.join(mod.VARIANTS)}\n  providers: {', '.join(mod.PROVIDERS)}")
         for set_name, shapes in mod.SHAPE_SETS.items():
             print(f"  shapes {set_name}: {', '.join(shapes)}")
+
+
+def _skip_set(spec):
+    """--skip's entries, each a provider of some op or an op:provider pair."""
+    skip = {item.strip() for item in spec.split(",") if item.strip()}
+    for item in skip:
+        op, _, provider = item.rpartition(":")
+        candidates = [OPS[op]] if op in OPS else [] if op else list(OPS.values())
+        if not any(provider in mod.PROVIDERS for mod in candidates):
+            raise SystemExit(f"error: --skip {item!r} names no provider (or op:provider); see --list")
+    return skip
 
 
 def main(argv=None):
@@ -53,15 +71,17 @@ def main(argv=None):
     unknown = [p for p in providers if p not in known]
     if unknown:
         raise SystemExit(f"error: unknown provider(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    skip = _skip_set(DEFAULT_SKIP[device.type] if args.skip is None else args.skip)
 
     bandwidth = machine.copy_bandwidth(device)
     meta = machine.describe(device, bandwidth)
     meta["argv"] = sys.argv[1:] if argv is None else list(argv)
+    meta["skip"] = sorted(skip)
     print(report.header(meta), flush=True)
     progress = Progress(sum(len([p for p in providers if p in OPS[c.op].PROVIDERS]) for c in cases))
     records = []
     for case_records in run(cases, providers, device, bandwidth, machine.cache_bytes(device), progress,
-                            args.repeats):
+                            args.repeats, skip):
         records += case_records
         if args.json:  # after every case, so a run cut short keeps what it measured
             report.write_json(args.json, meta, records)

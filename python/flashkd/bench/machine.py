@@ -99,6 +99,7 @@ def describe(device, bandwidth):
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "liger_kernel": _version("liger-kernel"),
+        "cut_cross_entropy": _version("cut-cross-entropy"),
         "copy_bandwidth_gbs": bandwidth / 1e9,
         "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else cpu_method(),
     }

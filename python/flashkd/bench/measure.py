@@ -7,7 +7,8 @@
 2. for providers that compile per input shape, an untimed call at the timed shape;
 3. the median time of forward calls, then of forward+backward calls, rotating
    through enough input sets that they do not sit in the cache; the first timed
-   forward+backward call is also the one whose peak extra memory is recorded.
+   forward+backward call is also the one whose peak extra memory is recorded,
+   and its workspace: that peak minus the gradients it returns.
 """
 from __future__ import annotations
 
@@ -99,11 +100,13 @@ def _measure(fn, provider, case, device, sets, repeats):
     fwd_bwd = time_calls(forward_backward, setup, device, reps=repeats, first=peak)
     for inputs in sets:
         inputs.clear_grads()
+    grad_bytes = sum(sets[0].tensors[name].nbytes for name in sets[0].grad_names)  # a grad matches its leaf
     record = {
         "status": "ok",
         **_timing_fields("fwd", fwd),
         **_timing_fields("fwd_bwd", fwd_bwd),
         "peak_mb": peak.extra_bytes / 2**20,
+        "work_mb": max(0, peak.extra_bytes - grad_bytes) / 2**20,
         "accuracy_shape": "x".join(map(str, next(iter(acc.tensors.values())).shape)),
     }
     return record, outputs

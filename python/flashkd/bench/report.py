@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("provider", "fwd ms", "fwd+bwd ms", "peak MiB", "loss err", "grad err", "x floor", "vs torch",
-           "vs compile")
+COLUMNS = ("provider", "fwd ms", "fwd+bwd ms", "peak MiB", "work MiB", "loss err", "grad err", "x floor",
+           "vs torch", "vs compile", "work/torch")
 
 
 def case_label(rec, sep=" "):
@@ -28,9 +28,9 @@ def _cells(rec):
         return fmt(rec[key]) if rec.get(key) is not None else "-"
 
     return [
-        rec["provider"], _ms(rec["fwd_ms"]), _ms(rec["fwd_bwd_ms"]), f"{rec['peak_mb']:.0f}",
-        opt("loss_rel_err", "{:.1e}".format), opt("grad_err", "{:.1e}".format), opt("x_floor", "{:.1f}".format),
-        opt("x_torch", "{:.1f}x".format), opt("x_compile", "{:.2f}x".format),
+        rec["provider"], _ms(rec["fwd_ms"]), _ms(rec["fwd_bwd_ms"]), f"{rec['peak_mb']:.0f}", opt("work_mb", "{:.0f}".format),
+        opt("loss_rel_err", "{:.1e}".format), opt("grad_err", "{:.1e}".format), opt("x_floor", "{:.2f}".format),
+        opt("x_torch", "{:.2f}x".format), opt("x_compile", "{:.2f}x".format), opt("work_vs_torch", "{:.1%}".format),
     ]
 
 
@@ -64,10 +64,13 @@ def table(records):
 
 
 LEGEND = (
-    "fwd / fwd+bwd ms: median; peak MiB: peak extra memory of one forward+backward; "
-    "loss err: |loss - oracle| / |oracle|; grad err: max |grad - oracle| / max |oracle grad| "
-    "(float64 oracle, same inputs); x floor: fwd+bwd time / (bytes of both logits read + gradient "
-    "written) / measured copy bandwidth; vs torch, vs compile: fwd+bwd speedup over that provider."
+    "fwd / fwd+bwd ms: median; peak MiB: peak memory of one forward+backward above what was in use before it "
+    "(inputs excluded, returned gradients included); work MiB: that peak minus the returned gradients (the "
+    "workspace); loss err: |loss - oracle| / |oracle|; grad err: max |grad - oracle| / max |oracle grad|, the "
+    "worse leaf's (float64 oracle, same inputs); x floor: fwd+bwd time / floor, floor = the op's fewest bytes "
+    "moved / measured copy bandwidth or, for the linear ops, the gemm row's time (the same GEMMs alone, this run) "
+    "where larger; vs torch, vs compile: fwd+bwd speedup over that provider; work/torch: workspace as a share of "
+    "torch eager's."
 )
 
 

@@ -1,6 +1,8 @@
 """Walks cases and providers, then adds to each record what needs several
 providers: the float64 oracle's errors (one oracle pass per case), the
-physical floor and the speedups against torch eager and torch.compile.
+physical floor (for ops with a FLOOR_PROVIDER, that provider's time where it
+exceeds the bytes' floor), the speedups against torch eager and torch.compile
+and the memory ratios to torch eager.
 
 On a CPU each measurement runs in a fresh child process (see ``worker``); on a
 GPU they run here, sharing one case's input sets.
@@ -19,8 +21,9 @@ from .worker import measure_in_child
 EAGER, COMPILED = "torch", "torch.compile"
 
 
-def run(cases, providers, device, bandwidth, cache_bytes, progress, repeats=None):
-    """Yields each case's records as soon as the case is done."""
+def run(cases, providers, device, bandwidth, cache_bytes, progress, repeats=None, skip=()):
+    """Yields each case's records as soon as the case is done. ``skip`` holds
+    providers ("torch.compile") and op:provider pairs not to run."""
     with tempfile.TemporaryDirectory(prefix="flashkd-bench-") as workdir:
         for case in cases:
             names = [p for p in providers if p in OPS[case.op].PROVIDERS]
@@ -28,7 +31,7 @@ def run(cases, providers, device, bandwidth, cache_bytes, progress, repeats=None
             sets = None if device.type == "cpu" else input_sets(case, device, cache_bytes)
             for name in names:
                 progress.step(f"{case.label} {name}")
-                results[name] = _measure_one(case, name, device, sets, cache_bytes, repeats, workdir)
+                results[name] = _measure_one(case, name, device, sets, cache_bytes, repeats, workdir, skip)
                 status = results[name][0]["status"]
                 if status != "ok":
                     progress.note(f"{case.label} {name}: {status}")
@@ -40,7 +43,9 @@ def run(cases, providers, device, bandwidth, cache_bytes, progress, repeats=None
             yield records
 
 
-def _measure_one(case, name, device, sets, cache_bytes, repeats, workdir):
+def _measure_one(case, name, device, sets, cache_bytes, repeats, workdir, skip):
+    if name in skip or f"{case.op}:{name}" in skip:
+        return {"status": "skipped: --skip"}, None
     if sets is not None:
         return measure(case, name, device, sets, repeats)
     _, skipped = build(case, name, device)  # a provider that cannot run here needs no child
@@ -56,8 +61,11 @@ def _records(case, results, device, bandwidth, sets):
     if outputs:
         sets = sets or [mod.make_inputs(case, device, seed=0)]
         errors = mod.errors(case, accuracy_inputs(case, sets, device), outputs)
-    floor_ms = mod.floor_bytes(case) / bandwidth * 1e3
     ok = {name: rec for name, (rec, _) in results.items() if rec["status"] == "ok"}
+    floor_ms = mod.floor_bytes(case) / bandwidth * 1e3
+    floor_provider = getattr(mod, "FLOOR_PROVIDER", None)
+    if floor_provider in ok:
+        floor_ms = max(floor_ms, ok[floor_provider]["fwd_bwd_ms"])
     records = []
     for name, (rec, _) in results.items():
         record = {**case.to_dict(), "provider": name, **rec, **errors.get(name, {}), "floor_ms": floor_ms}
@@ -66,7 +74,8 @@ def _records(case, results, device, bandwidth, sets):
             for key, base in (("x_torch", EAGER), ("x_compile", COMPILED)):
                 if base in ok:
                     record[key] = ok[base]["fwd_bwd_ms"] / rec["fwd_bwd_ms"]
-            if EAGER in ok and ok[EAGER]["peak_mb"] > 0:
-                record["peak_vs_torch"] = rec["peak_mb"] / ok[EAGER]["peak_mb"]
+            for key in ("peak", "work"):
+                if EAGER in ok and ok[EAGER][f"{key}_mb"] > 0:
+                    record[f"{key}_vs_torch"] = rec[f"{key}_mb"] / ok[EAGER][f"{key}_mb"]
         records.append(record)
     return records

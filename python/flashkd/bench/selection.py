@@ -12,7 +12,8 @@ def parse_ops(spec: str | None, device_type: str) -> Dict[str, List[str]]:
     """``"distill_loss"`` or ``"distill_loss:fkl,distill_loss:jsd"`` -> {op: variants}.
     Without a spec, each op's default variants for the device."""
     if not spec:
-        return {name: list(mod.DEFAULT_VARIANTS[device_type]) for name, mod in OPS.items()}
+        return {name: list(mod.DEFAULT_VARIANTS[device_type]) for name, mod in OPS.items()
+                if mod.DEFAULT_VARIANTS[device_type]}
     chosen: Dict[str, List[str]] = {}
     for item in spec.split(","):
         name, _, variant = item.strip().partition(":")
@@ -37,11 +38,24 @@ def _shape_specs(mod, spec: str | None, device_type: str) -> List[str]:
 
 
 def select_cases(ops_spec: str | None, shapes_spec: str | None, device_type: str) -> List[Case]:
-    """Cases in run order: op, then shape, then variant."""
-    cases = []
+    """Cases in run order: op, then shape, then variant.
+
+    Ops write shapes differently (NxV, NxDxV, ...): without --ops, a literal
+    shape goes to the default ops that can parse it; a shape no op takes, or
+    one an op named in --ops cannot parse, is an error."""
+    cases, rejected = [], []
     for name, variants in parse_ops(ops_spec, device_type).items():
         mod = OPS[name]
         for spec in _shape_specs(mod, shapes_spec, device_type):
-            shape, dtype = mod.parse_shape(spec)
+            try:
+                shape, dtype = mod.parse_shape(spec)
+            except ValueError as exc:
+                if ops_spec:
+                    raise
+                rejected.append(str(exc))
+                continue
             cases.extend(Case(name, v, shape, dtype) for v in variants)
+    if not cases:
+        raise ValueError("; ".join(rejected) + " (an op a bare run leaves out needs --ops)" if rejected
+                         else "no cases selected")
     return cases

@@ -1,20 +1,23 @@
-"""Benchmarked ops, one module each, registered in OPS.
+"""Benchmarked ops, one module each, registered in OPS (``_linear`` holds what
+the two fused linear ops share).
 
-A later op (linear cross-entropy, fused linear distillation) plugs in as a new
-module defining:
+An op module defines:
 
   NAME                 op name used by ``--ops``
   VARIANTS             selectable variants, e.g. the divergences
-  DEFAULT_VARIANTS     {device type: variants a bare run measures}
-  SHAPE_SETS           {set name: shape specs}; ``quick``, ``cpu``, ``gpu`` at least
+  DEFAULT_VARIANTS     {device type: variants a bare run measures; none leaves the op out}
+  SHAPE_SETS           {set name: shape specs}; every op has the same set names
+                       (quick, accept, cpu, gpu, gpu-target) so one --shapes serves all
   DEFAULT_SHAPES       {device type: set name a bare run measures}
   parse_shape(spec)    "4096x32000:fp32" -> (shape, dtype) strings; ValueError if malformed
   make_inputs(case, device, seed) -> cases.Inputs   random, never zeros
   accuracy_inputs(inputs, max_elements) -> cases.Inputs   subset the oracle can afford
   floor_bytes(case)    fewest bytes any implementation must move
+  FLOOR_PROVIDER       optional: a provider whose measured fwd+bwd time is the floor
+                       where it exceeds the bytes' (the linear ops' GEMMs alone)
   PROVIDERS            {provider name: cases.Provider}
   errors(case, inputs, outputs) -> {provider: {"loss_rel_err", "grad_err", "grad_max_abs_err"}}
 """
-from . import distill
+from . import distill, linear_ce, linear_distill
 
-OPS = {distill.NAME: distill}
+OPS = {mod.NAME: mod for mod in (distill, linear_ce, linear_distill)}

@@ -28,7 +28,8 @@ def _cells(rec):
         return fmt(rec[key]) if rec.get(key) is not None else "-"
 
     return [
-        rec["provider"], _ms(rec["fwd_ms"]), _ms(rec["fwd_bwd_ms"]), f"{rec['peak_mb']:.0f}", opt("work_mb", "{:.0f}".format),
+        rec["provider"], _ms(rec["fwd_ms"]), _ms(rec["fwd_bwd_ms"]), f"{rec['peak_mb']:.0f}",
+        opt("work_mb", "{:.0f}".format),
         opt("loss_rel_err", "{:.1e}".format), opt("grad_err", "{:.1e}".format), opt("x_floor", "{:.2f}".format),
         opt("x_torch", "{:.2f}x".format), opt("x_compile", "{:.2f}x".format), opt("work_vs_torch", "{:.1%}".format),
     ]
@@ -48,6 +49,8 @@ def table(records):
         cells = _cells(rec)
         if len(cells) == len(COLUMNS):
             width = [max(w, len(c)) for w, c in zip(width, cells, strict=True)]
+        else:  # provider and status
+            width[0] = max(width[0], len(cells[0]))
         rows.append((rec, cells))
 
     def line(cells):  # provider name left-aligned, numbers right-aligned

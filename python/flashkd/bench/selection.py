@@ -40,22 +40,22 @@ def _shape_specs(mod, spec: str | None, device_type: str) -> List[str]:
 def select_cases(ops_spec: str | None, shapes_spec: str | None, device_type: str) -> List[Case]:
     """Cases in run order: op, then shape, then variant.
 
-    Ops write shapes differently (NxV, NxDxV, ...): without --ops, a literal
-    shape goes to the default ops that can parse it; a shape no op takes, or
-    one an op named in --ops cannot parse, is an error."""
-    cases, rejected = [], []
+    Ops write shapes differently (NxV, NxDxV, ...): a literal shape goes to
+    the selected ops that read its form; one that none of them reads is an
+    error."""
+    cases, taken, rejected = [], set(), {}
     for name, variants in parse_ops(ops_spec, device_type).items():
         mod = OPS[name]
         for spec in _shape_specs(mod, shapes_spec, device_type):
             try:
                 shape, dtype = mod.parse_shape(spec)
             except ValueError as exc:
-                if ops_spec:
-                    raise
-                rejected.append(str(exc))
+                rejected.setdefault(spec, []).append(str(exc))
                 continue
+            taken.add(spec)
             cases.extend(Case(name, v, shape, dtype) for v in variants)
-    if not cases:
-        raise ValueError("; ".join(rejected) + " (an op a bare run leaves out needs --ops)" if rejected
-                         else "no cases selected")
+    unread = [message for spec, messages in rejected.items() if spec not in taken for message in messages]
+    if unread:
+        hint = "" if ops_spec else " (an op a bare run leaves out needs --ops)"
+        raise ValueError("; ".join(unread) + hint)
     return cases

@@ -12,6 +12,12 @@ struct RowResult {
   bool agree = false;
 };
 
+// x with infinities replaced by +-FLT_MAX (NaN kept): a finite number times 0 is 0.
+inline float finite_or_max(float x) {
+  const float big = 3.4028235e38f;
+  return x > big ? big : (x < -big ? -big : x);
+}
+
 inline float row_max(const float* x, int64_t n, float mul) {
   float m = kNegInf;
 #pragma omp simd reduction(max : m)
@@ -90,8 +96,14 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
     if constexpr (Math::kNeedsPass2) {
       float c0 = 0.f, c1 = 0.f;
 #pragma omp simd reduction(+ : c0, c1)
-      for (int64_t j = 0; j < n; ++j)
-        Math::pass2(rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), 0.f, k, c0, c1);
+      for (int64_t j = 0; j < n; ++j) {
+        // Per-element temporaries, not references to the reduction variables:
+        // taking their address stops GCC from vectorizing the loop.
+        float t0 = 0.f, t1 = 0.f;
+        Math::pass2(rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), 0.f, k, t0, t1);
+        c0 += t0;
+        c1 += t1;
+      }
       rs.c0 = c0;
       rs.c1 = c1;
       divergence = c0;
@@ -128,21 +140,37 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
   // Gradient pass: overwrites s. Loss terms of pass-free divergences accrue here.
   const float g_soft = grad_scale * p.soft_weight * inv_t;
   const float g_hard = hard ? grad_scale * p.hard_weight : 0.f;
-  const float g_soft_max = g_hard * (1.f + 2.f * p.z_loss * lse1.value());  // d(ce + z lse^2)/dz = this * softmax
+  // d(ce + z lse^2)/dz = g_soft_max * softmax (0 without a hard term, where lse1 is unset)
+  const float g_soft_max = hard ? g_hard * (1.f + 2.f * p.z_loss * lse1.value()) : 0.f;
   const float g_uniform = g_hard * eps / static_cast<float>(n);
   // The cap's derivative at the label, read before s is overwritten.
   const float label_cap_grad = hard && cap > 0.f ? soft_cap_grad(s[label], cap) : 1.f;
+  // The loops below are branch-free in loop-invariant flags (GCC does not
+  // vectorize a select on an invariant condition): an unused hard term has
+  // zero weights and a finite normalizer, an absent cap a factor of one.
+  const float ce_max = hard ? lse1.max : rs.A.max, ce_ls = hard ? lse1.log_sum : rs.A.log_sum;
+  const float cap_inv = cap > 0.f ? 1.f / cap : 0.f;
   float loss_acc = 0.f;
+  if (soft) {
 #pragma omp simd reduction(+ : loss_acc)
-  for (int64_t j = 0; j < n; ++j) {
-    float g = hard ? g_soft_max * fkd_exp(lse1.log_prob(s[j])) - g_uniform : 0.f;
-    if (soft) {
+    for (int64_t j = 0; j < n; ++j) {
       const float a = s[j] * inv_t, b = t[j] * inv_t;
       const float lq = rs.A.log_prob(a), lp = rs.B.log_prob(b);
       const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
-      g += g_soft * Math::grad(lq, lp, lr, rs, k, loss_acc);
+      float loss_term = 0.f;  // a temporary, as in pass 2, so the loop vectorizes
+      const float g_div = Math::grad(lq, lp, lr, rs, k, loss_term);
+      loss_acc += loss_term;
+      const float g = g_soft_max * fkd_exp((s[j] - ce_max) - ce_ls) - g_uniform + g_soft * g_div;
+      const float u = finite_or_max(s[j]) * cap_inv;  // 0 without a cap, even at -inf
+      s[j] = g * (1.f - u * u);
     }
-    s[j] = cap > 0.f ? g * soft_cap_grad(s[j], cap) : g;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float g = g_soft_max * fkd_exp((s[j] - ce_max) - ce_ls) - g_uniform;
+      const float u = finite_or_max(s[j]) * cap_inv;  // 0 without a cap, even at -inf
+      s[j] = g * (1.f - u * u);
+    }
   }
   if (hard) s[label] -= g_hard * (1.f - eps) * label_cap_grad;  // the one-hot part
   if constexpr (!Math::kNeedsPass2) divergence = loss_acc;

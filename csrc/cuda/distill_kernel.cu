@@ -177,7 +177,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) distill_kernel(const DistillPa
   if (p.row_scale) scale *= p.row_scale[row];
   const float g_soft = scale * p.soft_weight * inv_t;
   const float g_hard = hard ? scale * p.hard_weight : 0.f;
-  const float g_soft_max = g_hard * (1.f + 2.f * p.z_loss * lse1.value());  // d(ce + z lse^2)/dz = this * softmax
+  // d(ce + z lse^2)/dz = g_soft_max * softmax (0 without a hard term, where lse1 is unset)
+  const float g_soft_max = hard ? g_hard * (1.f + 2.f * p.z_loss * lse1.value()) : 0.f;
   const float g_uniform = g_hard * eps / static_cast<float>(n);
   const float g_label = g_hard * (1.f - eps);
   float acc[3] = {0.f, 0.f, 0.f};  // pass-free loss, sum q log q, sum p log p

@@ -62,6 +62,8 @@ import torch
 import flashkd
 from flashkd import reference as R
 
+from checks import DIV_KW
+
 DIVS = flashkd.DIVERGENCES
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STAT_KEYS = ("divergence", "student_entropy", "teacher_entropy", "student_logprob", "teacher_logprob", "agree")
@@ -75,16 +77,6 @@ SLACK = 2.0  # "no worse than plain torch", with room for a different summation 
 K_LOSS = 4.0
 K_GRAD = 4.0
 
-# Non-default parameters, so that each one is seen to reach the kernel.
-DIV_KW = {
-    "fkl": {},
-    "rkl": {},
-    "jsd": {"beta": 0.3},
-    "skl": {"alpha": 0.2},
-    "srkl": {"alpha": 0.25},
-    "tvd": {},
-    "taid": {"taid_lambda": 0.4},
-}
 
 
 # ----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
+from checks import directional_check
 
 EPS32 = 2.0 ** -24
 SLACK = 2.0
@@ -393,38 +394,7 @@ def test_backward_twice_raises(device):
 # ----------------------------------------------------------------------------- 2. finite differences
 
 
-# A float64 torch.autograd.gradcheck is impossible here: the kernels take only
-# float32/bfloat16/float16. Instead, in float32: for random directions v over
-# (hidden, weight, bias) compare the analytic directional derivative <grad, v>
-# (from the op's backward) with the central difference
-#     (f(x + eps v) - f(x - eps v)) / (2 eps)
-# of the op's own forward. With f = O(1) (mean reduction), eps = 1e-2 and unit
-# |v| the truncation error is O(eps^2 |f'''|) ~ 1e-4 and the float32 rounding
-# error O(EPS32 |f| / eps) ~ 1e-5, so 3e-3 absolute + 1e-2 relative is a safe but
-# still discriminating tolerance (a missing factor or a wrong term is >> that).
-FD_EPS = 1e-2
-
-
-def directional_check(f, params, device, n_dirs=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    leaves = [p.detach().clone().requires_grad_() for p in params]
-    f(*leaves).backward()
-    grads = [p.grad.double() for p in leaves]
-    subsets = [list(range(len(params)))] * n_dirs + [[i] for i in range(len(params))]
-    for which in subsets:
-        v = [torch.randn(p.shape, generator=g, dtype=torch.float64) if i in which
-             else torch.zeros(p.shape, dtype=torch.float64) for i, p in enumerate(params)]
-        norm = math.sqrt(sum((t ** 2).sum().item() for t in v))
-        v = [(t / norm).to(device) for t in v]
-        analytic = sum((gr * t).sum().item() for gr, t in zip(grads, v))
-        with torch.no_grad():
-            plus = f(*[(p.double() + FD_EPS * t).float() for p, t in zip(params, v)]).item()
-            minus = f(*[(p.double() - FD_EPS * t).float() for p, t in zip(params, v)]).item()
-        fd = (plus - minus) / (2 * FD_EPS)
-        assert abs(fd - analytic) <= 3e-3 + 1e-2 * abs(analytic), \
-            f"direction over params {which}: finite difference {fd:.6g} vs analytic {analytic:.6g}"
-
-
+# Finite-difference gradient checks: see checks.directional_check.
 FD_CASES = {
     "mean_all_options": dict(reduction="mean", softcap=5.0, label_smoothing=0.1, z_loss=0.02, weighted=True),
     "none_cotangent": dict(reduction="none", label_smoothing=0.1),

@@ -39,6 +39,7 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
+from checks import DIV_KW, directional_check
 
 EPS32 = 2.0 ** -24
 SLACK = 2.0
@@ -47,16 +48,6 @@ UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0
 REPORT_TOL = bool(os.environ.get("FLASHKD_TEST_REPORT_TOL"))
 DIVS = flashkd.DIVERGENCES
 STAT_KEYS = ("divergence", "student_entropy", "teacher_entropy", "student_logprob", "teacher_logprob")
-# Non-default parameters, so that each one is seen to reach the kernel.
-DIV_KW = {
-    "fkl": {},
-    "rkl": {},
-    "jsd": {"beta": 0.3},
-    "skl": {"alpha": 0.2},
-    "srkl": {"alpha": 0.25},
-    "tvd": {},
-    "taid": {"taid_lambda": 0.4},
-}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -438,35 +429,8 @@ def test_hard_only_equals_linear_cross_entropy(device):
 # ----------------------------------------------------------------------------- finite differences
 
 
-# float64 gradcheck is impossible (the kernels take float32/bfloat16/float16 only).
-# In float32, the analytic directional derivative <grad, v> is compared with the
-# central difference (f(x + eps v) - f(x - eps v)) / (2 eps) of the op's own
-# forward, for random unit directions over (hidden, weight, bias) and for each
-# of them alone. With f = O(1) (mean), eps = 1e-2: truncation O(eps^2 f''') ~ 1e-4,
-# float32 rounding O(EPS32 |f| / eps) ~ 1e-5; tolerance 3e-3 + 1e-2 |analytic|.
-# tvd is not differentiable where p_j = q_j: its directions are kept small enough
+# Finite-difference gradient checks (see checks.directional_check). tvd is not differentiable where p_j = q_j: its directions are kept small enough
 # (eps 1e-3) that few entries cross, with a correspondingly larger rounding term.
-def directional_check(f, params, device, eps, n_dirs=3, seed=0, analytic_from=None):
-    """Finite differences of f against the gradient of `analytic_from` (default f)."""
-    g = torch.Generator().manual_seed(seed)
-    leaves = [p.detach().clone().requires_grad_() for p in params]
-    (analytic_from or f)(*leaves).backward()
-    grads = [p.grad.double() for p in leaves]
-    subsets = [list(range(len(params)))] * n_dirs + [[i] for i in range(len(params))]
-    for which in subsets:
-        v = [torch.randn(p.shape, generator=g, dtype=torch.float64) if i in which
-             else torch.zeros(p.shape, dtype=torch.float64) for i, p in enumerate(params)]
-        norm = math.sqrt(sum((t ** 2).sum().item() for t in v))
-        v = [(t / norm).to(device) for t in v]
-        analytic = sum((gr * t).sum().item() for gr, t in zip(grads, v))
-        with torch.no_grad():
-            plus = f(*[(p.double() + eps * t).float() for p, t in zip(params, v)]).item()
-            minus = f(*[(p.double() - eps * t).float() for p, t in zip(params, v)]).item()
-        fd = (plus - minus) / (2 * eps)
-        assert abs(fd - analytic) <= 3e-3 + 1e-2 * abs(analytic), \
-            f"direction over params {which}: finite difference {fd:.6g} vs analytic {analytic:.6g}"
-
-
 @pytest.mark.parametrize("teacher", ["weights", "logits"])
 @pytest.mark.parametrize("div", DIVS)
 def test_gradcheck_linear_distill(div, teacher, device):

@@ -1,0 +1,42 @@
+"""Checks shared by the test modules."""
+import math
+
+import torch
+
+# Non-default parameters, so that each one is seen to reach the kernel.
+DIV_KW = {
+    "fkl": {},
+    "rkl": {},
+    "jsd": {"beta": 0.3},
+    "skl": {"alpha": 0.2},
+    "srkl": {"alpha": 0.25},
+    "tvd": {},
+    "taid": {"taid_lambda": 0.4},
+}
+
+
+# float64 gradcheck is impossible (the kernels take float32/bfloat16/float16 only).
+# In float32, the analytic directional derivative <grad, v> is compared with the
+# central difference (f(x + eps v) - f(x - eps v)) / (2 eps) of the op's own
+# forward, for random unit directions over all parameters and for each alone.
+# With f = O(1), eps = 1e-2: truncation O(eps^2 f''') ~ 1e-4, float32 rounding
+# O(EPS32 |f| / eps) ~ 1e-5; tolerance 3e-3 + 1e-2 |analytic|.
+def directional_check(f, params, device, eps=1e-2, n_dirs=3, seed=0, analytic_from=None):
+    """Finite differences of f against the gradient of `analytic_from` (default f)."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    (analytic_from or f)(*leaves).backward()
+    grads = [p.grad.double() for p in leaves]
+    subsets = [list(range(len(params)))] * n_dirs + [[i] for i in range(len(params))]
+    for which in subsets:
+        v = [torch.randn(p.shape, generator=g, dtype=torch.float64) if i in which
+             else torch.zeros(p.shape, dtype=torch.float64) for i, p in enumerate(params)]
+        norm = math.sqrt(sum((t ** 2).sum().item() for t in v))
+        v = [(t / norm).to(device) for t in v]
+        analytic = sum((gr * t).sum().item() for gr, t in zip(grads, v))
+        with torch.no_grad():
+            plus = f(*[(p.double() + eps * t).float() for p, t in zip(params, v)]).item()
+            minus = f(*[(p.double() - eps * t).float() for p, t in zip(params, v)]).item()
+        fd = (plus - minus) / (2 * eps)
+        assert abs(fd - analytic) <= 3e-3 + 1e-2 * abs(analytic), \
+            f"direction over params {which}: finite difference {fd:.6g} vs analytic {analytic:.6g}"

@@ -40,3 +40,20 @@ def directional_check(f, params, device, eps=1e-2, n_dirs=3, seed=0, analytic_fr
         fd = (plus - minus) / (2 * eps)
         assert abs(fd - analytic) <= 3e-3 + 1e-2 * abs(analytic), \
             f"direction over params {which}: finite difference {fd:.6g} vs analytic {analytic:.6g}"
+
+
+def assert_compile_matches_eager(f, make_leaves, scale=1.0):
+    """f(*leaves) -> (loss, an extra output): eager and torch.compile(fullgraph=True)
+    agree on the loss, the extra output and every leaf's gradient."""
+    def run(fn):
+        leaves = make_leaves()
+        loss, extra = fn(*leaves)
+        (loss * scale).backward()
+        return [loss.detach(), extra] + [t.grad for t in leaves]
+
+    eager = run(f)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(f, fullgraph=True))
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        name = ("loss", "extra output")[i] if i < 2 else f"grad of leaf {i - 2}"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

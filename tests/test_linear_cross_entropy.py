@@ -48,7 +48,7 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
-from checks import directional_check
+from checks import assert_compile_matches_eager, directional_check
 
 EPS32 = 2.0 ** -24
 SLACK = 2.0
@@ -475,17 +475,7 @@ def test_compile_fullgraph(device):
                                                 return_stats=True, chunk_budget_bytes=budget)
         return ce + (kd * inp["weights"]).sum() + 0.05 * lse.sum(), stats["teacher_entropy"]
 
-    def grads(fn):
-        leaves = [inp[k].clone().requires_grad_() for k in ("h", "W", "b")]
-        out, ent = fn(*leaves)
-        out.backward()
-        return [out.detach(), ent] + [t.grad for t in leaves]
-
-    eager = grads(f)
-    torch._dynamo.reset()
-    compiled = grads(torch.compile(f, fullgraph=True))
-    for name, a, b in zip(("loss", "stats", "dh", "dW", "db"), compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert_compile_matches_eager(f, lambda: [inp[k].clone().requires_grad_() for k in ("h", "W", "b")])
 
 
 # ----------------------------------------------------------------------------- 4. bad inputs

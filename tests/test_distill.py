@@ -236,7 +236,7 @@ def prob_mass(student, teacher, kw):
         return torch.zeros(s.shape[:-1], dtype=torch.float64)
     probs = [torch.softmax(s / T, -1), torch.softmax(t / T, -1), torch.softmax(s, -1)]
     if kw.get("taid_lambda") is not None:
-        probs.append(torch.softmax(R._taid_logit(s / T, t / T, kw["taid_lambda"]), -1))
+        probs.append(torch.softmax(R.taid_logit(s / T, t / T, kw["taid_lambda"]), -1))
     return torch.stack([x.nan_to_num(0.0).amax(-1) for x in probs]).amax(0)
 
 

@@ -164,11 +164,11 @@ def check_close(name, k, o, p, noise, min_scale=0.0, unit=0.0):
 def oracle_logits(inp, kw):
     """float64 student and teacher logits over the used vocabulary (for the tolerance
     and the argmax check)."""
-    zs = R._head(inp["h"], inp["W"], inp["b"], torch.float64)
+    zs = R.head_logits(inp["h"], inp["W"], inp["b"], torch.float64)
     if kw.get("softcap") is not None:
         zs = kw["softcap"] * torch.tanh(zs / kw["softcap"])
     V = kw.get("vocab_size") or zs.shape[-1]
-    zt = R._head(inp["th"], inp["tW"], inp["tb"], torch.float64) if inp["tl"] is None else inp["tl"].double()
+    zt = R.head_logits(inp["th"], inp["tW"], inp["tb"], torch.float64) if inp["tl"] is None else inp["tl"].double()
     return zs[..., :V], zt[..., :V]
 
 

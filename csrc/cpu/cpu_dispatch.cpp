@@ -8,8 +8,6 @@
 namespace flashkd::cpu {
 namespace {
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
 Isa detect() {
 #if defined(FKD_HAVE_X86_ISAS)
   __builtin_cpu_init();
@@ -52,6 +50,8 @@ Isa& current() {
 
 }  // namespace
 
+Isa current_isa() { return current(); }
+
 const char* isa() {
   switch (current()) {
     case Isa::kAvx512: return "avx512";
@@ -63,12 +63,7 @@ const char* isa() {
 void set_isa(const char* name) { current() = (name && *name) ? parse(name) : detect(); }
 
 void distill_rows(const DistillParams& p, int64_t begin, int64_t end) {
-#if defined(FKD_HAVE_X86_ISAS)
-  if (current() == Isa::kAvx512) return avx512::distill_rows(p, begin, end);
-  return avx2::distill_rows(p, begin, end);
-#else
-  return generic::distill_rows(p, begin, end);
-#endif
+  FKD_CPU_DISPATCH(distill_rows, p, begin, end);
 }
 
 }  // namespace flashkd::cpu

@@ -16,6 +16,21 @@ FKD_DECLARE_CPU_KERNELS(avx512)
 FKD_DECLARE_CPU_KERNELS(generic)
 #undef FKD_DECLARE_CPU_KERNELS
 
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+Isa current_isa();
+
+// Calls flashkd::cpu::<isa>::fn(args...) for the instruction set in use. A new
+// kernel family: put its per-ISA code in csrc/cpu/isa/ (declared for all three
+// namespaces, as below) and its dispatcher in csrc/cpu/, using this macro.
+#if defined(FKD_HAVE_X86_ISAS)
+#define FKD_CPU_DISPATCH(fn, ...)                                                        \
+  return ::flashkd::cpu::current_isa() == ::flashkd::cpu::Isa::kAvx512                 \
+             ? ::flashkd::cpu::avx512::fn(__VA_ARGS__)                                 \
+             : ::flashkd::cpu::avx2::fn(__VA_ARGS__)
+#else
+#define FKD_CPU_DISPATCH(fn, ...) return ::flashkd::cpu::generic::fn(__VA_ARGS__)
+#endif
+
 // The instruction set the dispatcher uses: "avx512", "avx2" or "generic".
 // FLASHKD_CPU_ISA in the environment, or set_isa(), overrides the detected one.
 const char* isa();

@@ -1,6 +1,6 @@
-"""Pure-torch oracle of every flashkd op, written from DESIGN.md §2 for
-clarity, not speed. Computes in float64 when given float64 inputs (at least
-float32 otherwise). Tests compare the kernels against it."""
+"""Oracle of the loss ops (distill_loss and the fused linear losses), written
+from DESIGN.md §2 for clarity, not speed. Computes in float64 when given
+float64 inputs (at least float32 otherwise)."""
 from __future__ import annotations
 
 import math
@@ -27,7 +27,7 @@ def _safe_logaddexp(x, y, live):
     return torch.where(live, torch.logaddexp(torch.where(live, x, 0.0), torch.where(live, y, 0.0)), NEG_INF)
 
 
-def _taid_logit(a, b, lam):
+def taid_logit(a, b, lam):
     from_b = lam * b if lam > 0 else torch.zeros_like(b)
     from_a = (1 - lam) * a if lam < 1 else torch.zeros_like(a)
     return from_a + from_b
@@ -55,7 +55,7 @@ def divergence(lq, lp, kind, *, beta=0.5, alpha=0.1, a=None, b=None, taid_lambda
     elif kind == "tvd":
         terms = 0.5 * (p - q).abs()
     elif kind == "taid":
-        lr = torch.log_softmax(_taid_logit(a.detach(), b, taid_lambda), dim=-1)
+        lr = torch.log_softmax(taid_logit(a.detach(), b, taid_lambda), dim=-1)
         terms = _xdiff(lr.exp(), lr, lq, live | (lr > NEG_INF))
     else:
         raise ValueError(f"unknown divergence {kind!r}")
@@ -114,7 +114,7 @@ def distill_loss(student_logits, teacher_logits, *, divergence="fkl", temperatur
     return loss, stats
 
 
-def _head(hidden, weight, bias, dt):
+def head_logits(hidden, weight, bias, dt):
     z = hidden.to(dt) @ weight.to(dt).T
     return z if bias is None else z + bias.to(dt)
 
@@ -130,7 +130,7 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
                          shift=False, return_lse=False, chunk_budget_bytes=None):
     """Oracle of :func:`flashkd.linear_cross_entropy`: materializes the logits."""
     dt = _compute_dtype(hidden, weight)
-    z = _head(hidden, weight, bias, dt)
+    z = head_logits(hidden, weight, bias, dt)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     labels = _shifted(targets, ignore_index) if shift else targets
@@ -152,14 +152,14 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
                         chunk_budget_bytes=None, labels=None, ignore_index=-100, **options):
     """Oracle of :func:`flashkd.linear_distill_loss`: materializes both logits."""
     dt = _compute_dtype(student_hidden, student_weight)
-    zs = _head(student_hidden, student_weight, student_bias, dt)
+    zs = head_logits(student_hidden, student_weight, student_bias, dt)
     if softcap is not None:
         zs = softcap * torch.tanh(zs / softcap)
     V = zs.shape[-1]
     if teacher_logits is not None:
         zt = teacher_logits[..., :V].to(dt)
     else:
-        zt = _head(teacher_hidden, teacher_weight, teacher_bias, dt)[..., :V]
+        zt = head_logits(teacher_hidden, teacher_weight, teacher_bias, dt)[..., :V]
     if shift and labels is not None:
         labels = _shifted(labels, ignore_index)
     return distill_loss(zs, zt, labels=labels, ignore_index=ignore_index, **options)

@@ -1,0 +1,6 @@
+"""Token merging (ToMe, Bolya et al., "Token Merging: Your ViT but Faster") on
+flashkd's fused kernels: bipartite soft matching, merge / unmerge, size-weighted
+merging, source tracking and the proportional-attention bias."""
+from .merge import attention_bias, bipartite_soft_matching, matching_plan, merge_source, merge_wavg
+
+__all__ = ["bipartite_soft_matching", "matching_plan", "merge_wavg", "merge_source", "attention_bias"]

@@ -1,0 +1,264 @@
+"""Token merging (flashkd.tome) against the pure-torch ToMe oracle
+(flashkd.reference.tome): plans, merged outputs, unmerge, size-weighted merging,
+source tracking, gradients, opcheck, torch.compile and bad inputs."""
+import pytest
+import torch
+
+import flashkd.tome as tome
+from flashkd.reference import tome as ref
+
+ops = torch.ops.flashkd
+FLAGS = [(False, False), (True, False), (False, True), (True, True)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def oracle_plan(metric, r, class_token, distill_token):
+    """The oracle's plan in float64 from the same (rounded) metric values."""
+    r = ref.capped_r(metric.shape[1], r, class_token, distill_token)
+    return ref.matching_plan(metric.double().cpu(), r, class_token, distill_token)
+
+
+def assert_plan_equal(got, want):
+    for name, g, w in zip(("unm_idx", "src_idx", "dst_idx"), got, want):
+        assert torch.equal(g.cpu(), w), f"{name}: {g} != {w}"
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16, 33])
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_matches_oracle(device, tokens, flags, dtype):
+    class_token, distill_token = flags
+    metric = rand(3, tokens, 20, dtype=dtype, device=device, seed=tokens)
+    cap = ref.capped_r(tokens, tokens, class_token, distill_token)
+    for r in sorted({0, 1, cap, cap + 3}):
+        got = tome.matching_plan(metric, r, class_token=class_token, distill_token=distill_token)
+        assert_plan_equal(got, oracle_plan(metric, r, class_token, distill_token))
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_plan_tie_rules(device, flags):
+    """Exact ties: identical B rows (smallest j wins) and identical A rows
+    (stable order: smaller i first)."""
+    class_token, distill_token = flags
+    base = rand(1, 2, 12, seed=3)
+    metric = torch.empty(2, 15, 12)
+    metric[:, 0::2] = base[0, 0]  # every A row the same vector
+    metric[:, 1::2] = base[0, 1]  # every B row the same vector
+    metric = metric.to(device)
+    for r in (1, 3, 7):
+        got = tome.matching_plan(metric, r, class_token=class_token, distill_token=distill_token)
+        assert_plan_equal(got, oracle_plan(metric, r, class_token, distill_token))
+
+
+def merge_inputs(device, tokens, flags, dtype, r=3, seed=0):
+    class_token, distill_token = flags
+    metric = rand(2, tokens, 16, device=device, seed=seed)
+    x = rand(2, tokens, 24, dtype=dtype, device=device, seed=seed + 1)
+    merge, unmerge = tome.bipartite_soft_matching(metric, r, class_token=class_token, distill_token=distill_token)
+    plan = oracle_plan(metric, r, class_token, distill_token)
+    return x, merge, unmerge, [p.to(device) for p in plan]
+
+
+def tolerance(dtype):
+    return {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}[dtype]
+
+
+@pytest.mark.parametrize("tokens", [2, 3, 10, 17])
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["mean", "sum", "amax"])
+def test_merge_matches_oracle(device, tokens, flags, dtype, mode):
+    x, merge, _, plan = merge_inputs(device, tokens, flags, dtype, r=tokens)  # r above the cap
+    want = ref.merge(x.double(), plan, mode, flags[1]).to(dtype)
+    got = merge(x, mode)
+    rtol, atol = tolerance(dtype)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("tokens", [3, 10, 17])
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unmerge_matches_oracle(device, tokens, flags, dtype):
+    _, merge, unmerge, plan = merge_inputs(device, tokens, flags, dtype)
+    y = rand(2, tokens - plan[1].shape[1], 5, dtype=dtype, device=device, seed=9)
+    if plan[1].shape[1] == 0:  # r capped to 0: identity, as ToMe
+        assert unmerge(y) is y
+    else:
+        assert torch.equal(unmerge(y), ref.unmerge(y, plan, tokens))
+
+
+def test_r_zero_is_identity(device):
+    metric, x = rand(2, 9, 8, device=device), rand(2, 9, 4, device=device)
+    for r, flags in ((0, (False, False)), (5, (True, True))):  # T=2 with both tokens protected caps r at 0
+        merge, unmerge = tome.bipartite_soft_matching(metric[:, : 9 if r == 0 else 2], r, class_token=flags[0],
+                                                      distill_token=flags[1])
+        assert merge(x) is x and unmerge(x) is x
+        size = torch.full((2, 9, 1), 2.0, device=device)
+        y, s = tome.merge_wavg(merge, x, size)
+        torch.testing.assert_close(y, x)
+        assert torch.equal(s, size)
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_wavg_chained(device, flags, dtype):
+    """Two merges in a row with sizes carried over, as in a ToMe ViT."""
+    class_token, distill_token = flags
+    x = rand(3, 21, 16, dtype=dtype, device=device, seed=4)
+    metric = rand(3, 21, 8, device=device, seed=5)
+    rx, size, rsize = x.double(), None, None
+    for step in range(2):
+        merge, _ = tome.bipartite_soft_matching(metric, 4, class_token=class_token, distill_token=distill_token)
+        plan = oracle_plan(metric, 4, class_token, distill_token)
+        x, size = tome.merge_wavg(merge, x, size)
+        rx, rsize = ref.merge_wavg(lambda t, mode: ref.merge(t, plan, mode, distill_token), rx, rsize)
+        metric = ref.merge(metric, plan, "mean", distill_token)
+        rtol, atol = tolerance(dtype)
+        torch.testing.assert_close(x, rx.to(dtype), rtol=rtol, atol=atol)
+        torch.testing.assert_close(size, rsize.to(dtype))
+    assert size.sum().item() == 3 * 21  # every original token counted once
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_merge_source(device, flags):
+    x = rand(2, 13, 4, device=device)
+    merge, _, plan = merge_inputs(device, 13, flags, torch.float32, r=5)[1:]
+    source = tome.merge_source(merge, x)
+    want = ref.merge(torch.eye(13, device=device).expand(2, 13, 13), plan, "amax", flags[1])
+    assert torch.equal(source, want)
+    assert torch.equal(source.sum(1), torch.ones(2, 13, device=device))  # each original token in one group
+
+
+def test_attention_bias():
+    size = torch.tensor([[[1.0], [2.0], [4.0]]])
+    bias = tome.attention_bias(size)
+    assert bias.shape == (1, 1, 1, 3)
+    torch.testing.assert_close(bias, ref.attention_bias(size))
+    q = rand(1, 2, 3, 8)
+    out = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=bias)
+    logits = q @ q.transpose(-1, -2) / 8**0.5 + size.log()[:, None, None, :, 0]
+    torch.testing.assert_close(out, logits.softmax(-1) @ q)
+
+
+# --- gradients -------------------------------------------------------------------
+
+
+def grad_of(fn, *inputs, seed=7):
+    inputs = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o * rand(*o.shape, dtype=o.dtype, device=o.device, seed=seed + i)).sum() for i, o in enumerate(outs))
+    return torch.autograd.grad(loss, [t for t in inputs if t is not None])
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("mode", ["mean", "sum", "amax"])
+def test_merge_grad(device, flags, mode):
+    x, merge, unmerge, plan = merge_inputs(device, 15, flags, torch.float32, r=5)
+    if mode == "amax":  # small integers: many exact ties, whose gradient is shared equally
+        x = torch.randint(0, 3, x.shape, generator=torch.Generator().manual_seed(1)).float().to(device)
+    (got,) = grad_of(lambda t: merge(t, mode), x)
+    (want,) = grad_of(lambda t: ref.merge(t, plan, mode, flags[1]), x)
+    torch.testing.assert_close(got, want)
+    y = merge(x)
+    (got,) = grad_of(unmerge, y)
+    (want,) = grad_of(lambda t: ref.unmerge(t, plan, 15), y)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("with_size", [False, True])
+def test_merge_wavg_grad(device, flags, with_size):
+    x, merge, _, plan = merge_inputs(device, 15, flags, torch.float32, r=5)
+    size = (torch.rand(2, 15, 1, generator=torch.Generator().manual_seed(2)) * 3 + 0.5).to(device) if with_size else None
+    got = grad_of(lambda t, s: tome.merge_wavg(merge, t, s), x, size)
+    want = grad_of(lambda t, s: ref.merge_wavg(lambda u, mode: ref.merge(u, plan, mode, flags[1]), t, s),
+                   x.double(), size.double() if with_size else None)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_linear_ops():
+    """sum / mean merge and unmerge are linear: float32 gradcheck is exact enough."""
+    x, merge, unmerge, _ = merge_inputs("cpu", 9, (True, False), torch.float32, r=3)
+    x = x[:, :, :3].detach().requires_grad_(True)
+    kw = dict(eps=1e-2, atol=1e-3, rtol=1e-3)
+    assert torch.autograd.gradcheck(lambda t: merge(t, "mean"), (x,), **kw)
+    assert torch.autograd.gradcheck(lambda t: merge(t, "sum"), (x,), **kw)
+    y = merge(x).detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(unmerge, (y,), **kw)
+
+
+# --- opcheck, compile ----------------------------------------------------------------
+
+
+def test_opcheck(device):
+    metric = rand(2, 11, 8, device=device)
+    x = rand(2, 11, 6, device=device, seed=1).requires_grad_(True)
+    size = (torch.rand(2, 11, 1) + 0.5).to(device).requires_grad_(True)
+    plan = ops.tome_plan(metric, 3, True, False)
+    torch.library.opcheck(ops.tome_plan, (metric, 3, True, False))
+    for mode in ("mean", "sum", "amax"):
+        torch.library.opcheck(ops.tome_merge, (x, *plan, mode, True))
+    torch.library.opcheck(ops.tome_merge_wavg, (x, size, *plan, False))
+    torch.library.opcheck(ops.tome_merge_wavg, (x, None, *plan, True))
+    y = ops.tome_merge(x, *plan, "mean", False).detach().requires_grad_(True)
+    torch.library.opcheck(ops.tome_unmerge, (y, *plan, 11))
+
+
+def test_compile_fullgraph(device):
+    def step(metric, x, size):
+        merge, unmerge = tome.bipartite_soft_matching(metric, 4, class_token=True)
+        y, size = tome.merge_wavg(merge, x, size)
+        source = tome.merge_source(merge, x)
+        return unmerge(y), size, source
+
+    metric = rand(2, 17, 8, device=device)
+    x = rand(2, 17, 6, device=device, seed=1)
+    size = torch.ones(2, 17, 1, device=device)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xg, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want, got = step(metric, xg, size), compiled(metric, xc, size)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w)
+    want[0].sum().backward()
+    got[0].sum().backward()
+    torch.testing.assert_close(xc.grad, xg.grad)
+
+
+# --- bad inputs ------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    metric, x = rand(2, 9, 8), rand(2, 9, 4)
+    with pytest.raises(ValueError, match="r must be >= 0"):
+        tome.bipartite_soft_matching(metric, -1)
+    with pytest.raises(ValueError, match="metric must be a 3-D"):
+        tome.bipartite_soft_matching(metric[0], 2)
+    merge, unmerge = tome.bipartite_soft_matching(metric, 2)
+    with pytest.raises(ValueError, match="x must have batch 2 and 9 tokens"):
+        merge(x[:1])
+    with pytest.raises(ValueError, match="x must have batch 2 and 9 tokens"):
+        merge(x[:, :8])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        merge(x, "max")
+    with pytest.raises(ValueError, match="x must have batch 2 and 7 tokens"):
+        unmerge(x)
+    with pytest.raises(ValueError, match="size must have shape"):
+        tome.merge_wavg(merge, x, torch.ones(2, 9))
+    with pytest.raises(TypeError, match="metric must be float32"):
+        tome.matching_plan(metric.double(), 2)
+    with pytest.raises(ValueError, match="r must be in"):
+        ops.tome_plan(metric, 5, False, False)
+    plan = ops.tome_plan(metric, 2, False, False)
+    with pytest.raises(ValueError, match="mode must be"):
+        ops.tome_merge(x, *plan, "median", False)
+    with pytest.raises(ValueError, match="unm_idx and src_idx must together cover"):
+        ops.tome_merge(rand(2, 13, 4), *plan, "sum", False)
+    with pytest.raises(ValueError, match="size must have shape"):
+        tome.attention_bias(torch.ones(2, 3, 2))

@@ -1,0 +1,123 @@
+"""Top-k token pruning (flashkd.prune.topk_tokens) against the oracle
+(flashkd.reference.tome.topk_tokens): selection, fused remainder, gradients,
+opcheck, torch.compile and bad inputs."""
+import pytest
+import torch
+
+from flashkd.prune import topk_tokens
+from flashkd.reference import tome as ref
+
+ops = torch.ops.flashkd
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def positive_scores(b, t, device, seed=1, dtype=torch.float32):
+    return rand(b, t, seed=seed).softmax(-1).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("tokens,keep", [(1, 1), (2, 2), (5, 2), (17, 6), (17, 17), (40, 13)])
+@pytest.mark.parametrize("protect_first", [True, False])
+@pytest.mark.parametrize("fuse_remainder", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_oracle(device, tokens, keep, protect_first, fuse_remainder, dtype):
+    if protect_first and keep < 2:
+        pytest.skip("protect_first needs keep >= 2")
+    x = rand(3, tokens, 12, dtype=dtype, device=device)
+    scores = positive_scores(3, tokens, device, dtype=dtype)
+    got, index = topk_tokens(x, scores, keep, fuse_remainder=fuse_remainder, protect_first=protect_first)
+    want, want_index = ref.topk_tokens(x.double(), scores.double(), keep, fuse_remainder, protect_first)
+    assert torch.equal(index, want_index)
+    rtol, atol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}[dtype]
+    torch.testing.assert_close(got, want.to(dtype), rtol=rtol, atol=atol)
+    assert torch.equal(got[:, :keep], x.gather(1, index[..., None].expand(-1, -1, 12)))
+
+
+def test_ties_keep_lower_position(device):
+    scores = torch.tensor([[5.0, 1.0, 3.0, 1.0, 3.0, 1.0]], device=device)
+    x = rand(1, 6, 4, device=device)
+    _, index = topk_tokens(x, scores, 4, protect_first=False)
+    assert index.tolist() == [[0, 2, 4, 1]]
+    _, index = topk_tokens(x, scores, 4, protect_first=True)
+    assert index.tolist() == [[0, 2, 4, 1]]
+    scores[0, 0] = -100.0  # protected token: its score is ignored
+    _, index = topk_tokens(x, scores, 3)
+    assert index.tolist() == [[0, 2, 4]]
+
+
+@pytest.mark.parametrize("protect_first", [True, False])
+@pytest.mark.parametrize("fuse_remainder", [False, True])
+def test_grad(device, protect_first, fuse_remainder):
+    x = rand(2, 11, 7, device=device).requires_grad_(True)
+    scores = positive_scores(2, 11, device).requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
+    sr = scores.detach().double().requires_grad_(True)
+    out, _ = topk_tokens(x, scores, 5, fuse_remainder=fuse_remainder, protect_first=protect_first)
+    want, _ = ref.topk_tokens(xr, sr, 5, fuse_remainder, protect_first)
+    g = rand(*out.shape, device=device, seed=5)
+    out.backward(g)
+    want.backward(g.double())
+    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=1e-5, atol=1e-6)
+    if fuse_remainder:
+        torch.testing.assert_close(scores.grad, sr.grad.float(), rtol=1e-5, atol=1e-6)
+    else:
+        assert scores.grad is None
+
+
+def test_gradcheck():
+    """The gather is linear; float32 gradcheck with a coarse step is exact enough for x."""
+    x = rand(2, 6, 3).requires_grad_(True)
+    scores = positive_scores(2, 6, "cpu")
+    assert torch.autograd.gradcheck(lambda t: topk_tokens(t, scores, 3, fuse_remainder=True)[0], (x,), eps=1e-2,
+                                    atol=1e-3, rtol=1e-3)
+
+
+def test_opcheck(device):
+    x = rand(2, 9, 5, device=device).requires_grad_(True)
+    scores = positive_scores(2, 9, device).requires_grad_(True)
+    for fuse in (False, True):
+        for protect in (False, True):
+            torch.library.opcheck(ops.topk_tokens, (x, scores, 4, fuse, protect))
+
+
+def test_compile_fullgraph(device):
+    def prune(x, scores):
+        out, index = topk_tokens(x, scores, 5, fuse_remainder=True)
+        return out * 2, index
+
+    x = rand(2, 12, 6, device=device)
+    scores = positive_scores(2, 12, device)
+    compiled = torch.compile(prune, fullgraph=True, backend="aot_eager")
+    xg, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want, got = prune(xg, scores), compiled(xc, scores)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+    want[0].sum().backward()
+    got[0].sum().backward()
+    torch.testing.assert_close(xc.grad, xg.grad)
+
+
+def test_bad_inputs():
+    x, scores = rand(2, 6, 3), positive_scores(2, 6, "cpu")
+    with pytest.raises(ValueError, match="keep must be in"):
+        topk_tokens(x, scores, 7)
+    with pytest.raises(ValueError, match="keep must be in"):
+        topk_tokens(x, scores, 1)
+    with pytest.raises(ValueError, match="keep must be in"):
+        topk_tokens(x, scores, 0, protect_first=False)
+    with pytest.raises(ValueError, match="scores must have shape"):
+        topk_tokens(x, scores[:, :5], 3)
+    with pytest.raises(ValueError, match="x must be a 3-D"):
+        topk_tokens(x[0], scores, 3)
+    with pytest.raises(TypeError, match="keep must be an int"):
+        topk_tokens(x, scores, 2.5)
+    with pytest.raises(ValueError, match="keep must be in"):
+        ops.topk_tokens(x, scores, 9, False, True)
+    with pytest.raises(ValueError, match="scores must have shape"):
+        ops.topk_tokens(x, scores[:1], 3, False, True)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.topk_tokens(x.double(), scores, 3, False, True)

@@ -80,6 +80,12 @@ void tome_merge(const MergePlan& p, const MergeTensors& t, int64_t begin, int64_
     if (groups.batch != b) groups.build(p, b);
     const int64_t *first, *last;
     const int64_t head = b * p.tokens + groups.group(o, &first, &last);
+    if (first == last && !(t.mode == MergeMode::kWeighted && t.size)) {
+      // A group of one (most rows): every mode reproduces the row exactly.
+      std::memcpy(row_ptr(t.out, t.dtype, u, cols), row_ptr(t.x, t.dtype, head, cols), cols * dtype_size(t.dtype));
+      if (t.mode == MergeMode::kWeighted) store_scalar(1.f, t.size_out, t.dtype, u);
+      continue;
+    }
     load_floats(row_ptr(t.x, t.dtype, head, cols), t.dtype, 1, cols, acc.data());
     float weight = 1.f;  // kWeighted: total size; kMean: member count
     if (t.mode == MergeMode::kWeighted) {

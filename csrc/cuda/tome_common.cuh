@@ -1,0 +1,25 @@
+// Helpers shared by the token-merging and token-pruning CUDA kernels.
+#pragma once
+#include "device_utils.cuh"
+
+namespace flashkd::cuda {
+
+// Calls f(T*) with a null pointer of the element type of `dtype`, so a
+// generic lambda can launch a kernel template for it; returns the launch error.
+template <typename F>
+const char* launch_for_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// Grid size for `units` blocks of a grid-stride loop.
+inline unsigned grid_for(int64_t units) {
+  return static_cast<unsigned>(units < (1 << 30) ? (units > 0 ? units : 1) : (1 << 30));
+}
+
+}  // namespace flashkd::cuda

@@ -262,3 +262,14 @@ def test_bad_inputs():
         ops.tome_merge(rand(2, 13, 4), *plan, "sum", False)
     with pytest.raises(ValueError, match="size must have shape"):
         tome.attention_bias(torch.ones(2, 3, 2))
+
+
+def test_non_contiguous_inputs(device):
+    metric = rand(2, 16, 40, device=device)[:, :15, ::2]  # sliced tokens and channels
+    x = rand(2, 8, 15, device=device, seed=1).transpose(1, 2)  # (2, 15, 8), channel stride 15
+    merge, unmerge = tome.bipartite_soft_matching(metric, 4, class_token=True)
+    plan = oracle_plan(metric, 4, True, False)
+    assert_plan_equal(tome.matching_plan(metric, 4, class_token=True), plan)
+    torch.testing.assert_close(merge(x, "mean"), ref.merge(x, plan, "mean"))
+    y = rand(2, 8, 11, device=device, seed=2).transpose(1, 2)
+    assert torch.equal(unmerge(y), ref.unmerge(y, plan, 15))

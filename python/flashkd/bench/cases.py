@@ -7,7 +7,7 @@ modules in ``flashkd.bench.ops`` give it meaning.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -38,7 +38,8 @@ class Unsupported(Exception):
 class Provider:
     """How to build a provider's loss function for a case.
 
-    ``build(case, device)`` returns ``fn(tensors) -> scalar loss`` or raises
+    ``build(case, device)`` returns ``fn(tensors) -> scalar loss`` (or, for
+    ops whose inputs carry a ``grad_output``, an output tensor) or raises
     Unsupported. ``per_shape_warmup`` marks providers that compile for each
     input shape (torch.compile, Triton kernels): when the accuracy call ran on
     a smaller input they get an untimed call at the timed shape, while for the
@@ -50,11 +51,19 @@ class Provider:
 
 
 class Inputs:
-    """A case's tensors and the names of the leaves whose gradients are checked."""
+    """A case's tensors, the names of the leaves whose gradients are checked,
+    and, for ops whose output is not a scalar loss, the gradient that seeds
+    the backward pass (``grad_output``, shaped like the output)."""
 
-    def __init__(self, tensors: Dict[str, torch.Tensor], grad_names: Tuple[str, ...]):
+    def __init__(self, tensors: Dict[str, torch.Tensor], grad_names: Tuple[str, ...],
+                 grad_output: Optional[torch.Tensor] = None):
         self.tensors = tensors
         self.grad_names = grad_names
+        self.grad_output = grad_output
+
+    def backward(self, output: torch.Tensor) -> None:
+        """Backward from a provider's output: a scalar loss, or a tensor seeded with grad_output."""
+        output.backward(self.grad_output)
 
     def clear_grads(self) -> None:
         for name in self.grad_names:

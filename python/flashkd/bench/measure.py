@@ -59,7 +59,8 @@ def build(case, provider_name, device):
 
 def measure(case, provider_name, device, sets, repeats=None):
     """Returns (record, outputs): outputs = (loss, {leaf name: gradient on the
-    CPU}) of the accuracy call, or None when the provider did not run."""
+    CPU}) of the accuracy call (the loss a float, or the output tensor on the
+    CPU for ops with a grad_output), or None when the provider did not run."""
     fn, skipped = build(case, provider_name, device)
     if skipped:
         return {"status": skipped}, None
@@ -80,11 +81,12 @@ def _measure(fn, provider, case, device, sets, repeats):
     acc = accuracy_inputs(case, sets, device)
     acc.clear_grads()
     loss = fn(acc.tensors)
-    loss.backward()
-    outputs = (float(loss.detach()), {name: g.detach().cpu() for name, g in acc.take_grads().items()})
+    acc.backward(loss)
+    value = float(loss.detach()) if loss.dim() == 0 else loss.detach().cpu()  # a loss, or an op's output
+    outputs = (value, {name: g.detach().cpu() for name, g in acc.take_grads().items()})
     del loss
     if provider.per_shape_warmup and acc is not sets[0]:
-        fn(sets[0].tensors).backward()
+        sets[0].backward(fn(sets[0].tensors))
 
     def setup(i):
         sets[i % len(sets)].clear_grads()
@@ -93,7 +95,8 @@ def _measure(fn, provider, case, device, sets, repeats):
         return fn(sets[i % len(sets)].tensors)
 
     def forward_backward(i):
-        fn(sets[i % len(sets)].tensors).backward()
+        inputs = sets[i % len(sets)]
+        inputs.backward(fn(inputs.tensors))
 
     fwd = time_calls(forward, setup, device, reps=repeats)
     peak = PeakMemory(device)

@@ -69,7 +69,8 @@ def table(records):
 LEGEND = (
     "fwd / fwd+bwd ms: median; peak MiB: peak memory of one forward+backward above what was in use before it "
     "(inputs excluded, returned gradients included); work MiB: that peak minus the returned gradients (the "
-    "workspace); loss err: |loss - oracle| / |oracle|; grad err: max |grad - oracle| / max |oracle grad|, the "
+    "workspace); loss err: |loss - oracle| / |oracle| (ops with a tensor output: max |out - oracle| / max "
+    "|oracle|); grad err: max |grad - oracle| / max |oracle grad|, the "
     "worse leaf's (float64 oracle, same inputs); x floor: fwd+bwd time / floor, floor = the op's fewest bytes "
     "moved / measured copy bandwidth or, for the linear ops, the gemm row's time (the same GEMMs alone, this run) "
     "where larger; vs torch, vs compile: fwd+bwd speedup over that provider; work/torch: workspace as a share of "

@@ -17,7 +17,9 @@ An op module defines:
                        where it exceeds the bytes' (the linear ops' GEMMs alone)
   PROVIDERS            {provider name: cases.Provider}
   errors(case, inputs, outputs) -> {provider: {"loss_rel_err", "grad_err", "grad_max_abs_err"}}
+                       (ops whose output is a tensor put a grad_output in their Inputs
+                       and report the output's relative error as loss_rel_err)
 """
-from . import distill, linear_ce, linear_distill
+from . import distill, linear_ce, linear_distill, tome, vit
 
-OPS = {mod.NAME: mod for mod in (distill, linear_ce, linear_distill)}
+OPS = {mod.NAME: mod for mod in (distill, linear_ce, linear_distill, tome, vit)}

@@ -38,9 +38,36 @@ void load_normalized(const char* batch, DType dtype, int64_t cols, int64_t row, 
   for (int64_t c = 0; c < cols; ++c) out[c] *= inv;
 }
 
-// Best B partner of A rows [i0, i0 + kMR) over all B rows: a (kMR x kNR)
-// register tile per step of kNR B rows. a: A rows (row-major, cols each);
-// bt: B transposed, (cols, ldb) with zero padding columns.
+// Scores of A rows [0, kMR) against B rows [j0, j0 + kNV * kLanes), folded
+// into the running best partner of each row. a: A rows (row-major, cols
+// each); bt: B transposed, (cols, ldb), zero in the padding columns.
+template <int kNV>
+void tile(const float* a, const float* bt, int64_t cols, int64_t ldb, int64_t j0, int64_t n_b, bool skip_first_b,
+          float* best, int64_t* best_j) {
+  Vec acc[kMR][kNV] = {};
+  for (int64_t c = 0; c < cols; ++c) {
+    Vec b[kNV];
+    for (int v = 0; v < kNV; ++v) b[v] = *reinterpret_cast<const VecU*>(bt + c * ldb + j0 + v * kLanes);
+    for (int m = 0; m < kMR; ++m) {
+      const float am = a[m * cols + c];  // scalar * vector: a broadcast
+      for (int v = 0; v < kNV; ++v) acc[m][v] += am * b[v];
+    }
+  }
+  const int64_t jn = std::min<int64_t>(kNV * kLanes, n_b - j0);
+  for (int m = 0; m < kMR; ++m) {
+    alignas(64) float s[kNV * kLanes];
+    for (int v = 0; v < kNV; ++v) *reinterpret_cast<VecU*>(s + v * kLanes) = acc[m][v];
+    // strict > keeps the smallest j among equal maxima
+    for (int64_t n = (j0 == 0 && skip_first_b) ? 1 : 0; n < jn; ++n)
+      if (s[n] > best[m]) {
+        best[m] = s[n];
+        best_j[m] = j0 + n;
+      }
+  }
+}
+
+// Best B partner of A rows [0, kMR) over all B rows, in tiles of kNR B rows
+// (a narrower last tile when it fits one vector, to skip padding work).
 void best_partners(const float* a, const float* bt, int64_t cols, int64_t ldb, int64_t n_b, bool skip_first_b,
                    float* best, int64_t* best_j) {
   for (int m = 0; m < kMR; ++m) {
@@ -48,26 +75,8 @@ void best_partners(const float* a, const float* bt, int64_t cols, int64_t ldb, i
     best_j[m] = 0;
   }
   for (int64_t j0 = 0; j0 < n_b; j0 += kNR) {
-    Vec acc[kMR][kNV] = {};
-    for (int64_t c = 0; c < cols; ++c) {
-      Vec b[kNV];
-      for (int v = 0; v < kNV; ++v) b[v] = *reinterpret_cast<const VecU*>(bt + c * ldb + j0 + v * kLanes);
-      for (int m = 0; m < kMR; ++m) {
-        const Vec am = Vec{} + a[m * cols + c];
-        for (int v = 0; v < kNV; ++v) acc[m][v] += am * b[v];
-      }
-    }
-    const int64_t jn = std::min<int64_t>(kNR, n_b - j0);
-    for (int m = 0; m < kMR; ++m) {
-      alignas(64) float s[kNR];
-      for (int v = 0; v < kNV; ++v) *reinterpret_cast<VecU*>(s + v * kLanes) = acc[m][v];
-      // strict > keeps the smallest j among equal maxima
-      for (int64_t n = (j0 == 0 && skip_first_b) ? 1 : 0; n < jn; ++n)
-        if (s[n] > best[m]) {
-          best[m] = s[n];
-          best_j[m] = j0 + n;
-        }
-    }
+    if (n_b - j0 <= kLanes) tile<1>(a, bt, cols, ldb, j0, n_b, skip_first_b, best, best_j);
+    else tile<kNV>(a, bt, cols, ldb, j0, n_b, skip_first_b, best, best_j);
   }
 }
 

@@ -25,7 +25,6 @@ and seed give bit-identical parameters, and the global RNG is untouched.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Protocol
 

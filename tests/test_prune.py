@@ -82,6 +82,9 @@ def test_opcheck(device):
     for fuse in (False, True):
         for protect in (False, True):
             torch.library.opcheck(ops.topk_tokens, (x, scores, 4, fuse, protect))
+            out, index = ops.topk_tokens(x.detach(), scores.detach(), 4, fuse, protect)
+            torch.library.opcheck(ops.topk_tokens_backward,
+                                  (torch.randn_like(out), x.detach(), scores.detach(), out, index, fuse, protect, True))
 
 
 def test_compile_fullgraph(device):

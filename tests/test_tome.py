@@ -209,6 +209,15 @@ def test_opcheck(device):
     torch.library.opcheck(ops.tome_merge_wavg, (x, None, *plan, True))
     y = ops.tome_merge(x, *plan, "mean", False).detach().requires_grad_(True)
     torch.library.opcheck(ops.tome_unmerge, (y, *plan, 11))
+    # the backward ops themselves
+    xd, sd, g = x.detach(), size.detach(), torch.randn_like(y).detach()
+    for mode in ("mean", "sum", "amax"):
+        out = ops.tome_merge(xd, *plan, mode, True)
+        torch.library.opcheck(ops.tome_merge_backward, (g, xd, out, *plan, mode, True))
+    out, size_out = ops.tome_merge_wavg(xd, sd, *plan, False)
+    torch.library.opcheck(ops.tome_merge_wavg_backward,
+                          (g, torch.randn_like(size_out), xd, sd, out, size_out, *plan, False, True))
+    torch.library.opcheck(ops.tome_merge_wavg_backward, (g, None, xd, sd, out, size_out, *plan, False, False))
 
 
 def test_compile_fullgraph(device):

@@ -61,7 +61,10 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, class_token: bool =
     closures are the identity. class_token: token 0 is never merged;
     distill_token: token 1 never receives a merge (and merged outputs keep it
     at position 1). Ties: the smallest B index wins a row, and equal best
-    scores keep the smaller A index first (stable sort).
+    scores keep the smaller A index first (stable sort). Similarities are
+    float32 (any input dtype); only scores closer than float32 rounding (seen
+    with 2-3 channel metrics) can order differently from a float64 oracle.
+    Rows of metric must be non-zero (a zero row never gets merged).
 
     merge(x, mode="mean") maps (B, T, C') to (B, T - r, C'); mode "mean"
     averages each destination with the tokens merged into it, "sum" adds them,

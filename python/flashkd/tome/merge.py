@@ -64,7 +64,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, class_token: bool =
     scores keep the smaller A index first (stable sort). Similarities are
     float32 (any input dtype); only scores closer than float32 rounding (seen
     with 2-3 channel metrics) can order differently from a float64 oracle.
-    Rows of metric must be non-zero (a zero row never gets merged).
+    A zero metric row has NaN similarities, which never win: it is no
+    token's partner and ranks last among the merge candidates.
 
     merge(x, mode="mean") maps (B, T, C') to (B, T - r, C'); mode "mean"
     averages each destination with the tokens merged into it, "sum" adds them,

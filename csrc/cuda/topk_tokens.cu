@@ -124,26 +124,30 @@ const char* topk_tokens(const TopkParams& p, void* stream) {
   if (p.tokens > kMaxTokens) return "topk_tokens CUDA kernel: more than 12000 tokens";
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const size_t smem = static_cast<size_t>(p.tokens) * sizeof(int);
-  return launch_for_dtype(p.dtype, [&](auto* xtag) {
+  const char* err = nullptr;  // the inner launch's error (it clears the CUDA error state)
+  const char* outer = launch_for_dtype(p.dtype, [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
-    launch_for_dtype(p.scores_dtype, [&](auto* stag) {
+    err = launch_for_dtype(p.scores_dtype, [&](auto* stag) {
       using S = std::remove_pointer_t<decltype(stag)>;
       topk_kernel<T, S><<<grid_for(p.batch), kThreads, smem, st>>>(p);
     });
   });
+  return err ? err : outer;
 }
 
 const char* topk_tokens_backward(const TopkParams& p, void* stream) {
   if (p.tokens > kMaxTokens) return "topk_tokens_backward CUDA kernel: more than 12000 tokens";
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const size_t smem = static_cast<size_t>(p.tokens) * sizeof(int);
-  return launch_for_dtype(p.dtype, [&](auto* xtag) {
+  const char* err = nullptr;  // the inner launch's error (it clears the CUDA error state)
+  const char* outer = launch_for_dtype(p.dtype, [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
-    launch_for_dtype(p.scores_dtype, [&](auto* stag) {
+    err = launch_for_dtype(p.scores_dtype, [&](auto* stag) {
       using S = std::remove_pointer_t<decltype(stag)>;
       topk_backward_kernel<T, S><<<grid_for(p.batch), kThreads, smem, st>>>(p);
     });
   });
+  return err ? err : outer;
 }
 
 }  // namespace flashkd::cuda

@@ -95,6 +95,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, class_token: bool =
         _check_x(x, batch, merged, "x")
         return ops.tome_unmerge(x, unm_idx, src_idx, dst_idx, tokens)
 
+    # merge_wavg reads the plan here to run its single fused op instead of two merges.
     merge.plan = unmerge.plan = (unm_idx, src_idx, dst_idx, tokens, distill)
     return merge, unmerge
 

@@ -42,13 +42,18 @@ __global__ void merge_kernel(MergePlan p, MergeTensors t) {
     const bool weighted = t.mode == MergeMode::kWeighted;
     const float head_size = weighted && t.size ? scalar_at<T>(t.size, head) : 1.f;
     float total = head_size;  // kWeighted: summed size; kMean: member count
+    int64_t members = 1;
     for (int64_t k = 0; j >= 0 && k < p.r; ++k)
-      if (dst[k] == j) total += weighted && t.size ? scalar_at<T>(t.size, b * p.tokens + 2 * src[k]) : 1.f;
+      if (dst[k] == j) {
+        total += weighted && t.size ? scalar_at<T>(t.size, b * p.tokens + 2 * src[k]) : 1.f;
+        ++members;
+      }
+    const bool scale = members > 1 && (t.mode == MergeMode::kMean || weighted);  // a group of one keeps its row
     for (int64_t c0 = int64_t(threadIdx.x) * kVec; c0 < cols; c0 += int64_t(blockDim.x) * kVec) {
       float acc[kVec], row[kVec];
       const T* hx = x + head * cols;
       load8(hx, c0, 1, cols, vec_ok(hx, 1), acc);
-      if (weighted)
+      if (weighted && scale)
 #pragma unroll
         for (int v = 0; v < kVec; ++v) acc[v] *= head_size;
       for (int64_t k = 0; j >= 0 && k < p.r; ++k) {
@@ -63,7 +68,7 @@ __global__ void merge_kernel(MergePlan p, MergeTensors t) {
           else acc[v] += weighted ? row[v] * s : row[v];
         }
       }
-      if (t.mode == MergeMode::kMean || weighted)
+      if (scale)
 #pragma unroll
         for (int v = 0; v < kVec; ++v) acc[v] /= total;
       T* o = out + u * cols;

@@ -80,10 +80,11 @@ void tome_merge(const MergePlan& p, const MergeTensors& t, int64_t begin, int64_
     if (groups.batch != b) groups.build(p, b);
     const int64_t *first, *last;
     const int64_t head = b * p.tokens + groups.group(o, &first, &last);
-    if (first == last && !(t.mode == MergeMode::kWeighted && t.size)) {
-      // A group of one (most rows): every mode reproduces the row exactly.
+    if (first == last) {
+      // A group of one (most rows) keeps its row exactly in every mode (a
+      // weighted average of one row is that row) and its size.
       std::memcpy(row_ptr(t.out, t.dtype, u, cols), row_ptr(t.x, t.dtype, head, cols), cols * dtype_size(t.dtype));
-      if (t.mode == MergeMode::kWeighted) store_scalar(1.f, t.size_out, t.dtype, u);
+      if (t.mode == MergeMode::kWeighted) store_scalar(t.size ? load_scalar(t.size, t.dtype, head) : 1.f, t.size_out, t.dtype, u);
       continue;
     }
     load_floats(row_ptr(t.x, t.dtype, head, cols), t.dtype, 1, cols, acc.data());
@@ -140,6 +141,16 @@ void tome_merge_backward(const MergePlan& p, const MergeTensors& t, int64_t begi
     const int64_t count = 1 + (last - first);
     // Member m of the group: the head for m < 0, else first[m].
     auto token_of = [&](int64_t m) { return b * p.tokens + (m < 0 ? head : first[m]); };
+    if (count == 1 && t.mode != MergeMode::kAmax) {
+      // A group of one was copied: its gradient passes through unchanged, and
+      // its size only receives the size's own gradient (dy/ds = (x - y) / s = 0).
+      const int64_t token = token_of(-1);
+      std::memcpy(row_ptr(t.grad_x, t.dtype, token, cols), row_ptr(t.grad_out, t.dtype, u, cols),
+                  cols * dtype_size(t.dtype));
+      if (t.mode == MergeMode::kWeighted && t.grad_size)
+        store_scalar(t.grad_size_out ? load_scalar(t.grad_size_out, t.dtype, u) : 0.f, t.grad_size, t.dtype, token);
+      continue;
+    }
     load_floats(row_ptr(t.grad_out, t.dtype, u, cols), t.dtype, 1, cols, g.data());
 
     switch (t.mode) {

@@ -27,15 +27,19 @@ constexpr int kNR = kNV * kLanes;    // B rows per register tile
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// out = metric row `row` / its L2 norm, in float32.
+// out = metric row `row` / its L2 norm, in float32 (float32 rows are read in
+// place, the others converted first).
 void load_normalized(const char* batch, DType dtype, int64_t cols, int64_t row, float* out) {
-  load_floats(batch + row * cols * dtype_size(dtype), dtype, 1, cols, out);
+  const char* src = batch + row * cols * dtype_size(dtype);
+  const float* x = out;
+  if (dtype == DType::kFloat32) x = reinterpret_cast<const float*>(src);
+  else load_floats(src, dtype, 1, cols, out);
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-  for (int64_t c = 0; c < cols; ++c) ss += out[c] * out[c];
+  for (int64_t c = 0; c < cols; ++c) ss += x[c] * x[c];
   const float inv = 1.f / std::sqrt(ss);  // a zero row gives NaN scores, which are never chosen
 #pragma omp simd
-  for (int64_t c = 0; c < cols; ++c) out[c] *= inv;
+  for (int64_t c = 0; c < cols; ++c) out[c] = x[c] * inv;
 }
 
 // Scores of A rows [0, kMR) against B rows [j0, j0 + kNV * kLanes), folded
@@ -57,6 +61,11 @@ void tile(const float* a, const float* bt, int64_t cols, int64_t ldb, int64_t j0
   for (int m = 0; m < kMR; ++m) {
     alignas(64) float s[kNV * kLanes];
     for (int v = 0; v < kNV; ++v) *reinterpret_cast<VecU*>(s + v * kLanes) = acc[m][v];
+    // Most tiles cannot beat the row's best (padding columns score 0 and
+    // only make this test conservative): skip their scalar scan.
+    float tile_max = s[0];
+    for (int n = 1; n < kNV * kLanes; ++n) tile_max = s[n] > tile_max ? s[n] : tile_max;
+    if (!(tile_max > best[m])) continue;
     // strict > keeps the smallest j among equal maxima
     for (int64_t n = (j0 == 0 && skip_first_b) ? 1 : 0; n < jn; ++n)
       if (s[n] > best[m]) {
@@ -85,21 +94,25 @@ void best_partners(const float* a, const float* bt, int64_t cols, int64_t ldb, i
 void tome_plan(const PlanParams& p, int64_t batch_begin, int64_t batch_end) {
   const int64_t n_a = (p.tokens + 1) / 2, n_b = p.tokens / 2, cols = p.cols, r = p.r;
   const int64_t ldb = round_up(std::max<int64_t>(n_b, 1), kNR);
-  thread_local std::vector<float> a_buf, bt_buf, row_buf, node_max;
+  thread_local std::vector<float> a_buf, b_rows, bt_buf, node_max;
   thread_local std::vector<int64_t> node_idx, order;
   a_buf.assign(round_up(n_a, kMR) * cols, 0.f);  // padding rows stay zero
   bt_buf.assign(cols * ldb, 0.f);                // padding columns stay zero
-  row_buf.resize(cols);
+  b_rows.resize(n_b * cols);
   node_max.resize(round_up(n_a, kMR));
   node_idx.resize(round_up(n_a, kMR));
   order.resize(n_a);
 
   for (int64_t b = batch_begin; b < batch_end; ++b) {
     const char* batch = static_cast<const char*>(p.metric) + b * p.tokens * cols * dtype_size(p.dtype);
-    for (int64_t i = 0; i < n_a; ++i) load_normalized(batch, p.dtype, cols, 2 * i, a_buf.data() + i * cols);
-    for (int64_t j = 0; j < n_b; ++j) {
-      load_normalized(batch, p.dtype, cols, 2 * j + 1, row_buf.data());
-      for (int64_t c = 0; c < cols; ++c) bt_buf[c * ldb + j] = row_buf[c];
+    // One sequential pass over the tokens (the metric is read once, in order).
+    for (int64_t t = 0; t < p.tokens; ++t)
+      load_normalized(batch, p.dtype, cols, t, (t % 2 ? b_rows.data() : a_buf.data()) + (t / 2) * cols);
+    // B transposed, kLanes rows at a time so that each store fills a cache line.
+    for (int64_t j0 = 0; j0 < n_b; j0 += kLanes) {
+      const int64_t jn = std::min<int64_t>(kLanes, n_b - j0);
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t jj = 0; jj < jn; ++jj) bt_buf[c * ldb + j0 + jj] = b_rows[(j0 + jj) * cols + c];
     }
     for (int64_t i0 = 0; i0 < n_a; i0 += kMR)
       best_partners(a_buf.data() + i0 * cols, bt_buf.data(), cols, ldb, n_b, p.distill_token,

@@ -2,10 +2,11 @@
 merge_wavg": bipartite soft matching of the metric with a class token, then
 the size-weighted merge of x, forward and backward (to x).
 
-Shape "b<B>t<T>c<C>:dtype" (letters keep it apart from the linear ops'
-NxDxV): x (B, T, C) and a metric of the same width (the issue's
-C; a real ViT's metric, the keys averaged over heads, is head_dim wide, so
-this is the heavier matching), token sizes (B, T, 1) from 1 to 4 as after
+Shape "b<B>t<T>c<C>[m<M>]:dtype" (letters keep it apart from the linear ops'
+NxDxV): x (B, T, C) and a metric (B, T, M), M = C when omitted. In a real ViT
+the metric is ToMe's keys averaged over heads, head_dim wide: M = 64 for
+ViT-S/16 (C = 384) and ViT-B/16 (C = 768); M = C is the heavier matching of a
+full-width metric. Token sizes (B, T, 1) from 1 to 4 as after
 earlier merges, the class token's size 1. The variant is r ("r16": 16 tokens
 merged away, capped at (T - 1) // 2 as in ToMe). The output is the merged x
 (B, T - r, C); backward is seeded with a fixed random gradient. The plan has
@@ -33,39 +34,42 @@ NAME = "tome_merge"
 VARIANTS = ("r8", "r16", "r32")
 DEFAULT_VARIANTS = {"cpu": ("r16",), "cuda": ("r16",)}
 SHAPE_SETS = {
-    "quick": ("b4t197c384:fp32",),
-    "accept": ("b32t197c384:fp32",),  # the issue's CPU shape (ViT-S/16 width)
-    "cpu": ("b32t197c384:fp32", "b32t197c384:bf16"),
-    "gpu": ("b256t197c768:fp32", "b256t197c768:bf16", "b256t197c768:fp16"),
-    "gpu-target": ("b256t197c768:fp32", "b256t197c768:bf16"),  # the issue's GPU shape (ViT-B/16 width)
+    "quick": ("b4t197c384m64:fp32",),
+    # the issue's CPU shape: ViT-S/16 (ToMe's 64-wide metric), and a full-width metric
+    "accept": ("b32t197c384m64:fp32", "b32t197c384:fp32"),
+    "cpu": ("b32t197c384m64:fp32", "b32t197c384:fp32", "b32t197c384m64:bf16"),
+    "gpu": ("b256t197c768m64:fp32", "b256t197c768m64:bf16", "b256t197c768m64:fp16", "b256t197c768:bf16"),
+    # the issue's GPU shape: ViT-B/16 (ToMe's 64-wide metric), and a full-width metric
+    "gpu-target": ("b256t197c768m64:fp32", "b256t197c768m64:bf16", "b256t197c768:bf16"),
 }
 DEFAULT_SHAPES = {"cpu": "accept", "cuda": "gpu-target"}
 
-_SHAPE = re.compile(r"^b(\d+)t(\d+)c(\d+)$")
+_SHAPE = re.compile(r"^b(\d+)t(\d+)c(\d+)(?:m(\d+))?$")
 
 
 def parse_shape(spec):
     """"b32t197c384:fp32" -> ("b32t197c384", "fp32")."""
     shape, _, dtype = spec.partition(":")
     match = _SHAPE.match(shape.lower())
-    if not match or not all(int(d) > 0 for d in match.groups()) or dtype not in DTYPES:
-        raise ValueError(f"{NAME} shape must look like b32t197c384:fp32 (batch, tokens, channels; dtype in "
-                         f"{', '.join(DTYPES)}), got {spec!r}")
-    b, t, c = (int(d) for d in match.groups())
-    return f"b{b}t{t}c{c}", dtype
+    if not match or not all(int(d) > 0 for d in match.groups() if d is not None) or dtype not in DTYPES:
+        raise ValueError(f"{NAME} shape must look like b32t197c384m64:fp32 (batch, tokens, channels, optional "
+                         f"metric width; dtype in {', '.join(DTYPES)}), got {spec!r}")
+    b, t, c, m = (int(d) if d is not None else None for d in match.groups())
+    return f"b{b}t{t}c{c}" + (f"m{m}" if m is not None and m != c else ""), dtype
 
 
 def _dims(case):
-    b, t, c = (int(d) for d in _SHAPE.match(case.shape).groups())
-    return b, t, c, oracle.capped_r(t, int(case.variant[1:]), True, False)
+    """(batch, tokens, channels, metric width, r after ToMe's cap)."""
+    b, t, c, m = (int(d) if d is not None else None for d in _SHAPE.match(case.shape).groups())
+    return b, t, c, m or c, oracle.capped_r(t, int(case.variant[1:]), True, False)
 
 
 def make_inputs(case, device, seed):
-    b, t, c, r = _dims(case)
+    b, t, c, m, r = _dims(case)
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[case.dtype]
     x = torch.randn(b, t, c, generator=gen, device=device, dtype=dtype).requires_grad_()
-    metric = torch.randn(b, t, c, generator=gen, device=device, dtype=dtype)
+    metric = torch.randn(b, t, m, generator=gen, device=device, dtype=dtype)
     size = torch.randint(1, 5, (b, t, 1), generator=gen, device=device).to(dtype)
     size[:, 0] = 1
     grad_output = torch.randn(b, t - r, c, generator=gen, device=device, dtype=dtype)
@@ -87,9 +91,9 @@ def accuracy_inputs(inputs, max_elements):
 def floor_bytes(case):
     """x, metric and sizes read, the merged x written; backward reads its
     gradient and writes x's."""
-    b, t, c, r = _dims(case)
+    b, t, c, m, r = _dims(case)
     item = DTYPES[case.dtype].itemsize
-    return item * (3 * b * t * c + 2 * b * (t - r) * c + b * t)
+    return item * (b * t * m + 2 * b * t * c + 2 * b * (t - r) * c + b * t)
 
 
 def merge_step(impl, x, metric, size, r):
@@ -102,7 +106,7 @@ def _provider(impl):
         if impl is None and device.type == "cuda" and not flashkd.has_cuda_kernels():
             raise Unsupported("this flashkd build has no CUDA kernels")
         module = flashkd.tome if impl is None else impl
-        r = _dims(case)[3]
+        r = _dims(case)[-1]
         return lambda t: merge_step(module, t["x"], t["metric"], t["size"], r)
     return build
 
@@ -112,7 +116,7 @@ def _compiled(case, device):
     # function would silently run eager and be reported as compiled.
     torch._dynamo.reset()
     fn = torch.compile(merge_step, dynamic=False)
-    r = _dims(case)[3]
+    r = _dims(case)[-1]
     return lambda t: fn(oracle, t["x"], t["metric"], t["size"], r)
 
 
@@ -130,7 +134,7 @@ def errors(case, inputs, outputs):
     precision; such a case shows as an O(1) error."""
     t = {name: v.detach().double() for name, v in inputs.tensors.items()}
     x = t["x"].requires_grad_()
-    out = merge_step(oracle, x, t["metric"], t["size"], _dims(case)[3])
+    out = merge_step(oracle, x, t["metric"], t["size"], _dims(case)[-1])
     (grad,) = torch.autograd.grad(out, x, inputs.grad_output.double())
     out, grad = out.detach().cpu(), grad.cpu()
     result = {}

@@ -11,6 +11,12 @@ SCHEMES = ("w1.58a8", "w8a8", "w4a16")
 _EPS = 1e-5
 
 
+def _div(t: torch.Tensor, d: float) -> torch.Tensor:
+    """t / d in one rounding on every device (torch may turn a division by a
+    number into a multiplication by its rounded reciprocal)."""
+    return t / torch.full_like(t, d)
+
+
 def check_scheme(scheme) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -44,7 +50,8 @@ def ternary_weights(w: torch.Tensor, per_tensor: bool = False):
 def int8_weights(w: torch.Tensor):
     """Absmax per output row: (Wq int8 in [-127, 127], scale float32 [N])."""
     wf = w.detach().float()
-    scale = wf.abs().amax(dim=1).clamp_min(_EPS) / 127.0 if wf.shape[1] else wf.new_full((wf.shape[0],), _EPS / 127.0)
+    amax = wf.abs().amax(dim=1) if wf.shape[1] else wf.new_zeros(wf.shape[0])
+    scale = _div(amax.clamp_min(_EPS), 127.0)
     return torch.round(wf / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8), scale
 
 
@@ -64,7 +71,7 @@ def int4_weights(w: torch.Tensor, group_size: int):
     hi = _grouped(wf, group_size, float("-inf")).amax(dim=2)
     if k == 0:
         lo, hi = torch.zeros_like(lo), torch.zeros_like(hi)
-    scale = (hi - lo).clamp_min(_EPS) / 15.0
+    scale = _div((hi - lo).clamp_min(_EPS), 15.0)
     zero = torch.round(-lo / scale).clamp_(0, 15)
     per_col = lambda t: t.repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731
     q = (torch.round(wf / per_col(scale)) + per_col(zero)).clamp_(0, 15)

@@ -32,13 +32,20 @@ SCHEMES = ("w1.58a8", "w8a8", "w4a16")
 _EPS = 1e-5
 
 
+def _div(a, b):
+    """a / b with both sides tensors of a's shape: torch computes `number / tensor`
+    as number * reciprocal(tensor) (two roundings); the formats use one division."""
+    full = lambda v: v if isinstance(v, torch.Tensor) else torch.full_like(a if isinstance(a, torch.Tensor) else b, v)  # noqa: E731
+    return full(a) / full(b)
+
+
 def quantize_activations(x: torch.Tensor):
     """Per-token int8: (q int8 of x's shape, a_scale float32 of x.shape[:-1])."""
     xf = x.float()
     clipped = xf.abs().amax(dim=-1).clamp_min(_EPS) if x.shape[-1] else xf.new_full(x.shape[:-1], _EPS)
-    inv = 127.0 / clipped
+    inv = _div(127.0, clipped)
     q = torch.round(xf * inv.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
-    return q, clipped / 127.0
+    return q, _div(clipped, 127.0)
 
 
 def ternary_weights(w: torch.Tensor, per_tensor: bool = False):
@@ -53,7 +60,7 @@ def ternary_weights(w: torch.Tensor, per_tensor: bool = False):
 def int8_weights(w: torch.Tensor):
     """(Wq int8 in [-127, 127], scale float32 [N])."""
     wf = w.float()
-    scale = wf.abs().amax(dim=1).clamp_min(_EPS) / 127.0
+    scale = _div(wf.abs().amax(dim=1).clamp_min(_EPS), 127.0)
     return torch.round(wf / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8), scale
 
 
@@ -70,7 +77,7 @@ def int4_weights(w: torch.Tensor, group_size: int):
         if block.shape[1] == 0:
             continue
         lo, hi = block.amin(dim=1), block.amax(dim=1)
-        s = (hi - lo).clamp_min(_EPS) / 15.0
+        s = _div((hi - lo).clamp_min(_EPS), 15.0)
         z = torch.round(-lo / s).clamp(0, 15)
         q[:, g * group_size:(g + 1) * group_size] = (torch.round(block / s.unsqueeze(1)) + z.unsqueeze(1)).clamp(0, 15).to(torch.uint8)
         scale[:, g], zero[:, g] = s, z

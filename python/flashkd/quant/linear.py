@@ -12,9 +12,34 @@ from ._ops import ops
 from .formats import SCHEMES, check_group_size, check_scheme, int4_weights, int8_weights, pack, ternary_weights
 from .functional import check_float_input, quant_linear
 
-# Buffers of the frozen form per scheme (besides the optional bias).
-_FROZEN_BUFFERS = {"w1.58a8": ("weight_packed", "weight_scale"), "w8a8": ("weight_int8", "weight_scale"),
+#: Buffers of the frozen form per scheme (besides the optional bias).
+FROZEN_BUFFERS = {"w1.58a8": ("weight_packed", "weight_scale"), "w8a8": ("weight_int8", "weight_scale"),
                    "w4a16": ("weight_packed", "weight_scale", "weight_zero")}
+
+
+def frozen_linear(x: torch.Tensor, buffers: dict, bias, scheme: str, group_size: int) -> torch.Tensor:
+    """Inference-form forward from the frozen buffers (names as in QuantLinear.freeze())."""
+    if scheme == "w4a16":
+        return ops.int4_linear(x, buffers["weight_packed"], buffers["weight_scale"], buffers["weight_zero"],
+                               group_size, None if bias is None else bias.to(x.dtype))
+    qa, a_scale = ops.quantize_int8_rows(x)
+    if scheme == "w8a8":
+        return ops.int8_linear(qa, buffers["weight_int8"], a_scale, buffers["weight_scale"], bias, x.dtype)
+    return ops.ternary_linear(qa, buffers["weight_packed"], a_scale, buffers["weight_scale"], bias, x.dtype)
+
+
+def frozen_buffers(weight: torch.Tensor, scheme: str, group_size: int = 128, per_tensor: bool = False) -> dict:
+    """The packed buffers of the inference form of a layer with this float weight."""
+    w = weight.detach()
+    if scheme == "w1.58a8":
+        wq, scale = ternary_weights(w, per_tensor)
+        values = (pack(wq, scheme), scale)
+    elif scheme == "w8a8":
+        values = int8_weights(w)
+    else:
+        q, scale, zero = int4_weights(w, group_size)
+        values = (pack(q, scheme), scale, zero)
+    return {name: v.contiguous() for name, v in zip(FROZEN_BUFFERS[scheme], values)}
 
 
 class QuantLinear(nn.Module):
@@ -97,18 +122,10 @@ class QuantLinear(nn.Module):
         """Converts to the inference form in place (packed buffers; ``weight`` is removed). Returns self."""
         if self.frozen:
             return self
-        w = self.weight.detach()
-        if self.scheme == "w1.58a8":
-            wq, scale = ternary_weights(w, self.per_tensor)
-            buffers = (pack(wq, self.scheme), scale)
-        elif self.scheme == "w8a8":
-            buffers = int8_weights(w)
-        else:
-            q, scale, zero = int4_weights(w, self.group_size)
-            buffers = (pack(q, self.scheme), scale, zero)
+        buffers = frozen_buffers(self.weight, self.scheme, self.group_size, self.per_tensor)
         del self.weight
-        for name, value in zip(_FROZEN_BUFFERS[self.scheme], buffers):
-            self.register_buffer(name, value.contiguous())
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.frozen = True
@@ -118,7 +135,7 @@ class QuantLinear(nn.Module):
         """Bytes of packed weight storage (scales and zeros included) per weight."""
         if not self.frozen:
             raise RuntimeError("frozen_bytes_per_weight() needs a frozen layer (call freeze())")
-        total = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in _FROZEN_BUFFERS[self.scheme])
+        total = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in FROZEN_BUFFERS[self.scheme])
         return total / (self.in_features * self.out_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -126,14 +143,8 @@ class QuantLinear(nn.Module):
             return quant_linear(input, self.weight, self.bias, scheme=self.scheme, group_size=self.group_size,
                                 per_tensor=self.per_tensor)
         check_float_input(input, "input", self.in_features)
-        if self.scheme == "w4a16":
-            bias = None if self.bias is None else self.bias.to(input.dtype)
-            return ops.int4_linear(input, self.weight_packed, self.weight_scale, self.weight_zero, self.group_size,
-                                   bias)
-        qa, a_scale = ops.quantize_int8_rows(input)
-        if self.scheme == "w8a8":
-            return ops.int8_linear(qa, self.weight_int8, a_scale, self.weight_scale, self.bias, input.dtype)
-        return ops.ternary_linear(qa, self.weight_packed, a_scale, self.weight_scale, self.bias, input.dtype)
+        buffers = {name: getattr(self, name) for name in FROZEN_BUFFERS[self.scheme]}
+        return frozen_linear(input, buffers, self.bias, self.scheme, self.group_size)
 
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.scheme == "w4a16" else ""
@@ -142,4 +153,4 @@ class QuantLinear(nn.Module):
                 f"scheme={self.scheme!r}{extra}, frozen={self.frozen}")
 
 
-__all__ = ["QuantLinear", "SCHEMES"]
+__all__ = ["QuantLinear", "SCHEMES", "frozen_linear", "frozen_buffers", "FROZEN_BUFFERS"]

@@ -17,7 +17,11 @@ An op module defines:
                        where it exceeds the bytes' (the linear ops' GEMMs alone)
   PROVIDERS            {provider name: cases.Provider}
   errors(case, inputs, outputs) -> {provider: {"loss_rel_err", "grad_err", "grad_max_abs_err"}}
-"""
-from . import distill, linear_ce, linear_distill
+                       (optionally "bytes_per_weight", shown in the report's B/weight column)
 
-OPS = {mod.NAME: mod for mod in (distill, linear_ce, linear_distill)}
+A provider whose result does not require grad is measured forward only (the
+quant op's inference variants).
+"""
+from . import distill, linear_ce, linear_distill, quant
+
+OPS = {mod.NAME: mod for mod in (distill, linear_ce, linear_distill, quant)}

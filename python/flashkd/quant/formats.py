@@ -40,8 +40,11 @@ def ternary_weights(w: torch.Tensor, per_tensor: bool = False):
     gamma = mean |W| accumulated in float64 and rounded to float32 (independent
     of summation order); scale = max(gamma, 1e-5); Wq = clamp(rint(W / scale), -1, 1).
     """
-    absw = w.detach().double().abs()
-    gamma = (absw.mean().reshape(1) if per_tensor else absw.mean(dim=1)).float()
+    absw = w.detach().float().abs()  # exact; the sums below accumulate in float64 without a float64 copy
+    if per_tensor:
+        gamma = (absw.sum(dtype=torch.float64) / absw.numel()).reshape(1).float()
+    else:
+        gamma = (absw.sum(dim=1, dtype=torch.float64) / absw.shape[1]).float()
     scale = gamma.clamp_min(_EPS)
     wq = torch.round(w.detach().float() / (scale if per_tensor else scale.unsqueeze(1))).clamp_(-1, 1)
     return wq.to(torch.int8), scale
@@ -55,34 +58,34 @@ def int8_weights(w: torch.Tensor):
     return torch.round(wf / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8), scale
 
 
-def _grouped(wf: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
-    """[N, K] -> [N, G, group_size], the partial last group padded with `fill`."""
+def _grouped(wf: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group_size], the partial last group padded with copies of
+    the row's last value (which leaves its min and max unchanged)."""
     n, k = wf.shape
     groups = num_groups(k, group_size)
     pad = groups * group_size - k
-    return torch.nn.functional.pad(wf, (0, pad), value=fill).reshape(n, groups, group_size)
+    if pad:
+        wf = torch.nn.functional.pad(wf, (0, pad), mode="replicate") if k else wf.new_zeros(n, pad)
+    return wf.reshape(n, groups, group_size)
 
 
 def int4_weights(w: torch.Tensor, group_size: int):
     """Asymmetric 4-bit per group: (q uint8 [N, K] in [0, 15], scale [N, G], zero [N, G]) float32."""
     wf = w.detach().float()
-    k = wf.shape[1]
-    lo = _grouped(wf, group_size, float("inf")).amin(dim=2)
-    hi = _grouped(wf, group_size, float("-inf")).amax(dim=2)
-    if k == 0:
-        lo, hi = torch.zeros_like(lo), torch.zeros_like(hi)
+    n, k = wf.shape
+    wg = _grouped(wf, group_size)
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)
     scale = _div((hi - lo).clamp_min(_EPS), 15.0)
     zero = torch.round(-lo / scale).clamp_(0, 15)
-    per_col = lambda t: t.repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731
-    q = (torch.round(wf / per_col(scale)) + per_col(zero)).clamp_(0, 15)
-    return q.to(torch.uint8), scale, zero
+    q = (torch.round(wg / scale.unsqueeze(2)) + zero.unsqueeze(2)).clamp_(0, 15)
+    return q.to(torch.uint8).reshape(n, -1)[:, :k], scale, zero
 
 
 def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """(q - zero) * scale per group, float32 [N, K]."""
-    k = q.shape[1]
-    per_col = lambda t: t.repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731
-    return (q.float() - per_col(zero)) * per_col(scale)
+    n, k = q.shape
+    wg = _grouped(q.float(), group_size)
+    return ((wg - zero.unsqueeze(2)) * scale.unsqueeze(2)).reshape(n, -1)[:, :k]
 
 
 def dequantized_weight(w: torch.Tensor, scheme: str, group_size: int = 128, per_tensor: bool = False):

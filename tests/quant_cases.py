@@ -33,5 +33,8 @@ def cpu_isa(request):
         torch.ops.flashkd.cpu_isa(request.param)
     except RuntimeError as e:
         pytest.skip(str(e))
+    from flashkd.quant import cpu_int8_kernel
+
+    assert cpu_int8_kernel().startswith(request.param)
     yield request.param
     torch.ops.flashkd.cpu_isa("", True)

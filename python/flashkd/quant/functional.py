@@ -61,3 +61,9 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must have shape [out_features] ({weight.shape[0]}), got {list(bias.shape)}")
     return qat_linear(x, weight, bias, scheme, group_size, bool(per_tensor))
+
+
+def cpu_int8_kernel() -> str:
+    """Which int8 dot product the CPU int8 and ternary GEMMs run here:
+    "avx512-vnni", "avx512", "avx2" or "generic" (follows flashkd.cpu_isa)."""
+    return ops.quant_cpu_dot_kind()

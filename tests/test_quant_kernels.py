@@ -128,3 +128,12 @@ def test_empty(m, device):
     a = torch.zeros(m, 8, dtype=torch.int8, device=device)
     assert int8_matmul(a, torch.ones(0, 8, dtype=torch.int8, device=device)).shape == (m, 0)
     assert ternary_matmul(a, torch.zeros(4, 2, dtype=torch.uint8, device=device)).shape == (m, 4)
+
+
+def test_zero_in_features(device):
+    """K = 0: every accumulator is 0, the activation scale is the clipped 1e-5 / 127."""
+    q, s = quantize_activations(torch.zeros(2, 3, 0, device=device))
+    assert q.shape == (2, 3, 0) and torch.equal(s.cpu(), ref.quantize_activations(torch.zeros(2, 3, 0))[1])
+    acc = int8_matmul(torch.zeros(3, 0, dtype=torch.int8, device=device), torch.zeros(5, 0, dtype=torch.int8,
+                                                                                      device=device))
+    assert torch.equal(acc.cpu(), torch.zeros(3, 5, dtype=torch.int32))

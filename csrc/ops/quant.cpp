@@ -36,7 +36,9 @@ void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name, 
 // (..., K) -> contiguous (M, K) view or copy.
 at::Tensor as_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() >= 1, name, " must have at least 1 dim, got a 0-d tensor");
-  return t.reshape({-1, t.size(-1)}).contiguous();
+  int64_t rows = 1;  // not reshape(-1, K): that is ambiguous when K == 0
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, t.size(-1)}).contiguous();
 }
 
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {

@@ -229,8 +229,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at
 #endif
     return out;
   }
-  // Smaller M blocks than int8: the block's rows are held as float32.
-  for_blocks(M, N, kBlockM / 4, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu::int4_gemm(args, m0, m1, n0, n1); });
+  // The block's rows are held as float32 (about 1 MiB of them, in L2), and each
+  // four weight rows are dequantized once per block: the larger the better.
+  const int64_t block_m = std::clamp<int64_t>((int64_t{1} << 18) / std::max<int64_t>(K, 1), 8, kBlockM);
+  for_blocks(M, N, block_m, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu::int4_gemm(args, m0, m1, n0, n1); });
   return out;
 }
 

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 #include "flashkd/cpu_convert.h"
+#include "quant_block_acc.h"
 #include "quant_kernels.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -26,46 +27,58 @@ namespace {
 constexpr int kRows = 4;  // weight rows per tile and activation rows per dot call
 using FloatAcc = float[kRows][kRows];
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+inline float hsum_ps(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+inline float tail_dot(const float* x, const float* w, int64_t k0, int64_t k1) {
+  float t = 0.f;
+  for (int64_t k = k0; k < k1; ++k) t += x[k] * w[k];
+  return t;
+}
+#endif
+
 // acc[i][j] = sum_k x[i][k] * w[j][k] for i < MR, j < 4, in float32.
 template <int MR>
 void dot_block(const float* const* x, const float* const* w, int64_t K, FloatAcc& acc) {
 #if defined(__AVX512F__)
-  __m512 s[MR][kRows];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kRows; ++j) s[i][j] = _mm512_setzero_ps();
+  FKD_DECLARE_ACC(__m512, _mm512_setzero_ps());
+#define FKD_FMA(s, v, w) _mm512_fmadd_ps(v, w, s)
+#define FKD_LOAD(p) _mm512_maskz_loadu_ps(m, (p) + k)
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 wv[kRows];
-    for (int j = 0; j < kRows; ++j) wv[j] = _mm512_maskz_loadu_ps(m, w[j] + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x[i] + k);
-      for (int j = 0; j < kRows; ++j) s[i][j] = _mm512_fmadd_ps(xv, wv[j], s[i][j]);
-    }
+    const __m512 w0 = FKD_LOAD(w[0]), w1 = FKD_LOAD(w[1]), w2 = FKD_LOAD(w[2]), w3 = FKD_LOAD(w[3]);
+    FKD_ROW_UPDATE(0, FKD_LOAD(x[0]), FKD_FMA)
+    FKD_ROW_UPDATE(1, FKD_LOAD(x[1]), FKD_FMA)
+    FKD_ROW_UPDATE(2, FKD_LOAD(x[2]), FKD_FMA)
+    FKD_ROW_UPDATE(3, FKD_LOAD(x[3]), FKD_FMA)
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kRows; ++j) acc[i][j] = _mm512_reduce_add_ps(s[i][j]);
+#undef FKD_LOAD
+#define FKD_REDUCE(v, i, j) _mm512_reduce_add_ps(v)
+  FKD_STORE_ALL_ROWS(FKD_REDUCE)
+#undef FKD_REDUCE
+#undef FKD_FMA
 #elif defined(__AVX2__)
-  __m256 s[MR][kRows];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kRows; ++j) s[i][j] = _mm256_setzero_ps();
+  FKD_DECLARE_ACC(__m256, _mm256_setzero_ps());
   const int64_t K8 = K - K % 8;
+#define FKD_FMA(s, v, w) _mm256_fmadd_ps(v, w, s)
+#define FKD_LOAD(p) _mm256_loadu_ps((p) + k)
   for (int64_t k = 0; k < K8; k += 8) {
-    __m256 wv[kRows];
-    for (int j = 0; j < kRows; ++j) wv[j] = _mm256_loadu_ps(w[j] + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x[i] + k);
-      for (int j = 0; j < kRows; ++j) s[i][j] = _mm256_fmadd_ps(xv, wv[j], s[i][j]);
-    }
+    const __m256 w0 = FKD_LOAD(w[0]), w1 = FKD_LOAD(w[1]), w2 = FKD_LOAD(w[2]), w3 = FKD_LOAD(w[3]);
+    FKD_ROW_UPDATE(0, FKD_LOAD(x[0]), FKD_FMA)
+    FKD_ROW_UPDATE(1, FKD_LOAD(x[1]), FKD_FMA)
+    FKD_ROW_UPDATE(2, FKD_LOAD(x[2]), FKD_FMA)
+    FKD_ROW_UPDATE(3, FKD_LOAD(x[3]), FKD_FMA)
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kRows; ++j) {
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(s[i][j]), _mm256_extractf128_ps(s[i][j], 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      float t = _mm_cvtss_f32(h);
-      for (int64_t k = K8; k < K; ++k) t += x[i][k] * w[j][k];
-      acc[i][j] = t;
-    }
+#undef FKD_LOAD
+#undef FKD_FMA
+  // The K % 8 tail in scalar code.
+#define FKD_REDUCE(v, i, j) hsum_ps(v) + tail_dot(x[i], w[j], K8, K)
+  FKD_STORE_ALL_ROWS(FKD_REDUCE)
+#undef FKD_REDUCE
 #else
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kRows; ++j) {
@@ -76,14 +89,21 @@ void dot_block(const float* const* x, const float* const* w, int64_t K, FloatAcc
 #endif
 }
 
+// Byte b -> its two codes as floats (low nibble first).
+struct NibbleTable {
+  float pair[256][2];
+  NibbleTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < quant::kInt4PerByte; ++i) pair[b][i] = static_cast<float>(quant::int4_value(b, i));
+  }
+};
+
 // Dequantizes packed row n into dst[0, K).
 void dequantize_row(const quant::Int4GemmArgs& g, int64_t n, float* dst) {
+  static const NibbleTable table;
   const uint8_t* src = g.w + n * g.ldw_bytes;
-  for (int64_t k = 0; k + 1 < g.K; k += 2) {  // codes first: two per byte
-    dst[k] = static_cast<float>(src[k / 2] & 15u);
-    dst[k + 1] = static_cast<float>(src[k / 2] >> 4);
-  }
-  if (g.K % 2) dst[g.K - 1] = static_cast<float>(quant::int4_value(src[g.K / 2], 0));
+  for (int64_t j = 0; j < g.K / 2; ++j) std::memcpy(dst + 2 * j, table.pair[src[j]], 2 * sizeof(float));
+  if (g.K % 2) dst[g.K - 1] = table.pair[src[g.K / 2]][0];
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     const float scale = g.scale[n * g.groups + grp], zero = g.zero[n * g.groups + grp];
     const int64_t end = std::min(g.K, (grp + 1) * g.group_size);

@@ -11,6 +11,7 @@
 //  * generic: scalar.
 #pragma once
 #include <cstdint>
+#include "quant_block_acc.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -33,25 +34,6 @@ struct ScalarDot {
       }
   }
 };
-
-// The 4 x 4 accumulators are named variables, not an array: GCC keeps an
-// array of 16 zmm values in memory and stored every update to the stack
-// (seen in the disassembly), which cost about 3x.
-#define FKD_DECLARE_ACC(type, zero)                                                            \
-  type s00 = zero, s01 = zero, s02 = zero, s03 = zero, s10 = zero, s11 = zero, s12 = zero, s13 = zero, \
-       s20 = zero, s21 = zero, s22 = zero, s23 = zero, s30 = zero, s31 = zero, s32 = zero, s33 = zero
-// Row i of the block: acc##i##j = UPDATE(acc##i##j, activation vector, w##j).
-#define FKD_ROW_UPDATE(i, av, UPDATE)                                                    \
-  if constexpr (MR > i) {                                                               \
-    const auto v = av;                                                                  \
-    s##i##0 = UPDATE(s##i##0, v, w0); s##i##1 = UPDATE(s##i##1, v, w1);                 \
-    s##i##2 = UPDATE(s##i##2, v, w2); s##i##3 = UPDATE(s##i##3, v, w3);                 \
-  }
-#define FKD_ROW_STORE(i, REDUCE)                                                          \
-  if constexpr (MR > i) {                                                                \
-    acc[i][0] = REDUCE(s##i##0, 0); acc[i][1] = REDUCE(s##i##1, 1);                      \
-    acc[i][2] = REDUCE(s##i##2, 2); acc[i][3] = REDUCE(s##i##3, 3);                      \
-  }
 
 #if defined(__AVX512F__)
 inline __mmask64 tail_mask64(int64_t n) { return n >= 64 ? ~0ull : ((1ull << n) - 1); }
@@ -78,10 +60,9 @@ struct VnniDot {
 #undef FKD_A
     }
 #undef FKD_VNNI
-#define FKD_REDUCE(v, j) \
+#define FKD_REDUCE(v, i, j) \
   static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(v)) - 128u * static_cast<uint32_t>(w_sum[j]))
-    FKD_ROW_STORE(0, FKD_REDUCE) FKD_ROW_STORE(1, FKD_REDUCE) FKD_ROW_STORE(2, FKD_REDUCE)
-    FKD_ROW_STORE(3, FKD_REDUCE)
+    FKD_STORE_ALL_ROWS(FKD_REDUCE)
 #undef FKD_REDUCE
   }
 
@@ -112,9 +93,8 @@ struct Avx512Dot {
     }
 #undef FKD_LOAD16
 #undef FKD_MADD
-#define FKD_REDUCE(v, j) _mm512_reduce_add_epi32(v)
-    FKD_ROW_STORE(0, FKD_REDUCE) FKD_ROW_STORE(1, FKD_REDUCE) FKD_ROW_STORE(2, FKD_REDUCE)
-    FKD_ROW_STORE(3, FKD_REDUCE)
+#define FKD_REDUCE(v, i, j) _mm512_reduce_add_epi32(v)
+    FKD_STORE_ALL_ROWS(FKD_REDUCE)
 #undef FKD_REDUCE
   }
 };
@@ -126,6 +106,12 @@ inline int32_t hsum_epi32(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
   return _mm_cvtsi128_si32(s);
+}
+
+inline int32_t tail_dot(const int8_t* a, const int8_t* w, int64_t k0, int64_t k1) {
+  int32_t t = 0;
+  for (int64_t k = k0; k < k1; ++k) t += static_cast<int32_t>(a[k]) * w[k];
+  return t;
 }
 
 struct Avx2Dot {
@@ -146,16 +132,9 @@ struct Avx2Dot {
 #undef FKD_LOAD16
 #undef FKD_MADD
     // The K % 16 tail in scalar code (AVX2 has no masked byte loads).
-    const int32_t h[4][4] = {{hsum_epi32(s00), hsum_epi32(s01), hsum_epi32(s02), hsum_epi32(s03)},
-                             {hsum_epi32(s10), hsum_epi32(s11), hsum_epi32(s12), hsum_epi32(s13)},
-                             {hsum_epi32(s20), hsum_epi32(s21), hsum_epi32(s22), hsum_epi32(s23)},
-                             {hsum_epi32(s30), hsum_epi32(s31), hsum_epi32(s32), hsum_epi32(s33)}};
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < kDotRows; ++j) {
-        int32_t t = h[i][j];
-        for (int64_t k = K16; k < K; ++k) t += static_cast<int32_t>(a[i][k]) * w[j][k];
-        acc[i][j] = t;
-      }
+#define FKD_REDUCE(v, i, j) hsum_epi32(v) + tail_dot(a[i], w[j], K16, K)
+    FKD_STORE_ALL_ROWS(FKD_REDUCE)
+#undef FKD_REDUCE
   }
 };
 #endif

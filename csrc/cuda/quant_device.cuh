@@ -11,7 +11,9 @@ namespace flashkd::cuda {
 // The byte that decodes to four zero weights (code 1 = w + 1 in every slot).
 constexpr uint8_t kTernaryZeroByte = 0x55;
 
-__device__ __forceinline__ bool aligned_to(const void* p, int64_t ld, int bytes) {
+// True when every row p + i * ld (ld in bytes, or in int8 elements) starts on
+// a `bytes` boundary.
+__host__ __device__ __forceinline__ bool aligned_to(const void* p, int64_t ld, int bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0 && ld % bytes == 0;
 }
 

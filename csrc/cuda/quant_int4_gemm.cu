@@ -182,7 +182,7 @@ const char* int4_gemm(const quant::Int4GemmArgs& p, void* stream) {
                       p.groups,
                       static_cast<uint32_t>(p.group_size),
                       static_cast<uint32_t>(p.K),
-                      reinterpret_cast<uintptr_t>(p.w) % 4 == 0 && p.ldw_bytes % 4 == 0};
+                      aligned_to(p.w, p.ldw_bytes, 4)};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.x_dtype) {
     case DType::kFloat32: launch<float>(p, rows, s); break;

@@ -9,20 +9,15 @@
 
 namespace flashkd::cuda {
 
-namespace {
-bool aligned16(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 16 == 0; }
-bool aligned4(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 4 == 0 && ld % 4 == 0; }
-}  // namespace
-
 const char* int8_gemm(const quant::Int8GemmArgs& args, void* stream) {
   if (args.M == 0 || args.N == 0) return nullptr;
-  if (args.M > gemv::kMaxRows && aligned16(args.a, args.lda) && aligned16(args.w, args.ldw)) {
+  if (args.M > gemv::kMaxRows && aligned_to(args.a, args.lda, 16) && aligned_to(args.w, args.ldw, 16)) {
     const imma::Int8TileCpAsync a_ld{args.a, args.lda, args.M, args.K};
     const imma::Int8TileCpAsync w_ld{args.w, args.ldw, args.N, args.K};
     return imma::launch(a_ld, w_ld, args.M, args.N, args.K, args.epi, stream);
   }
-  const gemv::Int8Rows rows{args.w, args.ldw, args.N, args.K, aligned16(args.w, args.ldw),
-                            aligned4(args.w, args.ldw)};
+  const gemv::Int8Rows rows{args.w, args.ldw, args.N, args.K, aligned_to(args.w, args.ldw, 16),
+                            aligned_to(args.w, args.ldw, 4)};
   return gemv::launch(args.a, args.lda, rows, args.M, args.N, args.K, args.epi, stream);
 }
 

@@ -10,16 +10,11 @@
 
 namespace flashkd::cuda {
 
-namespace {
-bool aligned16(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 16 == 0; }
-bool aligned4(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 4 == 0 && ld % 4 == 0; }
-}  // namespace
-
 const char* ternary_gemm(const quant::TernaryGemmArgs& args, void* stream) {
   if (args.M == 0 || args.N == 0) return nullptr;
   const int64_t row_bytes = (args.K + quant::kTernaryPerByte - 1) / quant::kTernaryPerByte;
-  const bool w_word_ok = aligned4(args.w, args.ldw_bytes);
-  if (args.M > gemv::kMaxRows && aligned16(args.a, args.lda)) {
+  const bool w_word_ok = aligned_to(args.w, args.ldw_bytes, 4);
+  if (args.M > gemv::kMaxRows && aligned_to(args.a, args.lda, 16)) {
     const imma::Int8TileCpAsync a_ld{args.a, args.lda, args.M, args.K};
     imma::TernaryTileDecode w_ld{args.w, args.ldw_bytes, args.N, row_bytes, w_word_ok, {0, 0}};
     return imma::launch(a_ld, w_ld, args.M, args.N, args.K, args.epi, stream);

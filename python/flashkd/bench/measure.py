@@ -9,6 +9,10 @@
    through enough input sets that they do not sit in the cache; the first timed
    forward+backward call is also the one whose peak extra memory is recorded,
    and its workspace: that peak minus the gradients it returns.
+
+A provider whose result does not require grad (an inference-only op) is
+measured forward only: no backward, ``fwd_bwd_*`` fields None, and the peak
+memory taken on the first timed forward call.
 """
 from __future__ import annotations
 
@@ -81,12 +85,16 @@ def _measure(fn, provider, case, device, sets, repeats):
     acc = accuracy_inputs(case, sets, device)
     acc.clear_grads()
     loss = fn(acc.tensors)
-    acc.backward(loss)
+    forward_only = not loss.requires_grad  # inference-only cases (e.g. a frozen quantized layer)
+    if not forward_only:
+        acc.backward(loss)
     value = float(loss.detach()) if loss.dim() == 0 else loss.detach().cpu()  # a loss, or an op's output
     outputs = (value, {name: g.detach().cpu() for name, g in acc.take_grads().items()})
     del loss
     if provider.per_shape_warmup and acc is not sets[0]:
-        sets[0].backward(fn(sets[0].tensors))
+        warm = fn(sets[0].tensors)
+        if not forward_only:
+            sets[0].backward(warm)
 
     def setup(i):
         sets[i % len(sets)].clear_grads()
@@ -98,9 +106,9 @@ def _measure(fn, provider, case, device, sets, repeats):
         inputs = sets[i % len(sets)]
         inputs.backward(fn(inputs.tensors))
 
-    fwd = time_calls(forward, setup, device, reps=repeats)
     peak = PeakMemory(device)
-    fwd_bwd = time_calls(forward_backward, setup, device, reps=repeats, first=peak)
+    fwd = time_calls(forward, setup, device, reps=repeats, first=peak if forward_only else None)
+    fwd_bwd = None if forward_only else time_calls(forward_backward, setup, device, reps=repeats, first=peak)
     for inputs in sets:
         inputs.clear_grads()
     grad_bytes = sum(sets[0].tensors[name].nbytes for name in sets[0].grad_names)  # a grad matches its leaf
@@ -116,6 +124,8 @@ def _measure(fn, provider, case, device, sets, repeats):
 
 
 def _timing_fields(prefix, timing):
+    if timing is None:
+        return {f"{prefix}_{key}": None for key in ("ms", "min_ms", "max_ms", "reps")}
     return {
         f"{prefix}_ms": timing.median_ms,
         f"{prefix}_min_ms": timing.min_ms,

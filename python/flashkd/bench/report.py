@@ -8,8 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+from .runner import compared_ms
+
 COLUMNS = ("provider", "fwd ms", "fwd+bwd ms", "peak MiB", "work MiB", "loss err", "grad err", "x floor",
-           "vs torch", "vs compile", "work/torch")
+           "vs torch", "vs compile", "work/torch", "B/weight")
 
 
 def case_label(rec, sep=" "):
@@ -17,6 +19,8 @@ def case_label(rec, sep=" "):
 
 
 def _ms(v):
+    if v is None:  # forward-only provider
+        return "-"
     return f"{v:.0f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
 
 
@@ -32,6 +36,7 @@ def _cells(rec):
         opt("work_mb", "{:.0f}".format),
         opt("loss_rel_err", "{:.1e}".format), opt("grad_err", "{:.1e}".format), opt("x_floor", "{:.2f}".format),
         opt("x_torch", "{:.2f}x".format), opt("x_compile", "{:.2f}x".format), opt("work_vs_torch", "{:.1%}".format),
+        opt("bytes_per_weight", "{:.3f}".format),
     ]
 
 
@@ -71,10 +76,11 @@ LEGEND = (
     "(inputs excluded, returned gradients included); work MiB: that peak minus the returned gradients (the "
     "workspace); loss err: |loss - oracle| / |oracle| (ops with a tensor output: max |out - oracle| / max "
     "|oracle|); grad err: max |grad - oracle| / max |oracle grad|, the "
-    "worse leaf's (float64 oracle, same inputs); x floor: fwd+bwd time / floor, floor = the op's fewest bytes "
+    "worse leaf's (float64 oracle, same inputs); x floor: fwd+bwd time (fwd time where fwd+bwd is '-': an "
+    "inference-only case) / floor, floor = the op's fewest bytes "
     "moved / measured copy bandwidth or, for the linear ops, the gemm row's time (the same GEMMs alone, this run) "
-    "where larger; vs torch, vs compile: fwd+bwd speedup over that provider; work/torch: workspace as a share of "
-    "torch eager's."
+    "where larger; vs torch, vs compile: fwd+bwd (or fwd) speedup over that provider; work/torch: workspace as a "
+    "share of torch eager's; B/weight: bytes of weight storage per weight, where an op reports it."
 )
 
 
@@ -93,7 +99,7 @@ def write_plot(path, meta, records):
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot written"
-    times = {(case_label(r, "\n"), r["provider"]): r["fwd_bwd_ms"] for r in records if r["status"] == "ok"}
+    times = {(case_label(r, "\n"), r["provider"]): compared_ms(r) for r in records if r["status"] == "ok"}
     labels = list(dict.fromkeys(label for label, _ in times))
     providers = list(dict.fromkeys(provider for _, provider in times))
     width = 0.8 / max(1, len(providers))
@@ -105,7 +111,7 @@ def write_plot(path, meta, records):
         ax.bar(xs, ys, width, label=provider)
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylabel("forward+backward ms (median)")
+    ax.set_ylabel("forward+backward ms (median; forward for inference-only cases)")
     ax.set_title(f"{meta['device_name']} | torch {meta['torch']} | flashkd {meta['commit'][:12]}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

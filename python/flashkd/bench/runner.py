@@ -21,6 +21,11 @@ from .worker import measure_in_child
 EAGER, COMPILED = "torch", "torch.compile"
 
 
+def compared_ms(rec):
+    """The time ratios compare: forward+backward, or forward for a forward-only provider."""
+    return rec["fwd_bwd_ms"] if rec.get("fwd_bwd_ms") is not None else rec["fwd_ms"]
+
+
 def run(cases, providers, device, bandwidth, cache_bytes, progress, repeats=None, skip=()):
     """Yields each case's records as soon as the case is done. ``skip`` holds
     providers ("torch.compile") and op:provider pairs not to run."""
@@ -65,15 +70,15 @@ def _records(case, results, device, bandwidth, sets):
     floor_ms = mod.floor_bytes(case) / bandwidth * 1e3
     floor_provider = getattr(mod, "FLOOR_PROVIDER", None)
     if floor_provider in ok:
-        floor_ms = max(floor_ms, ok[floor_provider]["fwd_bwd_ms"])
+        floor_ms = max(floor_ms, compared_ms(ok[floor_provider]))
     records = []
     for name, (rec, _) in results.items():
         record = {**case.to_dict(), "provider": name, **rec, **errors.get(name, {}), "floor_ms": floor_ms}
         if name in ok:
-            record["x_floor"] = rec["fwd_bwd_ms"] / floor_ms
+            record["x_floor"] = compared_ms(rec) / floor_ms
             for key, base in (("x_torch", EAGER), ("x_compile", COMPILED)):
                 if base in ok:
-                    record[key] = ok[base]["fwd_bwd_ms"] / rec["fwd_bwd_ms"]
+                    record[key] = compared_ms(ok[base]) / compared_ms(rec)
             for key in ("peak", "work"):
                 if EAGER in ok and ok[EAGER][f"{key}_mb"] > 0:
                     record[f"{key}_vs_torch"] = rec[f"{key}_mb"] / ok[EAGER][f"{key}_mb"]

@@ -1,7 +1,8 @@
 """Pure-torch oracles of every flashkd op, written from DESIGN.md §2 for
 clarity, not speed; the tests compare the kernels against them. One module per
 op family, re-exported here: ``flashkd.reference.distill_loss`` etc."""
-from . import tome  # token merging and pruning oracles: flashkd.reference.tome.*
+from . import quant  # noqa: F401  (flashkd.reference.quant: quantized matmuls)
+from . import tome  # noqa: F401  (flashkd.reference.tome: token merging and pruning)
 from .losses import distill_loss, divergence, linear_cross_entropy, linear_distill_loss, head_logits, taid_logit
 
 __all__ = ["distill_loss", "divergence", "linear_cross_entropy", "linear_distill_loss", "taid_logit", "head_logits"]

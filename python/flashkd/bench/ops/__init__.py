@@ -18,8 +18,12 @@ An op module defines:
   PROVIDERS            {provider name: cases.Provider}
   errors(case, inputs, outputs) -> {provider: {"loss_rel_err", "grad_err", "grad_max_abs_err"}}
                        (ops whose output is a tensor put a grad_output in their Inputs
-                       and report the output's relative error as loss_rel_err)
-"""
-from . import distill, linear_ce, linear_distill, tome, vit
+                       and report the output's relative error as loss_rel_err;
+                       optionally "bytes_per_weight", shown in the report's B/weight column)
 
-OPS = {mod.NAME: mod for mod in (distill, linear_ce, linear_distill, tome, vit)}
+A provider whose result does not require grad is measured forward only (the
+quant op's inference variants).
+"""
+from . import distill, linear_ce, linear_distill, quant, tome, vit
+
+OPS = {mod.NAME: mod for mod in (distill, linear_ce, linear_distill, tome, vit, quant)}

@@ -1,0 +1,35 @@
+// Per-token int8 activation quantization (formula in flashkd/quant_params.h):
+// one pass for the row's absolute maximum, one to scale, round half to even
+// and clamp. Compiled once per instruction set; the loops vectorize.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include "flashkd/cpu_convert.h"
+#include "quant_kernels.h"
+
+namespace flashkd::cpu::FKD_CPU_ISA {
+
+void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t K = a.cols;
+  thread_local std::vector<float> row;
+  row.resize(std::max<int64_t>(K, 1));
+  float* x = row.data();
+  const int64_t esize = dtype_size(a.x_dtype);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    load_floats(static_cast<const char*>(a.x) + r * a.ldx * esize, a.x_dtype, 1, K, x);
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float clipped = std::max(amax, 1e-5f);
+    const float inv = 127.f / clipped;
+    a.scale[r] = clipped / 127.f;
+    int8_t* q = a.q + r * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = std::nearbyint(x[k] * inv);  // round half to even (default rounding mode)
+      q[k] = static_cast<int8_t>(std::min(127.f, std::max(-128.f, v)));
+    }
+  }
+}
+
+}  // namespace flashkd::cpu::FKD_CPU_ISA

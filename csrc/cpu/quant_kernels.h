@@ -1,0 +1,36 @@
+// CPU entry points of the quantized matmuls (csrc/cpu/isa/quant_*.cpp), over
+// the argument structs the CUDA kernels take (flashkd/quant_params.h). Each
+// call does one block of the output so the glue can spread blocks over
+// threads with at::parallel_for; the unqualified flashkd::cpu:: version
+// dispatches to the instruction set in use.
+#pragma once
+#include <cstdint>
+#include "flashkd/quant_params.h"
+
+namespace flashkd::cpu {
+
+#define FKD_DECLARE_QUANT_KERNELS(isa)                                                           \
+  namespace isa {                                                                                \
+  void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int64_t row_end); \
+  void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  \
+  void ternary_gemm(const quant::TernaryGemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1); \
+  void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  \
+  }
+
+FKD_DECLARE_QUANT_KERNELS(avx2)
+FKD_DECLARE_QUANT_KERNELS(avx512)
+FKD_DECLARE_QUANT_KERNELS(generic)
+#undef FKD_DECLARE_QUANT_KERNELS
+
+// Rows [row_begin, row_end) of the per-token int8 activation quantization.
+void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int64_t row_end);
+// Output block rows [m0, m1) x columns [n0, n1) of each GEMM, epilogue included.
+void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void ternary_gemm(const quant::TernaryGemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+// Which int8 dot product the int8 and ternary GEMMs use: "avx512-vnni",
+// "avx512", "avx2" or "generic" (for the benchmark report and tests).
+const char* int8_dot_kind();
+
+}  // namespace flashkd::cpu

@@ -1,0 +1,111 @@
+// Device helpers shared by the quantized-matmul kernels (quant_*.cu): bounds-
+// guarded loads of packed rows, the 2-bit ternary decoder and the int32 ->
+// float epilogue of flashkd/quant_params.h.
+#pragma once
+#include <cstdint>
+#include "device_utils.cuh"
+#include "flashkd/quant_params.h"
+
+namespace flashkd::cuda {
+
+// The byte that decodes to four zero weights (code 1 = w + 1 in every slot).
+constexpr uint8_t kTernaryZeroByte = 0x55;
+
+// True when every row p + i * ld (ld in bytes, or in int8 elements) starts on
+// a `bytes` boundary.
+__host__ __device__ __forceinline__ bool aligned_to(const void* p, int64_t ld, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0 && ld % bytes == 0;
+}
+
+// Bytes row[off, off + 4) as a little-endian word; bytes at or past `len`
+// read as `fill` and are never touched. `word_ok`: row + off is 4-aligned.
+__device__ __forceinline__ uint32_t load_word_guarded(const uint8_t* row, int64_t off, int64_t len,
+                                                      bool word_ok, uint8_t fill) {
+  if (word_ok && off + 4 <= len) return __ldg(reinterpret_cast<const uint32_t*>(row + off));
+  uint32_t w = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t b = off + j < len ? __ldg(row + off + j) : fill;
+    w |= b << (8 * j);
+  }
+  return w;
+}
+
+// Bytes row[off, off + 16) with zeros at or past `len` (off is a multiple of
+// 16). `vec16`/`word_ok`: row + off is 16-/4-aligned.
+__device__ __forceinline__ uint4 load16_guarded(const uint8_t* row, int64_t off, int64_t len,
+                                                bool vec16, bool word_ok) {
+  if (vec16 && off + 16 <= len) return __ldg(reinterpret_cast<const uint4*>(row + off));
+  return make_uint4(load_word_guarded(row, off, len, word_ok, 0),
+                    load_word_guarded(row, off + 4, len, word_ok, 0),
+                    load_word_guarded(row, off + 8, len, word_ok, 0),
+                    load_word_guarded(row, off + 12, len, word_ok, 0));
+}
+
+// Four packed ternary bytes (16 weights, k = 0..15 relative) -> four words of
+// int8 weights, word j holding k = 4j..4j+3 (the order dp4a and the int8 MMA
+// read). t_i = (p >> 2i) & 0x03 per byte holds slot i of every byte; the
+// byte-permutes transpose that 4x4 byte matrix so word j gathers byte j's four
+// slots. Codes c in {0,1,2} become c - 1 per byte without borrows between
+// bytes: (c + 0x7f) ^ 0x80 == c - 1 (mod 256) for c <= 3.
+__device__ __forceinline__ uint4 decode_ternary16(uint32_t p) {
+  const uint32_t t0 = p & 0x03030303u, t1 = (p >> 2) & 0x03030303u;
+  const uint32_t t2 = (p >> 4) & 0x03030303u, t3 = (p >> 6) & 0x03030303u;
+  const uint32_t u0 = __byte_perm(t0, t1, 0x5140), u1 = __byte_perm(t0, t1, 0x7362);
+  const uint32_t v0 = __byte_perm(t2, t3, 0x5140), v1 = __byte_perm(t2, t3, 0x7362);
+  auto minus_one = [](uint32_t c) { return (c + 0x7f7f7f7fu) ^ 0x80808080u; };
+  return make_uint4(minus_one(__byte_perm(u0, v0, 0x5410)), minus_one(__byte_perm(u0, v0, 0x7632)),
+                    minus_one(__byte_perm(u1, v1, 0x5410)), minus_one(__byte_perm(u1, v1, 0x7632)));
+}
+
+__device__ __forceinline__ float load_as_float(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::kFloat16: return to_float(static_cast<const __half*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* p, DType t, int64_t i, float v) {
+  switch (t) {
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = from_float<__nv_bfloat16>(v); break;
+    case DType::kFloat16: static_cast<__half*>(p)[i] = from_float<__half>(v); break;
+    default: static_cast<float*>(p)[i] = v; break;
+  }
+}
+
+// out[m, n] from the exact accumulator: the int32 itself, or
+// float(acc) * a_scale[m] * w_scale[n] + bias[n] in that order with every
+// operation rounded separately (_rn intrinsics are never fused into an FMA),
+// so the result equals a plain float32 evaluation on the CPU bit for bit.
+__device__ __forceinline__ void store_epilogue(const quant::GemmEpilogue& e, int64_t m, int64_t n,
+                                               int32_t acc) {
+  const int64_t at = m * e.ldo + n;
+  if (e.out_int32) {
+    e.out_int32[at] = acc;
+    return;
+  }
+  const float ws = e.w_scale[e.w_scale_per_row ? n : 0];
+  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), e.a_scale[m]), ws);
+  if (e.bias) v = __fadd_rn(v, load_as_float(e.bias, e.bias_dtype, n));
+  store_from_float(e.out, e.out_dtype, at, v);
+}
+
+__device__ __forceinline__ int32_t warp_sum(int32_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+inline const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace flashkd::cuda

@@ -1,0 +1,14 @@
+// CUDA entry points of the quantized matmuls (csrc/cuda/quant_*.cu). Each
+// launches on `stream` (a cudaStream_t) and returns nullptr on success or the
+// CUDA error string. Arguments and formats: flashkd/quant_params.h.
+#pragma once
+#include "flashkd/quant_params.h"
+
+namespace flashkd::cuda {
+
+const char* quantize_rows_int8(const quant::QuantizeRowsArgs& args, void* stream);
+const char* int8_gemm(const quant::Int8GemmArgs& args, void* stream);
+const char* ternary_gemm(const quant::TernaryGemmArgs& args, void* stream);
+const char* int4_gemm(const quant::Int4GemmArgs& args, void* stream);
+
+}  // namespace flashkd::cuda

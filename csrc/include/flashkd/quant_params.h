@@ -1,0 +1,87 @@
+// Packed weight formats and kernel arguments of the quantized matmuls, shared
+// by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels. Never includes torch.
+//
+// All matrices are row-major with the given leading dimension (in elements).
+// Weights are (N = out_features, K = in_features), like nn.Linear.
+//
+// Formats (flashkd.reference.quant is the executable statement of them):
+//  * activations, per row m:  amax = max_k |x[m,k]| (float32)
+//      a_scale[m] = max(amax, 1e-5f) / 127.f
+//      inv        = 127.f / max(amax, 1e-5f)
+//      q[m,k]     = (int8) clamp(rint(x[m,k] * inv), -128, 127)   (round half to even)
+//  * int8 weights: int8 (N, K), w_scale float32 per output row.
+//  * ternary weights packed: uint8 (N, ceil(K/4)); the 2-bit code of w[n,k]
+//    is w + 1 in {0, 1, 2}, stored in bits [2i, 2i+2) of byte k/4 with
+//    i = k % 4; padding codes past K are 1 (w = 0).
+//  * int4 weights packed: uint8 (N, ceil(K/2)); q[n,k] in [0, 15] in the low
+//    nibble of byte k/2 for even k, high nibble for odd k; padding nibbles 0.
+//    Group g = k / group_size has float32 scale[n, g] and zero[n, g]
+//    (an integer value in [0, 15]); w = (q - zero) * scale.
+#pragma once
+#include <cstdint>
+#include "flashkd/common.h"
+
+namespace flashkd::quant {
+
+constexpr int kTernaryPerByte = 4;
+constexpr int kInt4PerByte = 2;
+
+FKD_HD int ternary_value(uint8_t byte, int i) { return static_cast<int>((byte >> (2 * i)) & 3u) - 1; }
+FKD_HD int int4_value(uint8_t byte, int i) { return static_cast<int>((byte >> (4 * i)) & 15u); }
+
+// x (M, K) float -> q (M, K) int8 contiguous, a_scale (M) float32.
+struct QuantizeRowsArgs {
+  const void* x;
+  DType x_dtype;
+  int64_t ldx;
+  int64_t rows, cols;
+  int8_t* q;
+  float* scale;
+};
+
+// Shared epilogue: out[m, n] = float(acc) * a_scale[m] * w_scale[n or 0] + bias[n],
+// computed in float32 in that order, stored as out_dtype. With out_int32 set
+// instead, the exact int32 accumulators are stored and no scales are read.
+struct GemmEpilogue {
+  const float* a_scale;    // (M)
+  const float* w_scale;    // (N) or (1)
+  bool w_scale_per_row;
+  const void* bias;        // (N) or nullptr
+  DType bias_dtype;
+  void* out;               // (M, N), leading dimension ldo
+  DType out_dtype;
+  int32_t* out_int32;      // (M, N), leading dimension ldo; when set, out is unused
+  int64_t ldo;
+};
+
+// int8 activations x int8 weights (w8a8, and w1.58a8 while training: the
+// ternary weights held as int8 in {-1, 0, 1}).
+struct Int8GemmArgs {
+  const int8_t* a;  int64_t lda;  // (M, K)
+  const int8_t* w;  int64_t ldw;  // (N, K)
+  int64_t M, N, K;
+  GemmEpilogue epi;
+};
+
+// int8 activations x packed ternary weights (w1.58a8 inference).
+struct TernaryGemmArgs {
+  const int8_t* a;  int64_t lda;        // (M, K)
+  const uint8_t* w; int64_t ldw_bytes;  // (N, ceil(K/4))
+  int64_t M, N, K;
+  GemmEpilogue epi;
+};
+
+// float activations x packed int4 weights (w4a16). Accumulates in float32;
+// out and bias have x's dtype. out[m,n] = sum_k x[m,k] * w[n,k] + bias[n].
+struct Int4GemmArgs {
+  const void* x;    DType x_dtype; int64_t ldx;  // (M, K)
+  const uint8_t* w; int64_t ldw_bytes;           // (N, ceil(K/2))
+  const float* scale;                            // (N, groups), contiguous
+  const float* zero;                             // (N, groups), contiguous
+  int64_t group_size, groups;
+  int64_t M, N, K;
+  const void* bias;                              // (N) or nullptr, x's dtype
+  void* out; int64_t ldo;                        // (M, N), x's dtype
+};
+
+}  // namespace flashkd::quant

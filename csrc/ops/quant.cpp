@@ -1,0 +1,267 @@
+// Glue of the quantized matmuls (issue #6): checks, output allocation, and
+// the CPU (blocked over threads) or CUDA kernels of flashkd/quant_params.h.
+// Schemas are registered at the bottom of this file; fake kernels, autograd
+// and the Python API live in python/flashkd/quant/.
+//
+//   quantize_int8_rows(x) -> (q, scale)          per-token int8 activations
+//   int8_linear(a, w, a_scale?, w_scale?, bias?, out_dtype?)
+//   ternary_linear(a, w_packed, a_scale?, w_scale?, bias?, out_dtype?)
+//   int4_linear(x, w_packed, scale, zero, group_size, bias?)
+//
+// The int8 and ternary ops return the exact int32 accumulators when a_scale
+// is None (then w_scale, bias and out_dtype must be None too), else the
+// dequantized (..., N) output in out_dtype.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include "tensor_utils.h"
+#include "../cpu/quant_kernels.h"
+#ifdef FLASHKD_WITH_CUDA
+#include "../cuda/quant_kernels.h"
+#endif
+
+namespace flashkd::ops {
+namespace {
+
+using quant::GemmEpilogue;
+
+// Output blocks handed to one CPU thread: 64 columns keep four-row weight
+// tiles hot; 128 activation rows (int8) stay in L2 while they are reused.
+constexpr int64_t kBlockN = 64;
+constexpr int64_t kBlockM = 128;
+
+void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of ", ref_name);
+}
+
+// (..., K) -> contiguous (M, K) view or copy.
+at::Tensor as_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() >= 1, name, " must have at least 1 dim, got a 0-d tensor");
+  int64_t rows = 1;  // not reshape(-1, K): that is ambiguous when K == 0
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, t.size(-1)}).contiguous();
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = n;
+  return s;
+}
+
+void check_weight_2d(const at::Tensor& w, at::ScalarType dtype, const char* name, const char* dtype_name) {
+  TORCH_CHECK_TYPE(w.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2, name, " must be 2-D (out_features, packed in_features), got shape ",
+                    shape(w.sizes()));
+}
+
+// Runs `block(m0, m1, n0, n1)` over the (M, N) output in parallel CPU blocks.
+template <class F>
+void for_blocks(int64_t M, int64_t N, int64_t block_m, F&& block) {
+  const int64_t tiles_m = (M + block_m - 1) / block_m, tiles_n = (N + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t / tiles_n) * block_m, n0 = (t % tiles_n) * kBlockN;
+      block(m0, std::min(M, m0 + block_m), n0, std::min(N, n0 + kBlockN));
+    }
+  });
+}
+
+// Checks the epilogue's inputs and points `epi` at them and at the output.
+at::Tensor setup_epilogue(GemmEpilogue& epi, const at::Tensor& a, int64_t M, int64_t N,
+                          const std::optional<at::Tensor>& a_scale, const std::optional<at::Tensor>& w_scale,
+                          const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype,
+                          std::vector<at::Tensor>& keep) {
+  const auto shape_out = out_shape(a, N);
+  epi = GemmEpilogue{};
+  epi.ldo = N;
+  if (!a_scale) {
+    TORCH_CHECK_VALUE(!w_scale && !bias && !out_dtype,
+                      "w_scale, bias and out_dtype must be None when a_scale is None (int32 accumulator output)");
+    at::Tensor out = new_output(shape_out, a.options().dtype(at::kInt));
+    epi.out_int32 = out.data_ptr<int32_t>();
+    return out;
+  }
+  TORCH_CHECK_VALUE(w_scale.has_value(), "w_scale is required when a_scale is given");
+  TORCH_CHECK_VALUE(out_dtype.has_value(), "out_dtype is required when a_scale is given");
+  TORCH_CHECK_TYPE(a_scale->scalar_type() == at::kFloat, "a_scale must be float32, got ", a_scale->scalar_type());
+  TORCH_CHECK_VALUE(a_scale->numel() == M, "a_scale must have one entry per row of a (", num(M), "), got shape ",
+                    shape(a_scale->sizes()));
+  TORCH_CHECK_TYPE(w_scale->scalar_type() == at::kFloat, "w_scale must be float32, got ", w_scale->scalar_type());
+  TORCH_CHECK_VALUE(w_scale->dim() <= 1 && (w_scale->numel() == N || w_scale->numel() == 1),
+                    "w_scale must have shape [out_features] (", num(N), ") or [1], got ", shape(w_scale->sizes()));
+  check_device(*a_scale, a, "a_scale", "a");
+  check_device(*w_scale, a, "w_scale", "a");
+  keep.push_back(a_scale->contiguous());
+  keep.push_back(w_scale->contiguous());
+  epi.a_scale = keep[keep.size() - 2].data_ptr<float>();
+  epi.w_scale = keep.back().data_ptr<float>();
+  epi.w_scale_per_row = w_scale->numel() != 1;  // N == 1: both forms read entry 0
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [out_features] (", num(N),
+                      "), got ", shape(bias->sizes()));
+    check_device(*bias, a, "bias", "a");
+    keep.push_back(bias->contiguous());
+    epi.bias = keep.back().data_ptr();
+    epi.bias_dtype = kernel_dtype(keep.back(), "bias");
+  }
+  at::Tensor out = new_output(shape_out, a.options().dtype(*out_dtype));
+  epi.out_dtype = kernel_dtype(out, "out_dtype");
+  epi.out = out.data_ptr();
+  return out;
+}
+
+void check_activations_int8(const at::Tensor& a) {
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, "a must be int8 (quantized activations), got ", a.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& x) {
+  const DType dtype = kernel_dtype(x, "x");
+  const at::Tensor rows = as_rows(x, "x");
+  const int64_t M = rows.size(0), K = rows.size(1);
+  at::Tensor q = new_output(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = new_output(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  if (M == 0) return {q, scale};
+  const quant::QuantizeRowsArgs args{rows.data_ptr(), dtype, K, M, K, q.data_ptr<int8_t>(), scale.data_ptr<float>()};
+  if (x.is_cuda()) {
+    DeviceScope scope(x);
+#ifdef FLASHKD_WITH_CUDA
+    check_launch(cuda::quantize_rows_int8(args, scope.stream), "quantize_int8_rows CUDA kernel");
+#endif
+    return {q, scale};
+  }
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
+                   [&](int64_t begin, int64_t end) { cpu::quantize_rows_int8(args, begin, end); });
+  return {q, scale};
+}
+
+at::Tensor int8_linear(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& a_scale,
+                       const std::optional<at::Tensor>& w_scale, const std::optional<at::Tensor>& bias,
+                       std::optional<at::ScalarType> out_dtype) {
+  check_activations_int8(a);
+  check_weight_2d(w, at::kChar, "w", "int8");
+  check_device(w, a, "w", "a");
+  const at::Tensor a2 = as_rows(a, "a");
+  const int64_t M = a2.size(0), K = a2.size(1), N = w.size(0);
+  TORCH_CHECK_VALUE(w.size(1) == K, "w must have shape [out_features, in_features] with in_features = a.size(-1) (",
+                    num(K), "), got ", shape(w.sizes()));
+  const at::Tensor wc = w.contiguous();
+  std::vector<at::Tensor> keep;
+  quant::Int8GemmArgs args{a2.data_ptr<int8_t>(), K, wc.data_ptr<int8_t>(), K, M, N, K, {}};
+  at::Tensor out = setup_epilogue(args.epi, a, M, N, a_scale, w_scale, bias, out_dtype, keep);
+  if (M == 0 || N == 0) return out;
+  if (a.is_cuda()) {
+    DeviceScope scope(a);
+#ifdef FLASHKD_WITH_CUDA
+    check_launch(cuda::int8_gemm(args, scope.stream), "int8_linear CUDA kernel");
+#endif
+    return out;
+  }
+  for_blocks(M, N, kBlockM, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu::int8_gemm(args, m0, m1, n0, n1); });
+  return out;
+}
+
+at::Tensor ternary_linear(const at::Tensor& a, const at::Tensor& w_packed, const std::optional<at::Tensor>& a_scale,
+                          const std::optional<at::Tensor>& w_scale, const std::optional<at::Tensor>& bias,
+                          std::optional<at::ScalarType> out_dtype) {
+  check_activations_int8(a);
+  check_weight_2d(w_packed, at::kByte, "w_packed", "uint8 (four 2-bit codes per byte)");
+  check_device(w_packed, a, "w_packed", "a");
+  const at::Tensor a2 = as_rows(a, "a");
+  const int64_t M = a2.size(0), K = a2.size(1), N = w_packed.size(0);
+  const int64_t kb = (K + quant::kTernaryPerByte - 1) / quant::kTernaryPerByte;
+  TORCH_CHECK_VALUE(w_packed.size(1) == kb, "w_packed must have shape [out_features, ceil(in_features / 4)] with ",
+                    "in_features = a.size(-1) (", num(K), " -> ", num(kb), " bytes), got ", shape(w_packed.sizes()));
+  const at::Tensor wc = w_packed.contiguous();
+  std::vector<at::Tensor> keep;
+  quant::TernaryGemmArgs args{a2.data_ptr<int8_t>(), K, wc.data_ptr<uint8_t>(), kb, M, N, K, {}};
+  at::Tensor out = setup_epilogue(args.epi, a, M, N, a_scale, w_scale, bias, out_dtype, keep);
+  if (M == 0 || N == 0) return out;
+  if (a.is_cuda()) {
+    DeviceScope scope(a);
+#ifdef FLASHKD_WITH_CUDA
+    check_launch(cuda::ternary_gemm(args, scope.stream), "ternary_linear CUDA kernel");
+#endif
+    return out;
+  }
+  for_blocks(M, N, kBlockM, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu::ternary_gemm(args, m0, m1, n0, n1); });
+  return out;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scale,
+                       const at::Tensor& zero, int64_t group_size, const std::optional<at::Tensor>& bias) {
+  const DType dtype = kernel_dtype(x, "x");
+  check_weight_2d(w_packed, at::kByte, "w_packed", "uint8 (two 4-bit codes per byte)");
+  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1, got ", num(group_size));
+  const at::Tensor x2 = as_rows(x, "x");
+  const int64_t M = x2.size(0), K = x2.size(1), N = w_packed.size(0);
+  const int64_t kb = (K + quant::kInt4PerByte - 1) / quant::kInt4PerByte;
+  const int64_t groups = std::max<int64_t>(1, (K + group_size - 1) / group_size);
+  TORCH_CHECK_VALUE(w_packed.size(1) == kb, "w_packed must have shape [out_features, ceil(in_features / 2)] with ",
+                    "in_features = x.size(-1) (", num(K), " -> ", num(kb), " bytes), got ", shape(w_packed.sizes()));
+  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&zero, "zero"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == N && t->size(1) == groups, name,
+                      " must have shape [out_features, ceil(in_features / group_size)] = ", shape({N, groups}),
+                      ", got ", shape(t->sizes()));
+    check_device(*t, x, name, "x");
+  }
+  check_device(w_packed, x, "w_packed", "x");
+  at::Tensor bias_c;
+  if (bias) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x (", x.scalar_type(),
+                     "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [out_features] (", num(N),
+                      "), got ", shape(bias->sizes()));
+    check_device(*bias, x, "bias", "x");
+    bias_c = bias->contiguous();
+  }
+  const at::Tensor wc = w_packed.contiguous(), sc = scale.contiguous(), zc = zero.contiguous();
+  at::Tensor out = new_output(out_shape(x, N), x.options());
+  if (M == 0 || N == 0) return out;
+  const quant::Int4GemmArgs args{x2.data_ptr(), dtype, K, wc.data_ptr<uint8_t>(), kb, sc.data_ptr<float>(),
+                                 zc.data_ptr<float>(), group_size, groups, M, N, K,
+                                 bias ? bias_c.data_ptr() : nullptr, out.data_ptr(), N};
+  if (x.is_cuda()) {
+    DeviceScope scope(x);
+#ifdef FLASHKD_WITH_CUDA
+    check_launch(cuda::int4_gemm(args, scope.stream), "int4_linear CUDA kernel");
+#endif
+    return out;
+  }
+  // The block's rows are held as float32 (about 1 MiB of them, in L2), and each
+  // four weight rows are dequantized once per block: the larger the better.
+  const int64_t block_m = std::clamp<int64_t>((int64_t{1} << 18) / std::max<int64_t>(K, 1), 8, kBlockM);
+  for_blocks(M, N, block_m, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu::int4_gemm(args, m0, m1, n0, n1); });
+  return out;
+}
+
+std::string quant_int8_dot_kind() { return cpu::int8_dot_kind(); }
+
+}  // namespace flashkd::ops
+
+TORCH_LIBRARY_FRAGMENT(flashkd, m) {
+  m.def("quantize_int8_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("int8_linear(Tensor a, Tensor w, Tensor? a_scale=None, Tensor? w_scale=None, Tensor? bias=None, "
+        "ScalarType? out_dtype=None) -> Tensor");
+  m.def("ternary_linear(Tensor a, Tensor w_packed, Tensor? a_scale=None, Tensor? w_scale=None, Tensor? bias=None, "
+        "ScalarType? out_dtype=None) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor w_packed, Tensor scale, Tensor zero, int group_size, Tensor? bias=None) -> Tensor");
+  m.def("quant_cpu_dot_kind() -> str", &flashkd::ops::quant_int8_dot_kind);
+}
+
+TORCH_LIBRARY_IMPL(flashkd, CPU, m) {
+  m.impl("quantize_int8_rows", &flashkd::ops::quantize_int8_rows);
+  m.impl("int8_linear", &flashkd::ops::int8_linear);
+  m.impl("ternary_linear", &flashkd::ops::ternary_linear);
+  m.impl("int4_linear", &flashkd::ops::int4_linear);
+}
+
+#ifdef FLASHKD_WITH_CUDA
+TORCH_LIBRARY_IMPL(flashkd, CUDA, m) {
+  m.impl("quantize_int8_rows", &flashkd::ops::quantize_int8_rows);
+  m.impl("int8_linear", &flashkd::ops::int8_linear);
+  m.impl("ternary_linear", &flashkd::ops::ternary_linear);
+  m.impl("int4_linear", &flashkd::ops::int4_linear);
+}
+#endif

@@ -1,0 +1,40 @@
+"""Shapes and random inputs shared by the quantized-matmul tests."""
+import pytest
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (M, N, K): M = 1 and N = 1, K below / not a multiple of the vector width
+# (64 bytes, 16 floats), of 4 (ternary) and 2 (int4), and a few blocks' worth.
+SHAPES = [(1, 1, 1), (1, 7, 3), (3, 1, 65), (5, 9, 130), (17, 67, 257), (130, 70, 100), (4, 133, 1027)]
+CPU_ISAS = ["avx512", "avx2"]
+
+
+def gen(*key):
+    return torch.Generator().manual_seed(hash(key) % (2 ** 31))
+
+
+def randn(shape, g, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+
+def rand_int8(shape, g, device="cpu"):
+    return torch.randint(-128, 128, shape, generator=g, dtype=torch.int8).to(device)
+
+
+def rand_ternary(shape, g, device="cpu"):
+    return torch.randint(-1, 2, shape, generator=g, dtype=torch.int8).to(device)
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request):
+    """Runs a test under each CPU instruction set this machine has (the int8 dot
+    product is AVX-512 VNNI or AVX2 vpmaddwd), then restores auto-detection."""
+    try:
+        torch.ops.flashkd.cpu_isa(request.param)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    from flashkd.quant import cpu_int8_kernel
+
+    assert cpu_int8_kernel().startswith(request.param)
+    yield request.param
+    torch.ops.flashkd.cpu_isa("", True)

@@ -1,0 +1,139 @@
+"""Quantized-matmul kernels against flashkd.reference.quant: integer results
+(int8 codes, int32 accumulators) bit-exact, dequantized outputs within float
+rounding, on awkward shapes, under each CPU instruction set."""
+import pytest
+import torch
+
+from flashkd.quant import int4_linear, int8_matmul, pack, quantize_activations, ternary_matmul
+from flashkd.reference import quant as ref
+from quant_cases import DTYPES, SHAPES, cpu_isa, gen, rand_int8, rand_ternary, randn  # noqa: F401  (fixture)
+
+ops = torch.ops.flashkd
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 7, 63), (300, 129)])
+def test_quantize_activations_exact(shape, dtype, device, cpu_isa):
+    g = gen("act", shape, dtype)
+    x = randn(shape, g, DTYPES[dtype], device, scale=3.0)
+    x[..., 0] = 0.0  # exact zeros and a row that is all zero
+    if x.dim() > 1:
+        x[0] = 0.0
+    q, s = quantize_activations(x)
+    q_ref, s_ref = ref.quantize_activations(x.cpu())
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == x.shape[:-1]
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+def test_quantize_activations_rounds_half_to_even(device):
+    # amax 127 makes inv = 1: x * inv is x itself, so ties are exact.
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5]], device=device)
+    q, _ = quantize_activations(x)
+    assert q.cpu().tolist() == [[127, 0, 2, 2, 0, -2, -2]]
+
+
+def test_quantize_activations_strided_input(device):
+    x = randn((6, 40), gen("strided"), device=device)[:, ::2]
+    q, s = quantize_activations(x)
+    q_ref, s_ref = ref.quantize_activations(x.cpu())
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+@pytest.mark.parametrize("mnk", SHAPES)
+def test_int8_matmul_exact(mnk, device, cpu_isa):
+    m, n, k = mnk
+    g = gen("int8", mnk)
+    a, w = rand_int8((m, k), g, device), rand_int8((n, k), g, device)
+    a[0, :] = -128  # the extremes: -128 * -128 sums, the VNNI offset's worst case
+    w[0, :] = -128
+    acc = int8_matmul(a, w)
+    assert acc.dtype == torch.int32 and acc.shape == (m, n)
+    assert torch.equal(acc.cpu().long(), ref.int_matmul(a, w))
+
+
+@pytest.mark.parametrize("mnk", SHAPES)
+def test_ternary_matmul_exact(mnk, device, cpu_isa):
+    m, n, k = mnk
+    g = gen("ternary", mnk)
+    a, wq = rand_int8((m, k), g, device), rand_ternary((n, k), g, device)
+    acc = ternary_matmul(a, pack(wq, "w1.58a8"))
+    assert torch.equal(acc.cpu().long(), ref.int_matmul(a, wq))
+
+
+def test_leading_dims(device):
+    g = gen("lead")
+    a, w = rand_int8((2, 3, 50), g, device), rand_int8((6, 50), g, device)
+    assert int8_matmul(a, w).shape == (2, 3, 6)
+    assert torch.equal(int8_matmul(a, w).cpu().long(), ref.int_matmul(a, w))
+
+
+def _tolerance(dtype):
+    # Kernels may contract the epilogue's multiply-add into one FMA: one float32
+    # rounding apart, then the output dtype's own rounding.
+    return {torch.float32: (2e-6, 1e-6), torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (2e-3, 1e-5)}[dtype]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["int8", "ternary"])
+@pytest.mark.parametrize("mnk", [(1, 5, 33), (19, 70, 131)])
+def test_dequantizing_epilogue(mnk, kind, dtype, per_row, bias, device, cpu_isa):
+    m, n, k = mnk
+    out_dtype = DTYPES[dtype]
+    g = gen("epi", mnk, kind, dtype, per_row, bias)
+    a = rand_int8((m, k), g, device)
+    wq = rand_int8((n, k), g, device) if kind == "int8" else rand_ternary((n, k), g, device)
+    a_scale = torch.rand(m, generator=g).add_(0.01).to(device)
+    w_scale = torch.rand(n if per_row else 1, generator=g).add_(0.01).to(device)
+    b = randn(n, g, out_dtype, device) if bias else None
+    if kind == "int8":
+        out = ops.int8_linear(a, wq, a_scale, w_scale, b, out_dtype)
+    else:
+        out = ops.ternary_linear(a, pack(wq, "w1.58a8"), a_scale, w_scale, b, out_dtype)
+    expect = ref.epilogue(ref.int_matmul(a, wq), a_scale.cpu(), w_scale.cpu(), None if b is None else b.cpu(),
+                          out_dtype)
+    assert out.dtype == out_dtype
+    rtol, atol = _tolerance(out_dtype)
+    torch.testing.assert_close(out.cpu(), expect, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype,bias", [("fp32", False), ("fp32", True), ("bf16", True), ("fp16", True)])
+@pytest.mark.parametrize("group_size", [1, 6, 128])
+@pytest.mark.parametrize("mnk", SHAPES)
+def test_int4_linear(mnk, group_size, dtype, bias, device, cpu_isa):
+    m, n, k = mnk
+    if group_size == 1 and k > 300:
+        pytest.skip("group_size 1 is covered by the smaller K (the oracle loops over groups)")
+    x_dtype = DTYPES[dtype]
+    g = gen("int4", mnk, group_size, dtype, bias)
+    x = randn((m, k), g, x_dtype, device)
+    w = randn((n, k), g)
+    q, scale, zero = ref.int4_weights(w, group_size)
+    b = randn(n, g, x_dtype, device) if bias else None
+    out = int4_linear(x, pack(q, "w4a16").to(device), scale.to(device), zero.to(device), group_size, b)
+    per_col = lambda t: t.repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731
+    wd = ((q.double() - per_col(zero)) * per_col(scale)).double()
+    exact = x.cpu().double() @ wd.T + (b.cpu().double() if bias else 0)
+    assert out.dtype == x_dtype and out.shape == (m, n)
+    # float32 accumulation over K terms, then the output dtype's rounding.
+    bound = 1e-6 * k * (x.cpu().double().abs() @ wd.abs().T) + 1e-6
+    if x_dtype != torch.float32:
+        bound = bound + exact.abs() * (2 ** -8 if x_dtype == torch.bfloat16 else 2 ** -11)
+    assert ((out.cpu().double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("m", [0, 3])
+def test_empty(m, device):
+    a = torch.zeros(m, 8, dtype=torch.int8, device=device)
+    assert int8_matmul(a, torch.ones(0, 8, dtype=torch.int8, device=device)).shape == (m, 0)
+    assert ternary_matmul(a, torch.zeros(4, 2, dtype=torch.uint8, device=device)).shape == (m, 4)
+
+
+def test_zero_in_features(device):
+    """K = 0: every accumulator is 0, the activation scale is the clipped 1e-5 / 127."""
+    q, s = quantize_activations(torch.zeros(2, 3, 0, device=device))
+    assert q.shape == (2, 3, 0) and torch.equal(s.cpu(), ref.quantize_activations(torch.zeros(2, 3, 0))[1])
+    acc = int8_matmul(torch.zeros(3, 0, dtype=torch.int8, device=device), torch.zeros(5, 0, dtype=torch.int8,
+                                                                                      device=device))
+    assert torch.equal(acc.cpu(), torch.zeros(3, 5, dtype=torch.int32))

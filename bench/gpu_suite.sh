@@ -12,15 +12,16 @@
 # the logs are written there and the results copied there: 8 flat files.
 #
 # Environment:
-#   FLASHKD_SANITIZER_TESTS   test files for step 5 (default tests/test_distill.py)
-#   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default "gradcheck or identical or inf")
+#   FLASHKD_SANITIZER_TESTS   test files for step 5 (default: distill, tome, prune, quant kernels)
+#   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default: about 110 tests of edge shapes,
+#                             ties, exact integer results and gradients)
 #   FLASHKD_BENCH_ARGS        arguments for python3 -m flashkd.bench (default: none, i.e. the GPU default:
-#                             distill_loss fkl/jsd and both linear ops at their GPU targets)
+#                             distill_loss fkl/jsd, both linear ops, tome_merge, vit_tome, quant_linear at their GPU targets)
 #   FLASHKD_CUDA_ARCHS        architectures to build (default: this GPU's own, e.g. 90a-real on Hopper,
 #                             which halves the build time against the wheel's sm_80 + sm_90a)
 #   FLASHKD_COMMIT            commit to record when the checkout has no .git
-#   *_TIMEOUT                 seconds: FLASHKD_TEST_TIMEOUT (240), FLASHKD_SANITIZER_TIMEOUT (120 per tool),
-#                             FLASHKD_BENCH_TIMEOUT (240; the JSON is written after every case, so a
+#   *_TIMEOUT                 seconds: FLASHKD_TEST_TIMEOUT (240), FLASHKD_SANITIZER_TIMEOUT (240 per tool),
+#                             FLASHKD_BENCH_TIMEOUT (480; the JSON is written after every case, so a
 #                             benchmark cut short still leaves its finished cases)
 set -u
 export PYTHONUNBUFFERED=1
@@ -103,8 +104,8 @@ fi
 
 # 5. compute-sanitizer; without the caching allocator, so memcheck sees each allocation's bounds
 SANITIZER=()
-SAN_TESTS=${FLASHKD_SANITIZER_TESTS:-tests/test_distill.py}
-SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf}
+SAN_TESTS=${FLASHKD_SANITIZER_TESTS:-tests/test_distill.py tests/test_tome.py tests/test_prune.py tests/test_quant_kernels.py}
+SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf or tie or matmul_exact or strided or empty or non_contiguous or merge_wavg_grad or prune.py and test_grad}
 if [ $BUILT = 0 ]; then
     SANITIZER+=("not run (no build)")
 elif ! command -v compute-sanitizer >/dev/null; then
@@ -113,7 +114,7 @@ else
     for tool in memcheck racecheck; do
         # shellcheck disable=SC2086  (SAN_TESTS is a list of paths)
         step "$tool" "$WORK/$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-            timeout "${FLASHKD_SANITIZER_TIMEOUT:-120}" \
+            timeout "${FLASHKD_SANITIZER_TIMEOUT:-240}" \
             compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
             python3 -m pytest -m cuda -q -x -p no:cacheprovider $SAN_TESTS -k "$SAN_SUBSET"
         SANITIZER+=("$tool ($SAN_TESTS -k \"$SAN_SUBSET\"): $(summary_line "$WORK/$tool.log"); $(grep -m1 \
@@ -125,7 +126,7 @@ fi
 BENCH_ARGS=${FLASHKD_BENCH_ARGS-}
 if [ $BUILT = 1 ]; then
     # shellcheck disable=SC2086  (BENCH_ARGS is a list of words)
-    step bench - timeout "${FLASHKD_BENCH_TIMEOUT:-240}" python3 -m flashkd.bench \
+    step bench - timeout "${FLASHKD_BENCH_TIMEOUT:-480}" python3 -m flashkd.bench \
         --device cuda --json "$RESULT.json" --plot "$WORK/bench.png" $BENCH_ARGS
 fi
 

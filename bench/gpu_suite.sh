@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# flashkd on one NVIDIA GPU, offline, in one command (about 9 minutes on an H100):
+# flashkd on one NVIDIA GPU, offline, in one command (9 minutes on an H100 before the tome and quant
+# ops were added; not yet run with them — expect about 15):
 #   1. install peer wheels from .whl/ (liger-kernel, ...) into /tmp/site
 #   2. build flashkd in place with its CUDA kernels
 #   3. show the GPU, torch and whether the CUDA kernels loaded

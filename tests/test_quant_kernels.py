@@ -12,7 +12,7 @@ ops = torch.ops.flashkd
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 7, 63), (300, 129)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 7, 63), (300, 129), (5, 1000)])
 def test_quantize_activations_exact(shape, dtype, device, cpu_isa):
     g = gen("act", shape, dtype)
     x = randn(shape, g, DTYPES[dtype], device, scale=3.0)
@@ -77,7 +77,7 @@ def _tolerance(dtype):
 @pytest.mark.parametrize("per_row", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["int8", "ternary"])
-@pytest.mark.parametrize("mnk", [(1, 5, 33), (19, 70, 131)])
+@pytest.mark.parametrize("mnk", [(1, 5, 33), (19, 70, 131), (40, 70, 128)])
 def test_dequantizing_epilogue(mnk, kind, dtype, per_row, bias, device, cpu_isa):
     m, n, k = mnk
     out_dtype = DTYPES[dtype]
@@ -99,7 +99,7 @@ def test_dequantizing_epilogue(mnk, kind, dtype, per_row, bias, device, cpu_isa)
 
 
 @pytest.mark.parametrize("dtype,bias", [("fp32", False), ("fp32", True), ("bf16", True), ("fp16", True)])
-@pytest.mark.parametrize("group_size", [1, 6, 128])
+@pytest.mark.parametrize("group_size", [1, 6, 12, 128])
 @pytest.mark.parametrize("mnk", SHAPES)
 def test_int4_linear(mnk, group_size, dtype, bias, device, cpu_isa):
     m, n, k = mnk

@@ -118,36 +118,36 @@ __global__ void topk_backward_kernel(TopkParams p) {
   }
 }
 
-}  // namespace
-
-const char* topk_tokens(const TopkParams& p, void* stream) {
-  if (p.tokens > kMaxTokens) return "topk_tokens CUDA kernel: more than 12000 tokens";
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const size_t smem = static_cast<size_t>(p.tokens) * sizeof(int);
+// Runs launch(x_tag, scores_tag) for x's and the scores' dtypes, with the
+// ranks' dynamic shared memory; returns the first launch error.
+template <typename Launch>
+const char* launch_topk(const TopkParams& p, const char* name, Launch launch) {
+  if (p.tokens > kMaxTokens) return name;  // the caller's message names the kernel and the limit
   const char* err = nullptr;  // the inner launch's error (it clears the CUDA error state)
   const char* outer = launch_for_dtype(p.dtype, [&](auto* xtag) {
-    using T = std::remove_pointer_t<decltype(xtag)>;
-    err = launch_for_dtype(p.scores_dtype, [&](auto* stag) {
-      using S = std::remove_pointer_t<decltype(stag)>;
-      topk_kernel<T, S><<<grid_for(p.batch), kThreads, smem, st>>>(p);
-    });
+    err = launch_for_dtype(p.scores_dtype, [&](auto* stag) { launch(xtag, stag); });
   });
   return err ? err : outer;
 }
 
-const char* topk_tokens_backward(const TopkParams& p, void* stream) {
-  if (p.tokens > kMaxTokens) return "topk_tokens_backward CUDA kernel: more than 12000 tokens";
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const size_t smem = static_cast<size_t>(p.tokens) * sizeof(int);
-  const char* err = nullptr;  // the inner launch's error (it clears the CUDA error state)
-  const char* outer = launch_for_dtype(p.dtype, [&](auto* xtag) {
+size_t rank_bytes(const TopkParams& p) { return static_cast<size_t>(p.tokens) * sizeof(int); }
+
+}  // namespace
+
+const char* topk_tokens(const TopkParams& p, void* stream) {
+  return launch_topk(p, "topk_tokens CUDA kernel: more than 12000 tokens", [&](auto* xtag, auto* stag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
-    err = launch_for_dtype(p.scores_dtype, [&](auto* stag) {
-      using S = std::remove_pointer_t<decltype(stag)>;
-      topk_backward_kernel<T, S><<<grid_for(p.batch), kThreads, smem, st>>>(p);
-    });
+    using S = std::remove_pointer_t<decltype(stag)>;
+    topk_kernel<T, S><<<grid_for(p.batch), kThreads, rank_bytes(p), static_cast<cudaStream_t>(stream)>>>(p);
   });
-  return err ? err : outer;
+}
+
+const char* topk_tokens_backward(const TopkParams& p, void* stream) {
+  return launch_topk(p, "topk_tokens_backward CUDA kernel: more than 12000 tokens", [&](auto* xtag, auto* stag) {
+    using T = std::remove_pointer_t<decltype(xtag)>;
+    using S = std::remove_pointer_t<decltype(stag)>;
+    topk_backward_kernel<T, S><<<grid_for(p.batch), kThreads, rank_bytes(p), static_cast<cudaStream_t>(stream)>>>(p);
+  });
 }
 
 }  // namespace flashkd::cuda

@@ -113,6 +113,40 @@ void check_activations_int8(const at::Tensor& a) {
   TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, "a must be int8 (quantized activations), got ", a.scalar_type());
 }
 
+// The integer GEMM of each weight format, by argument type, so that
+// int8_linear and ternary_linear share one driver.
+void cpu_gemm(const quant::Int8GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  cpu::int8_gemm(args, m0, m1, n0, n1);
+}
+void cpu_gemm(const quant::TernaryGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  cpu::ternary_gemm(args, m0, m1, n0, n1);
+}
+#ifdef FLASHKD_WITH_CUDA
+const char* cuda_gemm(const quant::Int8GemmArgs& args, void* stream) { return cuda::int8_gemm(args, stream); }
+const char* cuda_gemm(const quant::TernaryGemmArgs& args, void* stream) { return cuda::ternary_gemm(args, stream); }
+#endif
+
+// int8 activations times checked weights (args without the epilogue): sets up
+// the epilogue's output, then runs the GEMM on a's device.
+template <typename Args>
+at::Tensor integer_linear(Args args, const at::Tensor& a, const std::optional<at::Tensor>& a_scale,
+                          const std::optional<at::Tensor>& w_scale, const std::optional<at::Tensor>& bias,
+                          std::optional<at::ScalarType> out_dtype, const char* what) {
+  std::vector<at::Tensor> keep;  // contiguous scales and bias the epilogue points into
+  at::Tensor out = setup_epilogue(args.epi, a, args.M, args.N, a_scale, w_scale, bias, out_dtype, keep);
+  if (args.M == 0 || args.N == 0) return out;
+  if (a.is_cuda()) {
+    DeviceScope scope(a);
+#ifdef FLASHKD_WITH_CUDA
+    check_launch(cuda_gemm(args, scope.stream), what);
+#endif
+    return out;
+  }
+  for_blocks(args.M, args.N, kBlockM,
+             [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu_gemm(args, m0, m1, n0, n1); });
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& x) {
@@ -146,19 +180,8 @@ at::Tensor int8_linear(const at::Tensor& a, const at::Tensor& w, const std::opti
   TORCH_CHECK_VALUE(w.size(1) == K, "w must have shape [out_features, in_features] with in_features = a.size(-1) (",
                     num(K), "), got ", shape(w.sizes()));
   const at::Tensor wc = w.contiguous();
-  std::vector<at::Tensor> keep;
-  quant::Int8GemmArgs args{a2.data_ptr<int8_t>(), K, wc.data_ptr<int8_t>(), K, M, N, K, {}};
-  at::Tensor out = setup_epilogue(args.epi, a, M, N, a_scale, w_scale, bias, out_dtype, keep);
-  if (M == 0 || N == 0) return out;
-  if (a.is_cuda()) {
-    DeviceScope scope(a);
-#ifdef FLASHKD_WITH_CUDA
-    check_launch(cuda::int8_gemm(args, scope.stream), "int8_linear CUDA kernel");
-#endif
-    return out;
-  }
-  for_blocks(M, N, kBlockM, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu::int8_gemm(args, m0, m1, n0, n1); });
-  return out;
+  const quant::Int8GemmArgs args{a2.data_ptr<int8_t>(), K, wc.data_ptr<int8_t>(), K, M, N, K, {}};
+  return integer_linear(args, a, a_scale, w_scale, bias, out_dtype, "int8_linear CUDA kernel");
 }
 
 at::Tensor ternary_linear(const at::Tensor& a, const at::Tensor& w_packed, const std::optional<at::Tensor>& a_scale,
@@ -173,19 +196,8 @@ at::Tensor ternary_linear(const at::Tensor& a, const at::Tensor& w_packed, const
   TORCH_CHECK_VALUE(w_packed.size(1) == kb, "w_packed must have shape [out_features, ceil(in_features / 4)] with ",
                     "in_features = a.size(-1) (", num(K), " -> ", num(kb), " bytes), got ", shape(w_packed.sizes()));
   const at::Tensor wc = w_packed.contiguous();
-  std::vector<at::Tensor> keep;
-  quant::TernaryGemmArgs args{a2.data_ptr<int8_t>(), K, wc.data_ptr<uint8_t>(), kb, M, N, K, {}};
-  at::Tensor out = setup_epilogue(args.epi, a, M, N, a_scale, w_scale, bias, out_dtype, keep);
-  if (M == 0 || N == 0) return out;
-  if (a.is_cuda()) {
-    DeviceScope scope(a);
-#ifdef FLASHKD_WITH_CUDA
-    check_launch(cuda::ternary_gemm(args, scope.stream), "ternary_linear CUDA kernel");
-#endif
-    return out;
-  }
-  for_blocks(M, N, kBlockM, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu::ternary_gemm(args, m0, m1, n0, n1); });
-  return out;
+  const quant::TernaryGemmArgs args{a2.data_ptr<int8_t>(), K, wc.data_ptr<uint8_t>(), kb, M, N, K, {}};
+  return integer_linear(args, a, a_scale, w_scale, bias, out_dtype, "ternary_linear CUDA kernel");
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scale,

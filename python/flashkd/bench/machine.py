@@ -86,7 +86,8 @@ def _version(package):
 def describe(device, bandwidth):
     """Everything a result file needs to be read later without guessing."""
     commit = _git("rev-parse", "HEAD") or os.environ.get("FLASHKD_COMMIT", "unknown")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Results files written earlier in the same session do not make the code dirty.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)bench/results")
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device.type,

@@ -149,6 +149,15 @@ Tensor tome_merge(const Tensor& x_in, const Tensor& unm, const Tensor& src, cons
   return out;
 }
 
+// A merge backward's grad_out and saved out: the merged shape, x's dtype.
+void check_merged_grad(const Tensor& grad_out, const Tensor& out, const Tensor& x,
+                       const std::vector<int64_t>& out_shape) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape) && out.sizes() == grad_out.sizes(),
+                    "grad_out and out must have the merged shape ", shape(out_shape));
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+                   "grad_out and out must have the dtype of x");
+}
+
 Tensor tome_merge_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& out, const Tensor& unm,
                            const Tensor& src, const Tensor& dst, c10::string_view mode, bool distill_token) {
   check_3d(x_in, "x");
@@ -157,11 +166,7 @@ Tensor tome_merge_backward(const Tensor& grad_out, const Tensor& x_in, const Ten
   MergePlan p = make_plan(unm, src, dst, x.size(0), x.size(1), distill_token, x);
   const Indices idx(unm, src, dst);
   idx.bind(p);
-  const std::vector<int64_t> out_shape{p.batch, p.n_out(), t.cols};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape) && out.sizes() == grad_out.sizes(),
-                    "grad_out and out must have the merged shape ", shape(out_shape));
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
-                   "grad_out and out must have the dtype of x");
+  check_merged_grad(grad_out, out, x, {p.batch, p.n_out(), t.cols});
   const Tensor g = grad_out.contiguous(), y = out.contiguous();
   Tensor grad_x = new_output(x.sizes(), x.options());
   t.x = x.data_ptr();
@@ -217,11 +222,7 @@ std::tuple<Tensor, Tensor> tome_merge_wavg_backward(const Tensor& grad_out, cons
   const auto size = checked_size(size_in, x, "size", p.tokens);
   const auto size_o = checked_size(size_out, x, "size_out", p.n_out());
   const auto g_size = checked_size(grad_size_out, x, "grad_size_out", p.n_out());
-  const std::vector<int64_t> out_shape{p.batch, p.n_out(), t.cols};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape) && out.sizes() == grad_out.sizes(),
-                    "grad_out and out must have the merged shape ", shape(out_shape));
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
-                   "grad_out and out must have the dtype of x");
+  check_merged_grad(grad_out, out, x, {p.batch, p.n_out(), t.cols});
   const Tensor g = grad_out.contiguous(), y = out.contiguous();
   Tensor grad_x = new_output(x.sizes(), x.options());
   Tensor grad_size = size_grad ? new_output({p.batch, p.tokens, 1}, x.options()) : at::empty({0}, x.options());

@@ -5,8 +5,10 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (M, N, K): M = 1 and N = 1, K below / not a multiple of the vector width
 # (64 bytes, 16 floats), of 4 (ternary) and 2 (int4), and a few blocks' worth.
-# On CUDA, M > 16 with K % 16 == 0 takes the tensor-core path (partial M, N
-# and K tiles, more K tiles than pipeline stages); K > 2048 the GEMV's K loop.
+# On CUDA, M > 16 takes the tensor-core path (partial M, N and K tiles, more K
+# tiles than pipeline stages) when the activation rows are 16-byte aligned:
+# K % 16 == 0 for int8 and ternary, K % 8 == 0 for bf16/fp16 int4 (with
+# group_size % 32 == 0 or a single group); K > 2048 runs the GEMV's K loop.
 SHAPES = [(1, 1, 1), (1, 7, 3), (3, 1, 65), (5, 9, 130), (17, 67, 257), (130, 70, 100), (4, 133, 1027),
           (17, 1, 16), (130, 70, 128), (300, 260, 336), (3, 40, 4100)]
 CPU_ISAS = ["avx512", "avx2"]

@@ -99,7 +99,7 @@ def test_dequantizing_epilogue(mnk, kind, dtype, per_row, bias, device, cpu_isa)
 
 
 @pytest.mark.parametrize("dtype,bias", [("fp32", False), ("fp32", True), ("bf16", True), ("fp16", True)])
-@pytest.mark.parametrize("group_size", [1, 6, 12, 128])
+@pytest.mark.parametrize("group_size", [1, 6, 12, 32, 128])
 @pytest.mark.parametrize("mnk", SHAPES)
 def test_int4_linear(mnk, group_size, dtype, bias, device, cpu_isa):
     m, n, k = mnk

@@ -58,6 +58,58 @@ __device__ __forceinline__ uint4 decode_ternary16(uint32_t p) {
                     minus_one(__byte_perm(u1, v1, 0x5410)), minus_one(__byte_perm(u1, v1, 0x7632)));
 }
 
+// int4 -> bf16/fp16 without conversions: a 4-bit q in the low mantissa bits
+// of bf16 128.0 (0x4300, 7 mantissa bits) or fp16 1024.0 (0x6400, 10 bits)
+// is exactly 128 + q or 1024 + q; subtracting (128 or 1024) + zero in the
+// same type leaves q - zero, exact for an integer zero in [0, 15] (every
+// value involved is an integer below 2^8, which both types hold exactly).
+template <typename T> struct Int4Magic;
+template <> struct Int4Magic<__nv_bfloat16> {
+  static constexpr uint32_t kPairBits = 0x43004300u;
+  static constexpr float kValue = 128.f;
+};
+template <> struct Int4Magic<__half> {
+  static constexpr uint32_t kPairBits = 0x64006400u;
+  static constexpr float kValue = 1024.f;
+};
+
+// (magic + zero) in both 16-bit halves of a word.
+template <typename T> __device__ __forceinline__ uint32_t int4_magic_pair(float zero);
+template <> __device__ __forceinline__ uint32_t int4_magic_pair<__nv_bfloat16>(float zero) {
+  const __nv_bfloat162 v = __float2bfloat162_rn(Int4Magic<__nv_bfloat16>::kValue + zero);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t int4_magic_pair<__half>(float zero) {
+  const __half2 v = __float2half2_rn(Int4Magic<__half>::kValue + zero);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// a - b in both 16-bit halves of a word.
+template <typename T> __device__ __forceinline__ uint32_t sub_pairs(uint32_t a, uint32_t b);
+template <> __device__ __forceinline__ uint32_t sub_pairs<__nv_bfloat16>(uint32_t a, uint32_t b) {
+  const __nv_bfloat162 d =
+      __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&d);
+}
+template <> __device__ __forceinline__ uint32_t sub_pairs<__half>(uint32_t a, uint32_t b) {
+  const __half2 d = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&d);
+}
+
+// One packed int4 word (8 values, k = 0..7 relative, value j in bits 4j..4j+3)
+// -> four words of T pairs, word i holding k = 2i (low half) and 2i + 1, each
+// q - zero exactly; `zero_pair` is int4_magic_pair<T>(zero).
+template <typename T>
+__device__ __forceinline__ uint4 decode_int4x8(uint32_t p, uint32_t zero_pair) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t x = p >> (8 * i);
+    w[i] = sub_pairs<T>((x & 0xFu) | ((x << 12) & 0xF0000u) | Int4Magic<T>::kPairBits, zero_pair);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 __device__ __forceinline__ float load_as_float(const void* p, DType t, int64_t i) {
   switch (t) {
     case DType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);

@@ -2,16 +2,21 @@
 // weights with per-group scale and zero, float32 accumulation, out and bias in
 // x's dtype (flashkd/quant_params.h).
 //
-// One kernel for every M: a GEMV-shaped SIMT kernel. Each warp owns
-// kRowsPerWarp weight rows and streams their packed bytes once per M tile of
-// up to 16 rows, whose activations are staged in shared memory as float one K
-// chunk at a time. Lane l handles the 8-deep K pieces 32 s + l of a chunk (one
-// packed 32-bit word per row), dequantizes them on the fly as
-// (q - zero) * scale and accumulates with FMAs; partial sums are reduced
-// across the warp at the end. Large M re-streams the weights per M tile (from
-// L2); a tensor-core path for large M is not written yet.
+// M <= 16, float32 activations, or shapes the tensor cores cannot take: a
+// GEMV-shaped SIMT kernel. Each warp owns kRowsPerWarp weight rows and
+// streams their packed bytes once per M tile of up to 16 rows, whose
+// activations are staged in shared memory as float one K chunk at a time.
+// Lane l handles the 8-deep K pieces 32 s + l of a chunk (one packed 32-bit
+// word per row), dequantizes them on the fly as (q - zero) * scale and
+// accumulates with FMAs; partial sums are reduced across the warp at the end.
+//
+// M > 16 with bf16/fp16 activations: the tensor-core mainloop
+// (quant_mma.cuh) on the exact integers q - zero, each 32-deep k tile scaled
+// by its group's scale. It needs 16-byte aligned activation rows (cp.async)
+// and one group per k tile (group_size % 32 == 0, or a single group).
 #include "quant_device.cuh"
 #include "quant_kernels.h"
+#include "quant_mma.cuh"
 
 namespace flashkd::cuda {
 
@@ -161,10 +166,31 @@ void launch_tile(const quant::Int4GemmArgs& p, const Int4Rows& rows, cudaStream_
 }
 
 template <typename T>
-void launch(const quant::Int4GemmArgs& p, const Int4Rows& rows, cudaStream_t stream) {
-  if (p.M <= 1) return launch_tile<1, T>(p, rows, stream);
-  if (p.M <= 4) return launch_tile<4, T>(p, rows, stream);
-  launch_tile<kMaxRows, T>(p, rows, stream);
+const char* launch_simt(const quant::Int4GemmArgs& p, const Int4Rows& rows, cudaStream_t stream) {
+  if (p.M <= 1) launch_tile<1, T>(p, rows, stream);
+  else if (p.M <= 4) launch_tile<4, T>(p, rows, stream);
+  else launch_tile<kMaxRows, T>(p, rows, stream);
+  return last_error();
+}
+
+template <typename T>
+const char* launch(const quant::Int4GemmArgs& p, const Int4Rows& rows, cudaStream_t stream) {
+  constexpr int kTileValues = tc::Int4TileDecode<T>::kValues;
+  const bool tensor_cores = p.M > kMaxRows && aligned_to(p.x, p.ldx * int64_t(sizeof(T)), 16) &&
+                            (p.groups == 1 || p.group_size % kTileValues == 0);
+  if (!tensor_cores) return launch_simt<T>(p, rows, stream);
+  const tc::RowTileCpAsync a_ld{static_cast<const uint8_t*>(p.x), p.ldx * int64_t(sizeof(T)), p.M,
+                                p.K * int64_t(sizeof(T))};
+  const tc::Int4TileDecode<T> w_ld{p.w, p.ldw_bytes, p.N, rows.row_bytes, rows.word_ok,
+                                   p.zero, p.groups, p.group_size, {0, 0}, 0};
+  const tc::GroupScaledMath<T> math{p.scale, p.groups, p.group_size, p.N,
+                                    static_cast<const T*>(p.bias), static_cast<T*>(p.out), p.ldo};
+  return tc::launch(a_ld, w_ld, math, p.M, p.N, stream);
+}
+
+template <>
+const char* launch<float>(const quant::Int4GemmArgs& p, const Int4Rows& rows, cudaStream_t stream) {
+  return launch_simt<float>(p, rows, stream);  // the tensor cores would round x to a 16-bit type
 }
 
 }  // namespace
@@ -185,11 +211,10 @@ const char* int4_gemm(const quant::Int4GemmArgs& p, void* stream) {
                       aligned_to(p.w, p.ldw_bytes, 4)};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.x_dtype) {
-    case DType::kFloat32: launch<float>(p, rows, s); break;
-    case DType::kBFloat16: launch<__nv_bfloat16>(p, rows, s); break;
-    case DType::kFloat16: launch<__half>(p, rows, s); break;
+    case DType::kBFloat16: return launch<__nv_bfloat16>(p, rows, s);
+    case DType::kFloat16: return launch<__half>(p, rows, s);
+    default: return launch<float>(p, rows, s);
   }
-  return last_error();
 }
 
 }  // namespace flashkd::cuda

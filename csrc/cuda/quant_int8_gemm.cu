@@ -12,9 +12,9 @@ namespace flashkd::cuda {
 const char* int8_gemm(const quant::Int8GemmArgs& args, void* stream) {
   if (args.M == 0 || args.N == 0) return nullptr;
   if (args.M > gemv::kMaxRows && aligned_to(args.a, args.lda, 16) && aligned_to(args.w, args.ldw, 16)) {
-    const imma::Int8TileCpAsync a_ld{args.a, args.lda, args.M, args.K};
-    const imma::Int8TileCpAsync w_ld{args.w, args.ldw, args.N, args.K};
-    return imma::launch(a_ld, w_ld, args.M, args.N, args.K, args.epi, stream);
+    const tc::RowTileCpAsync a_ld{reinterpret_cast<const uint8_t*>(args.a), args.lda, args.M, args.K};
+    const tc::RowTileCpAsync w_ld{reinterpret_cast<const uint8_t*>(args.w), args.ldw, args.N, args.K};
+    return tc::launch(a_ld, w_ld, tc::Int8Math{args.epi}, args.M, args.N, stream);
   }
   const gemv::Int8Rows rows{args.w, args.ldw, args.N, args.K, aligned_to(args.w, args.ldw, 16),
                             aligned_to(args.w, args.ldw, 4)};

@@ -1,13 +1,22 @@
-// Integer tensor-core GEMM mainloop shared by int8_gemm and ternary_gemm:
-//   acc[m, n] = sum_k A[m, k] * W[n, k]   (int8 x int8 -> exact int32)
-// A (M, K) and W (N, K) are both K-contiguous, which is the "row.col" (TN)
-// operand layout of mma.sync m16n8k32 s8. The kernel is templated on a tile
-// loader per operand (a policy with fetch/stash), so the same pipeline runs
-// on cp.async-copied int8 tiles and on ternary tiles decoded in registers.
+// Tensor-core GEMM mainloop shared by the quantized matmuls:
+//   acc[m, n] = sum_k A[m, k] * W[n, k]
+// A (M, K) and W (N, K) are both K-contiguous, the "row.col" (TN) operand
+// layout of mma.sync. Two kinds of math run on the same pipeline:
+//   * Int8Math: int8 x int8 -> exact int32 (m16n8k32 s8), then the
+//     dequantizing epilogue (int8_gemm, ternary_gemm);
+//   * GroupScaledMath: bf16/fp16 activations x the exact integers q - zero
+//     of int4 weights (m16n8k16, float32 accumulation), each 32-deep k stage
+//     scaled by its group's scale[n, g] (int4_gemm).
+// Tiles are byte tiles: a 64-byte row slice is 64 int8 or 32 bf16/fp16
+// values, and the ldmatrix fragments of both MMA shapes are the same bytes
+// (an 8 x 16-byte matrix is 8 rows of 16 int8 or of 8 halves). The kernel is
+// templated on a tile loader per operand (a policy with fetch/stash), so the
+// same pipeline runs on cp.async-copied tiles and on packed weights decoded
+// in registers.
 //
-// Block tile 128 x 128 x 64, 8 warps as 2 (M) x 4 (N), warp tile 64 x 32 =
-// 4 x 4 MMAs of 16 x 8 per 32-deep k step. Three shared-memory stages of
-// 2 x 8 KiB = 48 KiB (static, no opt-in needed), two blocks per SM. Blocks are
+// Block tile 128 x 128 x 64 bytes, 8 warps as 2 (M) x 4 (N), warp tile
+// 64 x 32 = 4 x 4 MMAs of 16 x 8 per 32-byte k step. Three shared-memory
+// stages of 2 x 8 KiB = 48 KiB (static, no opt-in needed). Blocks are
 // rastered in groups of kGroupM tile rows so that the tiles one wave of
 // blocks touches stay in L2.
 #pragma once
@@ -16,9 +25,9 @@
 
 namespace flashkd::cuda {
 
-namespace imma {
+namespace tc {
 
-constexpr int kBM = 128, kBN = 128, kBK = 64;
+constexpr int kBM = 128, kBN = 128, kBK = 64;  // kBK in bytes
 constexpr int kStages = 3;
 constexpr int64_t kGroupM = 8;
 constexpr int kThreads = 256;
@@ -52,9 +61,10 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Four 8x8 b16 matrices (= 8 rows x 16 int8 each); lanes 8i..8i+7 give the
+// Four 8x8 b16 matrices (= 8 rows x 16 bytes each); lanes 8i..8i+7 give the
 // row addresses of matrix i, and lane l receives word l % 4 of row l / 4 of
-// every matrix, i.e. int8 columns 4(l%4)..4(l%4)+3 -- the s8 MMA fragment.
+// every matrix: bytes 4(l%4)..4(l%4)+3, i.e. four int8 or two 16-bit values,
+// which is the A/B fragment layout of both m16n8k32 s8 and m16n8k16 f16/bf16.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -63,53 +73,113 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
 
 // c += a (16x32 s8, row) * b (32x8 s8, col), int32 accumulate (wrapping, no
 // saturation, like the CPU's int32 sum).
-__device__ __forceinline__ void mma_s8_16x8x32(int32_t (&c)[4], const uint32_t (&a)[4],
-                                               uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_16x8x32(int32_t (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Loads int8 (rows, K) tiles with cp.async; needs base and ld 16-byte aligned.
-// Each thread copies two of the 128 x 4 chunks; rows past `rows` and bytes
-// past K are zero-filled without being read.
-struct Int8TileCpAsync {
-  const int8_t* base;
-  int64_t ld, rows, K;
+// c += a (16x16, row) * b (16x8, col) in bf16 or fp16, float32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                           const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16x8x16<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
 
-  __device__ __forceinline__ void fetch(uint8_t* tile, int64_t row0, int64_t k0) {
+// Where a warp's 64 x 32 output tile sits: inside the block tile (row, col)
+// and in the output (m0, n0).
+struct WarpTile {
+  int row, col, lane;
+  int64_t m0, n0;
+};
+
+// A fragments of k step ks (32 bytes) for the warp's four 16-row MMA tiles:
+// matrices (rows 0-7, bytes 0-15), (rows 8-15, bytes 0-15), (rows 0-7,
+// bytes 16-31), (rows 8-15, bytes 16-31) = fragment registers a0..a3.
+__device__ __forceinline__ void load_a_fragments(const uint8_t* tile, const WarpTile& w, int ks,
+                                                 uint32_t (&af)[4][4]) {
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+    ldmatrix_x4(af[mi], tile + swizzled(w.row + mi * 16 + (w.lane & 15), 2 * ks + (w.lane >> 4)));
+}
+
+// B fragments of k step ks for the warp's four 8-column MMA tiles: matrices
+// (n 0-7, bytes 0-15), (n 0-7, bytes 16-31), (n 8-15, bytes 0-15),
+// (n 8-15, bytes 16-31) = registers b0, b1 of two adjacent n8 tiles.
+__device__ __forceinline__ void load_b_fragments(const uint8_t* tile, const WarpTile& w, int ks,
+                                                 uint32_t (&bf)[4][2]) {
+#pragma unroll
+  for (int nj = 0; nj < 2; ++nj) {
+    uint32_t r[4];
+    ldmatrix_x4(r, tile + swizzled(w.col + nj * 16 + (w.lane & 7) + ((w.lane >> 4) << 3),
+                                   2 * ks + ((w.lane >> 3) & 1)));
+    bf[2 * nj][0] = r[0];
+    bf[2 * nj][1] = r[1];
+    bf[2 * nj + 1][0] = r[2];
+    bf[2 * nj + 1][1] = r[3];
+  }
+}
+
+// ---- tile loaders: fetch(tile, row0, kt) starts loading k tile kt of rows
+// row0.. into `tile` (or registers), stash(tile) finishes a register-staged
+// load after the current stage's MMAs have been issued.
+
+// Row-major (rows, row_bytes) byte tiles copied with cp.async: int8
+// activations and weights, or bf16/fp16 activations (2 bytes a value). Needs
+// base and ld_bytes 16-byte aligned. Each thread copies two of the 128 x 4
+// chunks; rows past `rows` and bytes past row_bytes are zero-filled without
+// being read (zero bytes are 0 as int8 and +0.0 as bf16/fp16).
+struct RowTileCpAsync {
+  const uint8_t* base;
+  int64_t ld_bytes, rows, row_bytes;
+
+  __device__ __forceinline__ void fetch(uint8_t* tile, int64_t row0, int64_t kt) {
     static_assert(kBM * kChunksPerRow % kThreads == 0, "whole chunks per thread");
 #pragma unroll
     for (int it = 0; it < kBM * kChunksPerRow / kThreads; ++it) {
       const int i = threadIdx.x + it * kThreads;
       const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-      const int64_t row = row0 + r, k = k0 + 16 * c;
-      const int64_t left = K - k;
+      const int64_t row = row0 + r, k = kt * kBK + 16 * c;
+      const int64_t left = row_bytes - k;
       const int bytes = row < rows && left > 0 ? (left < 16 ? static_cast<int>(left) : 16) : 0;
-      cp_async_16(tile + swizzled(r, c), bytes ? base + row * ld + k : base, bytes);
+      cp_async_16(tile + swizzled(r, c), bytes ? base + row * ld_bytes + k : base, bytes);
     }
   }
   __device__ __forceinline__ void stash(uint8_t*) {}
 };
 
-// Loads packed ternary (rows, ceil(K/4)) tiles: `fetch` reads the 16 packed
-// bytes of a 64-deep row slice into registers (thread t: row t / 2, bytes
-// 8 (t % 2) .. + 8), `stash` decodes them after the MMAs of the current stage
-// have been issued and stores the int8 weights to the (swizzled) tile, so the
-// global-load latency hides behind the math. Rows past `rows` and bytes past
-// the row decode to zeros; k past K meets zero-filled activations anyway.
+// Packed ternary (rows, ceil(K/4)) weights decoded to int8: `fetch` reads the
+// 16 packed bytes of a 64-deep row slice into registers (thread t: row t / 2,
+// bytes 8 (t % 2) .. + 8), `stash` decodes them and stores the int8 weights
+// to the (swizzled) tile, so the global-load latency hides behind the math.
+// Rows past `rows` and bytes past the row decode to zeros; k past K meets
+// zero-filled activations anyway.
 struct TernaryTileDecode {
   const uint8_t* base;
   int64_t ld_bytes, rows, row_bytes;
   bool word_ok;  // base and ld_bytes 4-aligned
   uint32_t packed[2];
 
-  __device__ __forceinline__ void fetch(uint8_t*, int64_t row0, int64_t k0) {
+  __device__ __forceinline__ void fetch(uint8_t*, int64_t row0, int64_t kt) {
     static_assert(kThreads == 2 * kBN && kBK == 64, "two threads per 16-byte packed row slice");
     const int64_t row = row0 + (threadIdx.x >> 1);
-    const int64_t off = k0 / quant::kTernaryPerByte + 8 * (threadIdx.x & 1);
+    const int64_t off = kt * (kBK / quant::kTernaryPerByte) + 8 * (threadIdx.x & 1);
 #pragma unroll
     for (int j = 0; j < 2; ++j)
       packed[j] = row < rows ? load_word_guarded(base + row * ld_bytes, off + 4 * j, row_bytes,
@@ -124,47 +194,133 @@ struct TernaryTileDecode {
   }
 };
 
-// One 64-deep stage: two k32 steps of 4 x 4 MMAs per warp.
-__device__ __forceinline__ void warp_tile_mma(const uint8_t* a_tile, const uint8_t* b_tile, int warp_m,
-                                              int warp_n, int lane, int32_t (&acc)[4][4][4]) {
+// Packed int4 (rows, ceil(K/2)) weights decoded to the exact integers
+// q - zero in T (bf16 or fp16). A k tile is 32 values: thread t fetches the 8
+// packed bytes of row t / 2, values 16 (t % 2) .. + 16, and that row's zero
+// for the tile's group (group_size % 32 == 0, or one group, so one zero
+// serves the tile). Rows past `rows` decode to zeros; values past K meet
+// zero-filled activations.
+template <typename T>
+struct Int4TileDecode {
+  static constexpr int kValues = kBK / static_cast<int>(sizeof(T));  // k values per tile
+  const uint8_t* base;
+  int64_t ld_bytes, rows, row_bytes;
+  bool word_ok;  // base and ld_bytes 4-aligned
+  const float* zero;  // (rows, groups)
+  int64_t groups, group_size;
+  uint32_t packed[2];
+  uint32_t zero_pair;  // (magic + zero) in both halves, see decode_int4x8
+
+  __device__ __forceinline__ void fetch(uint8_t*, int64_t row0, int64_t kt) {
+    static_assert(kThreads == 2 * kBN && kValues == 32, "two threads per 16-value packed row slice");
+    const int64_t row = row0 + (threadIdx.x >> 1);
+    const int64_t k0 = kt * kValues;
+    const int64_t off = k0 / quant::kInt4PerByte + 8 * (threadIdx.x & 1);
+    float z = 0.f;
 #pragma unroll
-  for (int ks = 0; ks < kBK / 32; ++ks) {
-    // A: matrices (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31),
-    // (rows 8-15, k 16-31) = fragment registers a0..a3 of m16n8k32.
-    uint32_t af[4][4];
+    for (int j = 0; j < 2; ++j) packed[j] = 0;
+    if (row < rows) {
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
-      ldmatrix_x4(af[mi], a_tile + swizzled(warp_m * 64 + mi * 16 + (lane & 15), 2 * ks + (lane >> 4)));
-    // W: matrices (n 0-7, k 0-15), (n 0-7, k 16-31), (n 8-15, k 0-15),
-    // (n 8-15, k 16-31) = registers b0, b1 of two adjacent n8 tiles.
-    uint32_t bf[4][2];
+      for (int j = 0; j < 2; ++j) packed[j] = load_word_guarded(base + row * ld_bytes, off + 4 * j, row_bytes, word_ok, 0);
+      z = __ldg(zero + row * groups + k0 / group_size);
+    }
+    zero_pair = int4_magic_pair<T>(z);
+  }
+  __device__ __forceinline__ void stash(uint8_t* tile) {
+    const int r = threadIdx.x >> 1;
 #pragma unroll
-    for (int nj = 0; nj < 2; ++nj) {
-      uint32_t r[4];
-      ldmatrix_x4(r, b_tile + swizzled(warp_n * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                       2 * ks + ((lane >> 3) & 1)));
-      bf[2 * nj][0] = r[0];
-      bf[2 * nj][1] = r[1];
-      bf[2 * nj + 1][0] = r[2];
-      bf[2 * nj + 1][1] = r[3];
+    for (int j = 0; j < 2; ++j)
+      *reinterpret_cast<uint4*>(tile + swizzled(r, 2 * (threadIdx.x & 1) + j)) =
+          decode_int4x8<T>(packed[j], zero_pair);
+  }
+};
+
+// ---- math policies: stage() runs one k tile's MMAs into the accumulators,
+// store() writes one output value.
+
+// Exact int32 accumulators and the dequantizing epilogue.
+struct Int8Math {
+  using Acc = int32_t;
+  static constexpr int kMinBlocks = 2;
+  quant::GemmEpilogue epi;
+
+  __device__ __forceinline__ void stage(const uint8_t* a_tile, const uint8_t* w_tile, const WarpTile& w,
+                                        int64_t, Acc (&acc)[4][4][4]) const {
+#pragma unroll
+    for (int ks = 0; ks < kBK / 32; ++ks) {
+      uint32_t af[4][4], bf[4][2];
+      load_a_fragments(a_tile, w, ks, af);
+      load_b_fragments(w_tile, w, ks, bf);
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_16x8x32(acc[mi][ni], af[mi], bf[ni]);
+    }
+  }
+  __device__ __forceinline__ void store(int64_t m, int64_t n, int32_t v) const { store_epilogue(epi, m, n, v); }
+};
+
+// T (bf16/fp16) activations x the integer weights q - zero: each k tile's
+// float32 partial products (exact, then summed over 32 values by the tensor
+// core) are scaled by scale[n, g] of the tile's group and added to the
+// accumulators, so no weight is ever rounded to T. out = acc + bias, in T.
+template <typename T>
+struct GroupScaledMath {
+  using Acc = float;
+  // The per-tile partial sums beside the accumulators need more than the 128
+  // registers two blocks per SM allow (ptxas spills); one block of 8 warps
+  // per SM is how CUTLASS runs its 64 x 64 warp tiles too.
+  static constexpr int kMinBlocks = 1;
+  const float* scale;  // (N, groups)
+  int64_t groups, group_size, N;
+  const T* bias;  // (N) or nullptr
+  T* out;
+  int64_t ldo;
+
+  __device__ __forceinline__ void stage(const uint8_t* a_tile, const uint8_t* w_tile, const WarpTile& w,
+                                        int64_t kt, Acc (&acc)[4][4][4]) const {
+    const int64_t g = kt * Int4TileDecode<T>::kValues / group_size;
+    // This lane's columns: n0 + 8 ni + 2 (lane % 4) + {0, 1}.
+    float s[4][2];
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int64_t n = w.n0 + ni * 8 + 2 * (w.lane & 3) + c;
+        s[ni][c] = n < N ? __ldg(scale + n * groups + g) : 0.f;
+      }
+    uint32_t af[2][4][4], bf[2][4][2];
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      load_a_fragments(a_tile, w, ks, af[ks]);
+      load_b_fragments(w_tile, w, ks, bf[ks]);
     }
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) mma_s8_16x8x32(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+      for (int ni = 0; ni < 4; ++ni) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_16x8x16<T>(d, af[0][mi], bf[0][ni]);
+        mma_16x8x16<T>(d, af[1][mi], bf[1][ni]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[mi][ni][j] = fmaf(d[j], s[ni][j & 1], acc[mi][ni][j]);
+      }
   }
-}
+  __device__ __forceinline__ void store(int64_t m, int64_t n, float v) const {
+    out[m * ldo + n] = from_float<T>(bias ? v + to_float(bias[n]) : v);
+  }
+};
 
 // Grid: one block per output tile (1-D). Pipeline, one barrier per k tile:
 // wait for tile kt, barrier (which also proves every warp finished computing
 // tile kt - 1), refill the stage tile kt - 1 used with tile kt + kStages - 1,
-// compute tile kt. A register-staged
-// loader writes that freed stage after the compute; the barrier of the
-// iteration that consumes it orders the write before the reads.
-template <class ALoader, class WLoader>
-__global__ void __launch_bounds__(kThreads, 2)
-    imma_gemm_kernel(const ALoader a_param, const WLoader w_param, int64_t M, int64_t N, int64_t K,
-                     quant::GemmEpilogue epi) {
+// compute tile kt. A register-staged loader writes that freed stage after the
+// compute; the barrier of the iteration that consumes it orders the write
+// before the reads.
+template <class ALoader, class WLoader, class Math>
+__global__ void __launch_bounds__(kThreads, Math::kMinBlocks)
+    tc_gemm_kernel(const ALoader a_param, const WLoader w_param, const Math math, int64_t M, int64_t N,
+                   int64_t ktiles) {
   __shared__ __align__(128) uint8_t smem[kStages][2][kTileBytes];
   ALoader a_ld = a_param;  // loaders may stage data in their registers
   WLoader w_ld = w_param;
@@ -177,10 +333,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t group_m = m_tiles - first_m < kGroupM ? m_tiles - first_m : kGroupM;
   const int64_t m0 = (first_m + local % group_m) * kBM, n0 = local / group_m * kBN;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int warp_m = warp >> 2, warp_n = warp & 3;
-  const int64_t ktiles = (K + kBK - 1) / kBK;
+  const int row = (warp >> 2) * 64, col = (warp & 3) * 32;
+  const WarpTile wt{row, col, lane, m0 + row, n0 + col};
 
-  int32_t acc[4][4][4];
+  typename Math::Acc acc[4][4][4];
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -191,8 +347,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < ktiles) {
-      a_ld.fetch(smem[s][0], m0, int64_t(s) * kBK);
-      w_ld.fetch(smem[s][1], n0, int64_t(s) * kBK);
+      a_ld.fetch(smem[s][0], m0, s);
+      w_ld.fetch(smem[s][1], n0, s);
       a_ld.stash(smem[s][0]);
       w_ld.stash(smem[s][1]);
     }
@@ -207,12 +363,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     uint8_t* a_next = smem[next % kStages][0];
     uint8_t* w_next = smem[next % kStages][1];
     if (refill) {
-      a_ld.fetch(a_next, m0, next * kBK);
-      w_ld.fetch(w_next, n0, next * kBK);
+      a_ld.fetch(a_next, m0, next);
+      w_ld.fetch(w_next, n0, next);
     }
     cp_async_commit();
     const int cur = static_cast<int>(kt % kStages);
-    warp_tile_mma(smem[cur][0], smem[cur][1], warp_m, warp_n, lane, acc);
+    math.stage(smem[cur][0], smem[cur][1], wt, kt, acc);
     if (refill) {
       a_ld.stash(a_next);
       w_ld.stash(w_next);
@@ -220,8 +376,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   cp_async_wait<0>();  // nothing may stay in flight into shared memory at exit
 
-  // C fragment: registers 0,1 = (row g, cols 2t, 2t+1), 2,3 = (row g+8, same
-  // cols), g = lane / 4, t = lane % 4.
+  // C fragment (both MMA shapes): registers 0,1 = (row g, cols 2t, 2t+1),
+  // 2,3 = (row g+8, same cols), g = lane / 4, t = lane % 4.
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
@@ -229,21 +385,24 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int64_t m = m0 + warp_m * 64 + mi * 16 + g + 8 * (j >> 1);
-        const int64_t n = n0 + warp_n * 32 + ni * 8 + 2 * t + (j & 1);
-        if (m < M && n < N) store_epilogue(epi, m, n, acc[mi][ni][j]);
+        const int64_t m = wt.m0 + mi * 16 + g + 8 * (j >> 1);
+        const int64_t n = wt.n0 + ni * 8 + 2 * t + (j & 1);
+        if (m < M && n < N) math.store(m, n, acc[mi][ni][j]);
       }
 }
 
-template <class ALoader, class WLoader>
-const char* launch(const ALoader& a_ld, const WLoader& w_ld, int64_t M, int64_t N, int64_t K,
-                   const quant::GemmEpilogue& epi, void* stream) {
+// K is the activations' row length: a_ld.row_bytes bytes in k tiles of kBK.
+template <class ALoader, class WLoader, class Math>
+const char* launch(const ALoader& a_ld, const WLoader& w_ld, const Math& math, int64_t M, int64_t N,
+                   void* stream) {
   const int64_t tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
-  if (tiles > INT32_MAX) return "flashkd: too many output tiles for the int8 tensor-core grid";
-  imma_gemm_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a_ld, w_ld, M, N, K, epi);
+  if (tiles > INT32_MAX) return "flashkd: too many output tiles for the tensor-core grid";
+  const int64_t ktiles = (a_ld.row_bytes + kBK - 1) / kBK;
+  tc_gemm_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      a_ld, w_ld, math, M, N, ktiles);
   return last_error();
 }
 
-}  // namespace imma
+}  // namespace tc
 
 }  // namespace flashkd::cuda

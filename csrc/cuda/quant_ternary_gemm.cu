@@ -15,9 +15,9 @@ const char* ternary_gemm(const quant::TernaryGemmArgs& args, void* stream) {
   const int64_t row_bytes = (args.K + quant::kTernaryPerByte - 1) / quant::kTernaryPerByte;
   const bool w_word_ok = aligned_to(args.w, args.ldw_bytes, 4);
   if (args.M > gemv::kMaxRows && aligned_to(args.a, args.lda, 16)) {
-    const imma::Int8TileCpAsync a_ld{args.a, args.lda, args.M, args.K};
-    imma::TernaryTileDecode w_ld{args.w, args.ldw_bytes, args.N, row_bytes, w_word_ok, {0, 0}};
-    return imma::launch(a_ld, w_ld, args.M, args.N, args.K, args.epi, stream);
+    const tc::RowTileCpAsync a_ld{reinterpret_cast<const uint8_t*>(args.a), args.lda, args.M, args.K};
+    const tc::TernaryTileDecode w_ld{args.w, args.ldw_bytes, args.N, row_bytes, w_word_ok, {0, 0}};
+    return tc::launch(a_ld, w_ld, tc::Int8Math{args.epi}, args.M, args.N, stream);
   }
   const gemv::TernaryRows rows{args.w, args.ldw_bytes, args.N, row_bytes, w_word_ok};
   return gemv::launch(args.a, args.lda, rows, args.M, args.N, args.K, args.epi, stream);

@@ -44,7 +44,12 @@ def ternary_matmul(a: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
 
 def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [..., K] @ ((q - zero) * scale)^T + bias from packed int4 weights, accumulated in float32, in x's dtype."""
+    """x [..., K] @ ((q - zero) * scale)^T + bias from packed int4 weights, accumulated in float32, in x's dtype.
+
+    ``zero`` holds integers in [0, 15] (as ``int4_weights`` makes them): the CUDA tensor-core path
+    (bf16/fp16 x with more than 16 rows, ``group_size`` a multiple of 32) forms q - zero exactly in
+    x's dtype, which a fractional zero would round.
+    """
     check_float_input(x, "x")
     check_group_size(group_size)
     return ops.int4_linear(x, w_packed, scale, zero, group_size, bias)

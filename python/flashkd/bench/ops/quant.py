@@ -46,8 +46,9 @@ SHAPE_SETS = {
 }
 DEFAULT_SHAPES = {"cpu": "accept", "cuda": "gpu"}
 # On a GPU each shape of the gpu set is measured for the variants the issue
-# asks about there; other variants at those shapes are skipped.
-GPU_PLAN = {_GPU_SQUARE: ("w8a8-infer",), _GPU_TRAIN: ("w1.58a8",),
+# asks about there, plus the packed ternary and int4 kernels at the large-M
+# (prefill) shape, which run on the tensor cores; other variants are skipped.
+GPU_PLAN = {_GPU_SQUARE: ("w8a8-infer",), _GPU_TRAIN: ("w1.58a8", "w1.58a8-infer", "w4a16-infer"),
             **{s: ("w1.58a8-infer", "w4a16-infer") for s in _GPU_DECODE}}
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # flashkd on one NVIDIA GPU, offline, in one command (9 minutes on an H100 before the tome and quant
-# ops were added; not yet run with them — expect about 15):
+# ops were added; not yet run with them — expect about 15, see FLASHKD_SUITE_STEPS to split it):
 #   1. install peer wheels from .whl/ (liger-kernel, ...) into /tmp/site
 #   2. build flashkd in place with its CUDA kernels
 #   3. show the GPU, torch and whether the CUDA kernels loaded
@@ -13,6 +13,10 @@
 # the logs are written there and the results copied there: 8 flat files.
 #
 # Environment:
+#   FLASHKD_SUITE_STEPS       which of steps 4-6 to run (default "tests sanitizer bench"); steps 1-3 always
+#                             run (a rebuild of an unchanged tree takes seconds), so a lease with a
+#                             10-minute limit per call can split the suite over two calls, e.g.
+#                             "tests sanitizer" then "bench"
 #   FLASHKD_SANITIZER_TESTS   test files for step 5 (default: distill, tome, prune, quant kernels)
 #   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default: about 110 tests of edge shapes,
 #                             ties, exact integer results and gradients)
@@ -92,12 +96,17 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.ge
 print('flashkd CUDA kernels:', flashkd.has_cuda_kernels())
 assert flashkd.has_cuda_kernels(), 'flashkd was built without its CUDA kernels'"
 
+STEPS=" ${FLASHKD_SUITE_STEPS:-tests sanitizer bench} "
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+
 # pytest's closing line, e.g. "830 passed, 2 skipped in 95.1s"
 summary_line() { grep -E '(passed|failed|skipped|deselected|errors?|no tests ran).* in [0-9.]+s' "$1" | tail -n1; }
 
 # 4. tests
 TESTS="not run (no build)"
-if [ $BUILT = 1 ]; then
+if ! wanted tests; then
+    TESTS="not run (FLASHKD_SUITE_STEPS)"
+elif [ $BUILT = 1 ]; then
     step tests "$WORK/pytest.log" timeout "${FLASHKD_TEST_TIMEOUT:-240}" \
         python3 -m pytest -m cuda -q -p no:cacheprovider --junitxml="$WORK/pytest-junit.xml"
     TESTS=$(summary_line "$WORK/pytest.log")
@@ -107,7 +116,9 @@ fi
 SANITIZER=()
 SAN_TESTS=${FLASHKD_SANITIZER_TESTS:-tests/test_distill.py tests/test_tome.py tests/test_prune.py tests/test_quant_kernels.py}
 SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf or tie or matmul_exact or strided or empty or non_contiguous or merge_wavg_grad or prune.py and test_grad}
-if [ $BUILT = 0 ]; then
+if ! wanted sanitizer; then
+    SANITIZER+=("compute-sanitizer: not run (FLASHKD_SUITE_STEPS)")
+elif [ $BUILT = 0 ]; then
     SANITIZER+=("not run (no build)")
 elif ! command -v compute-sanitizer >/dev/null; then
     SANITIZER+=("not run: compute-sanitizer is not on PATH")
@@ -125,7 +136,7 @@ fi
 
 # 6. benchmark
 BENCH_ARGS=${FLASHKD_BENCH_ARGS-}
-if [ $BUILT = 1 ]; then
+if [ $BUILT = 1 ] && wanted bench; then
     # shellcheck disable=SC2086  (BENCH_ARGS is a list of words)
     step bench - timeout "${FLASHKD_BENCH_TIMEOUT:-480}" python3 -m flashkd.bench \
         --device cuda --json "$RESULT.json" --plot "$WORK/bench.png" $BENCH_ARGS

@@ -210,7 +210,8 @@ def heldout_ce(model, x):
 
 
 # --------------------------------------------------------------------- output
-def write_plot(path, steps, fused, ref, tol, title, log):
+def pyplot(path, log):
+    """matplotlib.pyplot on the file-only Agg backend, or None (logged) without matplotlib."""
     try:
         import matplotlib
 
@@ -218,6 +219,21 @@ def write_plot(path, steps, fused, ref, tol, title, log):
         import matplotlib.pyplot as plt
     except ImportError:
         log(f"matplotlib is not installed: skipping the plot ({path})")
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plot(path, steps, fused, ref, tol, title, log):
+    plt = pyplot(path, log)
+    if plt is None:
         return None
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     ax1.plot(steps, ref, label="reference (plain torch, materialized logits)", lw=2.5, alpha=0.6)
@@ -233,41 +249,31 @@ def write_plot(path, steps, fused, ref, tol, title, log):
     ax2.set_ylabel("abs difference")
     ax2.legend(fontsize=8, loc="center right")
     ax2.set_xlabel("step")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def common_parser(doc, default_size, plot_name):
+    """The options both examples take; `doc` is the script's docstring."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="small",
+    p.add_argument("--size", choices=sorted(SIZES), default=default_size,
                    help="tiny: seconds; small: ~1 min; full: vocab 2048, a few minutes on 2 CPU cores")
     p.add_argument("--steps", type=int, default=None, help="student steps (default: per size)")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: per size)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--divergence", default="fkl", choices=[d for d in flashkd.DIVERGENCES if d != "taid"])
     p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill_lm.png"),
-                   help="PNG of both curves (default examples/distill_lm.png; '' for none)")
+    p.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), plot_name),
+                   help=f"PNG of both curves (default examples/{plot_name}; '' for none)")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: deterministic, and immune to oversubscription on a "
                         "shared machine; raise it on an idle many-core machine)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per size)")
-    p.add_argument("--tol", type=float, default=1e-3,
-                   help="max allowed |fused - reference| loss difference at any step (default 1e-3)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None) -> int:
-    """Run the example; returns the exit status (0: curves agree within --tol)."""
-    args = parse_args(argv)
+def run_with_threads(run, args) -> int:
+    """run(args) with torch limited to --threads CPU threads, restored afterwards."""
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -275,6 +281,22 @@ def main(argv=None) -> int:
         return run(args)
     finally:
         torch.set_num_threads(threads)
+
+
+def parse_args(argv=None):
+    p = common_parser(__doc__, "small", "distill_lm.png")
+    p.add_argument("--divergence", default="fkl", choices=[d for d in flashkd.DIVERGENCES if d != "taid"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per size)")
+    p.add_argument("--tol", type=float, default=1e-3,
+                   help="max allowed |fused - reference| loss difference at any step (default 1e-3)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Run the example; returns the exit status (0: curves agree within --tol)."""
+    return run_with_threads(run, parse_args(argv))
 
 
 def run(args) -> int:

@@ -22,7 +22,6 @@ a PNG (needs matplotlib).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import importlib.util
@@ -77,13 +76,8 @@ def train_student(model, label, size, data, teacher, args, log):
 
 
 def write_plot(path, float_losses, ternary_losses, title, log):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log(f"matplotlib is not installed: skipping the plot ({path})")
+    plt = lm.pyplot(path, log)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps = range(len(float_losses))
@@ -93,39 +87,17 @@ def write_plot(path, float_losses, ternary_losses, title, log):
     ax.set_ylabel("distillation loss (0.5 CE + 0.5 T² KL)")
     ax.set_title(title, fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return lm.save_figure(plt, fig, path)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(lm.SIZES), default="full",
-                   help="tiny: seconds; small: ~1 min; full: vocab 2048, a few minutes on 2 CPU cores")
-    p.add_argument("--steps", type=int, default=None, help="student steps (default: per size)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: per size)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--plot", default=os.path.join(_HERE, "distill_quant.png"),
-                   help="PNG of both curves (default examples/distill_quant.png; '' for none)")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p = lm.common_parser(__doc__, "full", "distill_quant.png")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: deterministic)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return lm.run_with_threads(run, parse_args(argv))
 
 
 def run(args) -> int:

@@ -119,3 +119,11 @@ def self_test() -> None:
     assert m.peak >= a_bytes + b_bytes, m
     assert m.peak <= a_bytes + b_bytes + (64 << 10), m
     assert b_bytes <= m.net <= b_bytes + (64 << 10), m
+
+
+def glue_allowance(n_tokens):
+    """Bytes a linear loss's glue may allocate besides its logits chunks and the
+    gradients it returns: per-token vectors (int64 labels copy, float32 loss,
+    weights and LSE, the label check's masks: under 64 bytes a token), a few
+    scalars, and allocator rounding."""
+    return 64 * n_tokens + (64 << 10)

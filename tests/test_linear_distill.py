@@ -577,12 +577,6 @@ def test_bad_inputs(case, device):
 # ----------------------------------------------------------------------------- 6. workspace
 
 
-def small_constant(N):
-    """Per-token vectors (labels copy, loss, weights, masks: < 64 B a token), scalars,
-    allocator rounding."""
-    return 64 * N + (64 << 10)
-
-
 @pytest.mark.parametrize("teacher", ["weights", "logits_fp64"])
 @pytest.mark.parametrize("V", [4000, 32000])
 def test_workspace_forward(V, teacher, device):
@@ -598,5 +592,5 @@ def test_workspace_forward(V, teacher, device):
     torch.ops.flashkd.linear_loss(*args)  # warm-up: one-time allocations (cuBLAS workspace) are not workspace
     m = memory.measure(lambda: torch.ops.flashkd.linear_loss(*args), device)
     workspace = m.peak - memory.nbytes(m.result)
-    assert workspace <= budget + small_constant(N), \
-        f"V={V} teacher={teacher}: workspace {workspace} B > budget {budget} B + {small_constant(N)} B"
+    assert workspace <= budget + memory.glue_allowance(N), \
+        f"V={V} teacher={teacher}: workspace {workspace} B > budget {budget} B + {memory.glue_allowance(N)} B"

@@ -121,8 +121,6 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
     TORCH_CHECK_VALUE(row_scale_in->numel() == rows, "row_scale must have one entry per token");
     row_scale = row_scale_in->to(at::kFloat).contiguous().reshape({rows});
   }
-  const int64_t budget = chunk_budget_bytes.value_or(default_budget(hidden));
-  TORCH_CHECK_VALUE(budget > 0, "chunk_budget_bytes must be > 0, got ", num(budget));
 
   const auto fopts = hidden.options().dtype(at::kFloat);
   const at::Tensor scale = red == 2 ? mean_scale(labels, rows, ignore_index, num_items, hidden.options())
@@ -140,11 +138,27 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   at::Tensor dweight_acc = want_dw ? at::zeros({V, hidden.size(1)}, fopts) : at::Tensor();
   at::Tensor dbias_acc = want_db ? at::zeros({V}, fopts) : at::Tensor();
 
-  // Rows per chunk: the student's (and a computed teacher's) logits fit the budget.
+  // Rows per chunk: the student's logits, a computed teacher's, and teacher
+  // logits that must be converted to float32 or made row-contiguous fit the budget.
+  const bool convert_teacher = t_logits && (t_logits2d.scalar_type() == at::kDouble || !row_layout(t_logits2d));
+  const auto teacher_buffer_dtype = convert_teacher && t_logits2d.scalar_type() == at::kDouble
+                                        ? at::kFloat : (t_logits ? t_logits2d.scalar_type() : at::kFloat);
+  const int64_t student_row_bytes = V * hidden.element_size();
   const int64_t row_bytes =
-      V * (hidden.element_size() + (teacher_from_weights ? t_hidden.element_size() : 0) +
-           (t_logits && t_logits2d.scalar_type() == at::kDouble ? 4 : 0));
+      student_row_bytes + V * (teacher_from_weights ? t_hidden.element_size()
+                               : convert_teacher   ? c10::elementSize(teacher_buffer_dtype) : 0);
+  // The default gives the student's logits default_budget() and whatever else
+  // a chunk holds its share in proportion, so both losses chunk alike.
+  const int64_t budget = chunk_budget_bytes.value_or(default_budget(hidden) / student_row_bytes * row_bytes);
+  TORCH_CHECK_VALUE(budget > 0, "chunk_budget_bytes must be > 0, got ", num(budget));
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, budget / std::max<int64_t>(row_bytes, 1)));
+  // One buffer per logit matrix, reused by every chunk (the last one is
+  // shorter): no allocation, and on the CPU no fresh pages, per chunk.
+  const at::Tensor logits_buf = at::empty({rows ? chunk : 0, V}, hidden.options());
+  const at::Tensor teacher_buf =
+      teacher_from_weights ? at::empty({rows ? chunk : 0, V}, t_hidden.options())
+      : convert_teacher   ? at::empty({rows ? chunk : 0, V}, hidden.options().dtype(teacher_buffer_dtype))
+                          : at::Tensor();
 
   p.cols = V;
   p.vocab = vocab;
@@ -154,14 +168,19 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t n = std::min(chunk, rows - r0);
     const at::Tensor h = hidden.narrow(0, r0, n);
-    at::Tensor logits = bias ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
+    at::Tensor logits = logits_buf.narrow(0, 0, n);
+    if (bias) at::addmm_out(logits, *bias, h, weight.t());
+    else at::mm_out(logits, h, weight.t());
     at::Tensor tlog;
     if (teacher_from_weights) {
       const at::Tensor th = t_hidden.narrow(0, r0, n);
-      tlog = t_bias ? at::addmm(t_bias->narrow(0, 0, V), th, t_w.t()) : at::mm(th, t_w.t());
+      tlog = teacher_buf.narrow(0, 0, n);
+      if (t_bias) at::addmm_out(tlog, t_bias->narrow(0, 0, V), th, t_w.t());
+      else at::mm_out(tlog, th, t_w.t());
+    } else if (convert_teacher) {
+      tlog = teacher_buf.narrow(0, 0, n).copy_(t_logits2d.narrow(0, r0, n));
     } else if (t_logits) {
       tlog = t_logits2d.narrow(0, r0, n);
-      if (tlog.scalar_type() == at::kDouble || !row_layout(tlog)) tlog = tlog.to(at::kFloat).contiguous();
     }
     p.rows = n;
     p.student = logits.data_ptr();

@@ -142,6 +142,12 @@ def linear_distill_loss(
     Student and teacher hidden sizes may differ. ``softcap`` applies to the
     student logits. Gradients flow to the student hidden, weight and bias only.
     Every other option is :func:`flashkd.distill_loss`'s.
+
+    ``chunk_budget_bytes`` bounds the logits held at once: the student's chunk,
+    plus the teacher's when it is computed from weights or converted (float64,
+    or strides a row kernel cannot read). The default gives the student's
+    logits what :func:`linear_cross_entropy` gives them (32 MiB on CPU,
+    512 MiB on CUDA) and the teacher's chunk the same number of rows.
     """
     if teacher_logits is None and (teacher_hidden is None or teacher_weight is None):
         raise ValueError("give the teacher as teacher_hidden + teacher_weight, or as teacher_logits")

@@ -4,10 +4,8 @@ float64 inputs (at least float32 otherwise)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 

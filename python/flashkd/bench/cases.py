@@ -6,6 +6,7 @@ modules in ``flashkd.bench.ops`` give it meaning.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -32,6 +33,17 @@ class Case:
 class Unsupported(Exception):
     """A provider cannot run this case here (package missing, wrong device); the
     message says why and is shown in place of the numbers."""
+
+
+def import_peer(package, module, *names):
+    """``names`` from a peer library's ``module``; Unsupported, naming the
+    ``package`` and the reason, when it is missing or fails to import (a
+    Triton/torch mismatch raises at import, not only ImportError)."""
+    try:
+        mod = importlib.import_module(module)
+        return tuple(getattr(mod, n) for n in names)
+    except Exception as exc:
+        raise Unsupported(f"{package} not importable ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)

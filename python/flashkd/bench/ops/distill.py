@@ -17,7 +17,7 @@ import torch
 import flashkd
 from flashkd import reference
 
-from ..cases import DTYPES, Inputs, Provider, Unsupported
+from ..cases import DTYPES, Inputs, Provider, Unsupported, import_peer
 
 NAME = "distill_loss"
 VARIANTS = ("fkl", "jsd", "rkl", "tvd")
@@ -100,10 +100,8 @@ def _compiled(case, device):
 def _liger(case, device):
     if device.type != "cuda":
         raise Unsupported("liger-kernel runs Triton kernels: CUDA only")
-    try:
-        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss, LigerTVDLoss
-    except Exception as exc:  # ImportError, or a Triton/torch mismatch raised at import
-        raise Unsupported(f"liger-kernel not importable ({type(exc).__name__}: {exc})") from None
+    LigerJSD, LigerKLDIVLoss, LigerTVDLoss = import_peer(
+        "liger-kernel", "liger_kernel.transformers", "LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss")
 
     def logp(z):
         return torch.log_softmax(z.float(), dim=-1)

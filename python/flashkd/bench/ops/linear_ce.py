@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import flashkd
 from flashkd import reference
 
-from ..cases import DTYPES, Inputs, Provider, Unsupported
+from ..cases import DTYPES, Inputs, Provider, Unsupported, import_peer
 from . import _linear
 
 NAME = "linear_ce"
@@ -85,10 +85,7 @@ def _compiled(case, device):
 
 
 def _cce(case, device):
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except Exception as exc:  # ImportError, or a Triton/torch mismatch raised at import
-        raise Unsupported(f"cut-cross-entropy not importable ({type(exc).__name__}: {exc})") from None
+    linear_cross_entropy, = import_peer("cut-cross-entropy", "cut_cross_entropy", "linear_cross_entropy")
     impl = "cce" if device.type == "cuda" else "torch_compile"
     return lambda x: linear_cross_entropy(x["hidden"], x["weight"], x["targets"], impl=impl)
 
@@ -96,10 +93,8 @@ def _cce(case, device):
 def _liger(case, device):
     if device.type != "cuda":
         raise Unsupported("liger-kernel's fused linear cross-entropy runs Triton kernels: CUDA only")
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except Exception as exc:  # ImportError, or a Triton/torch mismatch raised at import
-        raise Unsupported(f"liger-kernel not importable ({type(exc).__name__}: {exc})") from None
+    LigerFusedLinearCrossEntropyLoss, = import_peer("liger-kernel", "liger_kernel.transformers",
+                                                    "LigerFusedLinearCrossEntropyLoss")
     loss = LigerFusedLinearCrossEntropyLoss()
     return lambda x: loss(x["weight"], x["hidden"], x["targets"])
 

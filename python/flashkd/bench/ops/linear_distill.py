@@ -22,7 +22,7 @@ import torch
 import flashkd
 from flashkd import reference
 
-from ..cases import DTYPES, Inputs, Provider, Unsupported
+from ..cases import DTYPES, Inputs, Provider, Unsupported, import_peer
 from . import _linear
 
 NAME = "linear_distill"
@@ -99,10 +99,7 @@ def _compiled(case, device):
 
 
 def _liger(case, device):
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-    except Exception as exc:  # ImportError, or a Triton/torch mismatch raised at import
-        raise Unsupported(f"liger-kernel not importable ({type(exc).__name__}: {exc})") from None
+    LigerFusedLinearJSDLoss, = import_peer("liger-kernel", "liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss")
     # Liger's beta weights KL(teacher || m) with m = beta p + (1 - beta) q, as flashkd's does.
     loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=BETA, temperature=1.0)
     return lambda x: loss(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], x["targets"])

@@ -3,12 +3,12 @@ training-form linear ``flashkd::qat_linear`` with its straight-through
 estimator backward."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _ops as _loaded  # noqa: F401  (loads the compiled library)
-from .formats import dequantized_weight, int4_dequantize, int4_weights, int8_weights, ternary_weights
+from .formats import dequantize_weight, int4_dequantize, num_groups, quantize_weight
 
 ops = torch.ops.flashkd
 
@@ -37,52 +37,63 @@ def _int4_linear_fake(x, w_packed, scale, zero, group_size, bias=None):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
 
-def int8_weights_for(weight: torch.Tensor, scheme: str, per_tensor: bool):
-    """Integer weights and scale the int8 GEMM takes for w1.58a8 / w8a8."""
-    return ternary_weights(weight, per_tensor) if scheme == "w1.58a8" else int8_weights(weight)
-
-
 @torch.library.custom_op("flashkd::qat_linear", mutates_args=())
 def qat_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scheme: str, group_size: int,
-               per_tensor: bool) -> torch.Tensor:
+               per_tensor: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training-form quantized linear: weights quantized on the fly from the latent float weight.
 
     w8a8 / w1.58a8: per-token int8 activations x int8-held weights through the
     int8 GEMM with the dequantizing epilogue. w4a16: x @ dequantized(W).T
     through ATen's GEMM (BLAS), which is faster on CPU than the int4 kernel
     on freshly packed weights.
+
+    Returns (out, q, scale, zero): the output and the quantized weight it used
+    (formats.quantize_weight), which the backward dequantizes instead of
+    quantizing the weight again; q costs 1 byte a weight while it is saved.
     """
+    q, scale, zero = quantize_weight(weight, scheme, group_size, per_tensor)
     if scheme == "w4a16":
-        wd = int4_dequantize(*int4_weights(weight, group_size), group_size).to(x.dtype)
-        return torch.nn.functional.linear(x, wd, None if bias is None else bias.to(x.dtype))
-    qa, a_scale = ops.quantize_int8_rows(x)
-    wq, w_scale = int8_weights_for(weight, scheme, per_tensor)
-    return ops.int8_linear(qa, wq, a_scale, w_scale, bias, x.dtype)
+        wd = int4_dequantize(q, scale, zero, group_size).to(x.dtype)
+        out = torch.nn.functional.linear(x, wd, None if bias is None else bias.to(x.dtype))
+    else:
+        qa, a_scale = ops.quantize_int8_rows(x)
+        out = ops.int8_linear(qa, q, a_scale, scale, bias, x.dtype)
+    return out, q.contiguous(), scale, zero
 
 
 @qat_linear.register_fake
 def _qat_linear_fake(x, weight, bias, scheme, group_size, per_tensor):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    n, k = weight.shape
+    out = x.new_empty((*x.shape[:-1], n))
+    f32 = dict(dtype=torch.float32)
+    if scheme == "w4a16":
+        g = num_groups(k, group_size)
+        return out, weight.new_empty((n, k), dtype=torch.uint8), weight.new_empty((n, g), **f32), \
+            weight.new_empty((n, g), **f32)
+    return out, weight.new_empty((n, k), dtype=torch.int8), weight.new_empty((1 if per_tensor else n,), **f32), \
+        weight.new_empty((0,), **f32)
 
 
 def _qat_setup_context(ctx, inputs, output):
     x, weight, bias, scheme, group_size, per_tensor = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.config = (scheme, group_size, per_tensor)
+    _, q, scale, zero = output
+    ctx.save_for_backward(x, q, scale, zero)
+    ctx.mark_non_differentiable(q, scale, zero)
+    ctx.group_size = group_size
+    ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _qat_backward(ctx, grad_out):
+def _qat_backward(ctx, grad_out, *_quantized_weight_grads):
     """Straight-through estimator: the rounding is treated as the identity."""
-    x, weight = ctx.saved_tensors
-    scheme, group_size, per_tensor = ctx.config
+    x, q, scale, zero = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     if ctx.needs_input_grad[0]:
-        wd = dequantized_weight(weight, scheme, group_size, per_tensor).to(grad_out.dtype)
+        wd = dequantize_weight(q, scale, zero, ctx.group_size).to(grad_out.dtype)
         grad_x = (grad_out @ wd).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        grad_w = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(weight.dtype)
+        grad_w = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(ctx.weight_dtype)
     if ctx.needs_input_grad[2]:
         grad_b = g2.sum(0).to(ctx.bias_dtype)
     return grad_x, grad_w, grad_b, None, None, None

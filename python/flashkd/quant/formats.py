@@ -88,15 +88,26 @@ def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
     return ((wg - zero.unsqueeze(2)) * scale.unsqueeze(2)).reshape(n, -1)[:, :k]
 
 
+def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 128, per_tensor: bool = False):
+    """(q, scale, zero) of a latent float weight, unpacked: int8 Wq with its
+    scale [N] or [1] and an empty zero for w1.58a8 / w8a8; uint8 q in [0, 15]
+    with scale and zero [N, G] for w4a16."""
+    if scheme == "w4a16":
+        return int4_weights(w, group_size)
+    wq, scale = ternary_weights(w, per_tensor) if scheme == "w1.58a8" else int8_weights(w)
+    return wq, scale, scale.new_empty(0)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = 128):
+    """The float32 weight that quantize_weight's (q, scale, zero) stand for."""
+    if q.dtype == torch.uint8:
+        return int4_dequantize(q, scale, zero, group_size)
+    return q.float() * scale.unsqueeze(1)  # scale [N], or [1] per tensor
+
+
 def dequantized_weight(w: torch.Tensor, scheme: str, group_size: int = 128, per_tensor: bool = False):
     """The float32 weight a quantized layer computes with (what the STE backward multiplies by)."""
-    if scheme == "w1.58a8":
-        wq, scale = ternary_weights(w, per_tensor)
-        return wq.float() * (scale if per_tensor else scale.unsqueeze(1))
-    if scheme == "w8a8":
-        wq, scale = int8_weights(w)
-        return wq.float() * scale.unsqueeze(1)
-    return int4_dequantize(*int4_weights(w, group_size), group_size)
+    return dequantize_weight(*quantize_weight(w, scheme, group_size, per_tensor), group_size)
 
 
 def _check_int_matrix(w_int: torch.Tensor, lo: int, hi: int, name: str = "w_int"):

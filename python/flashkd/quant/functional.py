@@ -65,7 +65,7 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     check_float_input(x, "input", weight.shape[1])
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must have shape [out_features] ({weight.shape[0]}), got {list(bias.shape)}")
-    return qat_linear(x, weight, bias, scheme, group_size, bool(per_tensor))
+    return qat_linear(x, weight, bias, scheme, group_size, bool(per_tensor))[0]
 
 
 def cpu_int8_kernel() -> str:

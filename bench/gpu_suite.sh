@@ -94,6 +94,7 @@ step device - python3 -c "
 import torch, flashkd
 print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name())
 print('flashkd CUDA kernels:', flashkd.has_cuda_kernels())
+print('int8 GEMM main loop (M > 16):', torch.ops.flashkd.quant_cuda_mainloop())
 assert flashkd.has_cuda_kernels(), 'flashkd was built without its CUDA kernels'"
 
 STEPS=" ${FLASHKD_SUITE_STEPS:-tests sanitizer bench} "

@@ -11,7 +11,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # group_size % 32 == 0 or a single group); K > 2048 runs the GEMV's K loop.
 SHAPES = [(1, 1, 1), (1, 7, 3), (3, 1, 65), (5, 9, 130), (17, 67, 257), (130, 70, 100), (4, 133, 1027),
           (17, 1, 16), (130, 70, 128), (300, 260, 336), (3, 40, 4100)]
-CPU_ISAS = ["avx512", "avx2"]
 
 
 def gen(*key):
@@ -30,16 +29,30 @@ def rand_ternary(shape, g, device="cpu"):
     return torch.randint(-1, 2, shape, generator=g, dtype=torch.int8).to(device)
 
 
-@pytest.fixture(params=CPU_ISAS)
-def cpu_isa(request):
-    """Runs a test under each CPU instruction set this machine has (the int8 dot
-    product is AVX-512 VNNI or AVX2 vpmaddwd), then restores auto-detection."""
-    try:
-        torch.ops.flashkd.cpu_isa(request.param)
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    from flashkd.quant import cpu_int8_kernel
+# The kernel choices a test runs under: on the CPU each instruction set of the
+# int8 dot product (AVX-512 VNNI or AVX2 vpmaddwd), on CUDA each int8
+# tensor-core main loop (wgmma on an H100 with the sm_90a build, mma.sync).
+KERNEL_VARIANTS = [("cpu", "avx512"), ("cpu", "avx2"), ("cuda", "wgmma"), ("cuda", "mma.sync")]
 
-    assert cpu_int8_kernel().startswith(request.param)
-    yield request.param
-    torch.ops.flashkd.cpu_isa("", True)
+
+@pytest.fixture(params=KERNEL_VARIANTS, ids=[v for _, v in KERNEL_VARIANTS])
+def kernel_variant(request):
+    """Runs a test under each kernel choice of its device that this machine
+    has, then restores the automatic choice."""
+    device = request.getfixturevalue("device")
+    kind, name = request.param
+    if kind != device:
+        pytest.skip(f"{name} is a {kind} kernel choice")
+    select = torch.ops.flashkd.cpu_isa if kind == "cpu" else torch.ops.flashkd.quant_cuda_mainloop
+    try:
+        select(name)
+    except (RuntimeError, ValueError) as e:
+        pytest.skip(str(e))
+    if kind == "cpu":
+        from flashkd.quant import cpu_int8_kernel
+
+        assert cpu_int8_kernel().startswith(name)
+    else:
+        assert torch.ops.flashkd.quant_cuda_mainloop() == name
+    yield name
+    select("", True)

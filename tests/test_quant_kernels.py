@@ -1,19 +1,19 @@
 """Quantized-matmul kernels against flashkd.reference.quant: integer results
 (int8 codes, int32 accumulators) bit-exact, dequantized outputs within float
-rounding, on awkward shapes, under each CPU instruction set."""
+rounding, on awkward shapes, under each CPU instruction set and CUDA main loop."""
 import pytest
 import torch
 
 from flashkd.quant import int4_linear, int8_matmul, pack, quantize_activations, ternary_matmul
 from flashkd.reference import quant as ref
-from quant_cases import DTYPES, SHAPES, cpu_isa, gen, rand_int8, rand_ternary, randn  # noqa: F401  (fixture)
+from quant_cases import DTYPES, SHAPES, gen, kernel_variant, rand_int8, rand_ternary, randn  # noqa: F401  (fixture)
 
 ops = torch.ops.flashkd
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 7, 63), (300, 129), (5, 1000)])
-def test_quantize_activations_exact(shape, dtype, device, cpu_isa):
+def test_quantize_activations_exact(shape, dtype, device, kernel_variant):
     g = gen("act", shape, dtype)
     x = randn(shape, g, DTYPES[dtype], device, scale=3.0)
     x[..., 0] = 0.0  # exact zeros and a row that is all zero
@@ -40,7 +40,7 @@ def test_quantize_activations_strided_input(device):
 
 
 @pytest.mark.parametrize("mnk", SHAPES)
-def test_int8_matmul_exact(mnk, device, cpu_isa):
+def test_int8_matmul_exact(mnk, device, kernel_variant):
     m, n, k = mnk
     g = gen("int8", mnk)
     a, w = rand_int8((m, k), g, device), rand_int8((n, k), g, device)
@@ -52,7 +52,7 @@ def test_int8_matmul_exact(mnk, device, cpu_isa):
 
 
 @pytest.mark.parametrize("mnk", SHAPES)
-def test_ternary_matmul_exact(mnk, device, cpu_isa):
+def test_ternary_matmul_exact(mnk, device, kernel_variant):
     m, n, k = mnk
     g = gen("ternary", mnk)
     a, wq = rand_int8((m, k), g, device), rand_ternary((n, k), g, device)
@@ -78,7 +78,7 @@ def _tolerance(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["int8", "ternary"])
 @pytest.mark.parametrize("mnk", [(1, 5, 33), (19, 70, 131), (40, 70, 128)])
-def test_dequantizing_epilogue(mnk, kind, dtype, per_row, bias, device, cpu_isa):
+def test_dequantizing_epilogue(mnk, kind, dtype, per_row, bias, device, kernel_variant):
     m, n, k = mnk
     out_dtype = DTYPES[dtype]
     g = gen("epi", mnk, kind, dtype, per_row, bias)
@@ -101,7 +101,7 @@ def test_dequantizing_epilogue(mnk, kind, dtype, per_row, bias, device, cpu_isa)
 @pytest.mark.parametrize("dtype,bias", [("fp32", False), ("fp32", True), ("bf16", True), ("fp16", True)])
 @pytest.mark.parametrize("group_size", [1, 6, 12, 32, 128])
 @pytest.mark.parametrize("mnk", SHAPES)
-def test_int4_linear(mnk, group_size, dtype, bias, device, cpu_isa):
+def test_int4_linear(mnk, group_size, dtype, bias, device, kernel_variant):
     m, n, k = mnk
     if group_size == 1 and k > 300:
         pytest.skip("group_size 1 is covered by the smaller K (the oracle loops over groups)")

@@ -1,17 +1,62 @@
 // int8_gemm: int8 activations x int8 weights -> exact int32 or the
 // dequantizing epilogue (flashkd/quant_params.h). M <= 16 runs the dp4a GEMV
-// (weights streamed once); larger M the integer tensor-core mainloop when both
+// (weights streamed once). Larger M runs a tensor-core main loop when both
 // operands are 16-byte aligned rows (what cp.async needs), else the GEMV
-// tiled over M, which accepts any alignment.
+// tiled over M, which accepts any alignment. The tensor-core loop is wgmma
+// (quant_wgmma.cuh) where the sm_90a build runs on an sm_90 device, mma.sync
+// (quant_mma.cuh) elsewhere; set_int8_mainloop("mma.sync") forces the latter
+// (tests run both), as the environment variable FLASHKD_INT8_MAINLOOP does.
+#include <cstdlib>
+#include <cstring>
 #include "quant_gemv.cuh"
 #include "quant_kernels.h"
 #include "quant_mma.cuh"
+#include "quant_wgmma.cuh"
 
 namespace flashkd::cuda {
+
+namespace {
+
+enum class Mainloop { kAuto, kMmaSync, kWgmma };
+
+Mainloop parse_mainloop(const char* name, bool* ok) {
+  *ok = true;
+  if (!name || !*name || !std::strcmp(name, "auto")) return Mainloop::kAuto;
+  if (!std::strcmp(name, "mma.sync")) return Mainloop::kMmaSync;
+  if (!std::strcmp(name, "wgmma")) return Mainloop::kWgmma;
+  *ok = false;
+  return Mainloop::kAuto;
+}
+
+Mainloop& forced() {
+  static Mainloop m = [] {
+    bool ok = false;
+    const Mainloop env = parse_mainloop(std::getenv("FLASHKD_INT8_MAINLOOP"), &ok);
+    return ok ? env : Mainloop::kAuto;
+  }();
+  return m;
+}
+
+bool use_wgmma() { return forced() != Mainloop::kMmaSync && wg::available(); }
+
+}  // namespace
+
+const char* set_int8_mainloop(const char* name) {
+  bool ok = false;
+  const Mainloop m = parse_mainloop(name, &ok);
+  if (!ok) return "unknown int8 main loop: choose auto, wgmma or mma.sync";
+  if (m == Mainloop::kWgmma && !wg::available())
+    return "the wgmma main loop needs an sm_90 GPU and a build with sm_90a (FLASHKD_CUDA_ARCHS)";
+  forced() = m;
+  return nullptr;
+}
+
+const char* int8_mainloop() { return use_wgmma() ? "wgmma" : "mma.sync"; }
 
 const char* int8_gemm(const quant::Int8GemmArgs& args, void* stream) {
   if (args.M == 0 || args.N == 0) return nullptr;
   if (args.M > gemv::kMaxRows && aligned_to(args.a, args.lda, 16) && aligned_to(args.w, args.ldw, 16)) {
+    if (use_wgmma()) return wg::launch(args.a, args.lda, args.w, args.ldw, args.M, args.N, args.K, args.epi, stream);
     const tc::RowTileCpAsync a_ld{reinterpret_cast<const uint8_t*>(args.a), args.lda, args.M, args.K};
     const tc::RowTileCpAsync w_ld{reinterpret_cast<const uint8_t*>(args.w), args.ldw, args.N, args.K};
     return tc::launch(a_ld, w_ld, tc::Int8Math{args.epi}, args.M, args.N, stream);

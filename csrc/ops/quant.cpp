@@ -250,6 +250,24 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at
 
 std::string quant_int8_dot_kind() { return cpu::int8_dot_kind(); }
 
+// The int8 tensor-core main loop CUDA uses for M > 16 on the current device
+// ("wgmma" or "mma.sync"; "none" without CUDA kernels); `force` ("auto",
+// "wgmma", "mma.sync") changes it when non-empty or reset is true.
+std::string quant_cuda_mainloop(c10::string_view force, bool reset) {
+#ifdef FLASHKD_WITH_CUDA
+  if (reset || !force.empty()) {
+    const std::string name = reset && force.empty() ? "auto" : std::string(force);
+    const char* err = cuda::set_int8_mainloop(name.c_str());
+    TORCH_CHECK_VALUE(err == nullptr, "quant_cuda_mainloop('", name, "'): ", err ? err : "");
+  }
+  return cuda::int8_mainloop();
+#else
+  (void)force;
+  (void)reset;
+  return "none";
+#endif
+}
+
 }  // namespace flashkd::ops
 
 TORCH_LIBRARY_FRAGMENT(flashkd, m) {
@@ -260,6 +278,7 @@ TORCH_LIBRARY_FRAGMENT(flashkd, m) {
         "ScalarType? out_dtype=None) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w_packed, Tensor scale, Tensor zero, int group_size, Tensor? bias=None) -> Tensor");
   m.def("quant_cpu_dot_kind() -> str", &flashkd::ops::quant_int8_dot_kind);
+  m.def("quant_cuda_mainloop(str force=\"\", bool reset=False) -> str", &flashkd::ops::quant_cuda_mainloop);
 }
 
 TORCH_LIBRARY_IMPL(flashkd, CPU, m) {

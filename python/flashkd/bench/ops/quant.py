@@ -11,6 +11,10 @@ weight). Providers:
   flashkd   the quantized layer
   torch     torch.nn.functional.linear in the case dtype (fp32 nn.Linear on the
             CPU set, bf16 on the GPU sets): the float baseline the ratios use
+  flashkd-mma.sync  (CUDA, where flashkd picks wgmma) the same layer with the
+            int8 GEMM forced onto the sm_80 mma.sync main loop: what wgmma buys
+  cublas-int8  (CUDA, w8a8-infer) torch._int_mm, cuBLAS's int8 GEMM with int32
+            output and no epilogue: a reference for the int8 main loop alone
 
 ``bytes_per_weight`` is the weight storage each provider reads: the packed
 buffers (scales and zeros included) for the inference form, the latent float
@@ -128,7 +132,39 @@ def _torch(case, device):
     return lambda t: torch.nn.functional.linear(t["x"], t["weight"], t["bias"]).sum(dtype=torch.float32)
 
 
-PROVIDERS = {"flashkd": Provider(_flashkd), "torch": Provider(_torch)}
+def _flashkd_mma_sync(case, device):
+    if device.type != "cuda":
+        raise Unsupported("a CUDA main-loop choice")
+    if not flashkd.has_cuda_kernels() or torch.ops.flashkd.quant_cuda_mainloop() != "wgmma":
+        raise Unsupported("flashkd runs mma.sync here already")
+    if _scheme(case) == "w4a16" or case.variant == "w1.58a8-infer":
+        raise Unsupported("no int8 GEMM in this variant (packed ternary and int4 run their own kernels)")
+    fn = _flashkd(case, device)
+    select = torch.ops.flashkd.quant_cuda_mainloop
+
+    def run(t):
+        select("mma.sync")
+        try:
+            return fn(t)
+        finally:
+            select("", True)
+    return run
+
+
+def _cublas_int8(case, device):
+    if device.type != "cuda" or case.variant != "w8a8-infer":
+        raise Unsupported("a CUDA reference for the w8a8 GEMM")
+    if case.shape in GPU_PLAN and case.variant not in GPU_PLAN[case.shape]:
+        raise Unsupported(f"not in the GPU plan at this shape (measured: {', '.join(GPU_PLAN[case.shape])})")
+
+    def run(t):
+        a, _ = torch.ops.flashkd.quantize_int8_rows(t["x"])
+        return torch._int_mm(a, t["weight_int8"].t()).sum(dtype=torch.float32)
+    return run
+
+
+PROVIDERS = {"flashkd": Provider(_flashkd), "torch": Provider(_torch),
+             "flashkd-mma.sync": Provider(_flashkd_mma_sync), "cublas-int8": Provider(_cublas_int8)}
 
 
 def _oracles(case, t):
@@ -154,7 +190,8 @@ def _oracles(case, t):
     grad_b = torch.full_like(b, float(m))
     quant_grads = {"x": wd.sum(0).expand(m, -1), "weight": grad_w, "bias": grad_b}
     float_grads = {"x": w.double().sum(0).expand(m, -1), "weight": grad_w, "bias": grad_b}
-    return {"flashkd": (q_loss.item(), quant_grads), "torch": (float_loss.item(), float_grads)}
+    quant = (q_loss.item(), quant_grads)
+    return {"flashkd": quant, "flashkd-mma.sync": quant, "torch": (float_loss.item(), float_grads)}
 
 
 def errors(case, inputs, outputs):
@@ -166,6 +203,8 @@ def errors(case, inputs, outputs):
     _, n, k = _dims(case)
     result = {}
     for name, (loss, grads) in outputs.items():
+        if name not in oracles:  # cublas-int8: integer accumulators without scales, no oracle here
+            continue
         ref_loss, ref_grads = oracles[name]
         rec = {"loss_rel_err": abs(loss - ref_loss) / max(abs(ref_loss), 1e-300)}
         worst = None
@@ -177,7 +216,7 @@ def errors(case, inputs, outputs):
                 worst = (rel, abs_err)
         if worst is not None:
             rec["grad_err"], rec["grad_max_abs_err"] = worst
-        packed = name == "flashkd" and _inference(case)
+        packed = name.startswith("flashkd") and _inference(case)
         rec["bytes_per_weight"] = _packed_bytes(case) / (n * k) if packed else float(size)
         result[name] = rec
     return result

@@ -102,6 +102,19 @@ __device__ __forceinline__ void mma_16x8x16<__half>(float (&c)[4], const uint32_
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// The output tile (m0, n0) of block `id` in a group-major raster of BM x BN
+// tiles: kGroupM tile rows (M) at a time, M fastest inside a group, the last
+// group possibly shorter. A bijection onto all tiles.
+template <int BM, int BN>
+__device__ __forceinline__ void tile_origin(int64_t id, int64_t M, int64_t N, int64_t& m0, int64_t& n0) {
+  const int64_t m_tiles = (M + BM - 1) / BM, n_tiles = (N + BN - 1) / BN;
+  const int64_t per_group = kGroupM * n_tiles;
+  const int64_t first_m = id / per_group * kGroupM, local = id % per_group;
+  const int64_t group_m = m_tiles - first_m < kGroupM ? m_tiles - first_m : kGroupM;
+  m0 = (first_m + local % group_m) * BM;
+  n0 = local / group_m * BN;
+}
+
 // Where a warp's 64 x 32 output tile sits: inside the block tile (row, col)
 // and in the output (m0, n0).
 struct WarpTile {
@@ -325,13 +338,8 @@ __global__ void __launch_bounds__(kThreads, Math::kMinBlocks)
   ALoader a_ld = a_param;  // loaders may stage data in their registers
   WLoader w_ld = w_param;
 
-  // Group-major raster: kGroupM tile rows (M) at a time, M fastest inside a
-  // group; the last group may be shorter. A bijection onto all tiles.
-  const int64_t m_tiles = (M + kBM - 1) / kBM, n_tiles = (N + kBN - 1) / kBN;
-  const int64_t id = blockIdx.x, per_group = kGroupM * n_tiles;
-  const int64_t first_m = id / per_group * kGroupM, local = id % per_group;
-  const int64_t group_m = m_tiles - first_m < kGroupM ? m_tiles - first_m : kGroupM;
-  const int64_t m0 = (first_m + local % group_m) * kBM, n0 = local / group_m * kBN;
+  int64_t m0, n0;
+  tile_origin<kBM, kBN>(blockIdx.x, M, N, m0, n0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row = (warp >> 2) * 64, col = (warp & 3) * 32;
   const WarpTile wt{row, col, lane, m0 + row, n0 + col};

@@ -136,11 +136,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto a_tile = [&](int s) { return smem + s * kStageBytes; };
   auto w_tile = [&](int s) { return smem + s * kStageBytes + kATileBytes; };
 
-  const int64_t m_tiles = (M + kBM - 1) / kBM, n_tiles = (N + kBN - 1) / kBN;
-  const int64_t id = blockIdx.x, per_group = tc::kGroupM * n_tiles;
-  const int64_t first_m = id / per_group * tc::kGroupM, local = id % per_group;
-  const int64_t group_m = m_tiles - first_m < tc::kGroupM ? m_tiles - first_m : tc::kGroupM;
-  const int64_t m0 = (first_m + local % group_m) * kBM, n0 = local / group_m * kBN;
+  int64_t m0, n0;
+  tc::tile_origin<kBM, kBN>(blockIdx.x, M, N, m0, n0);
   const int64_t ktiles = (K + kBK - 1) / kBK;
   const uint8_t* a_bytes = reinterpret_cast<const uint8_t*>(a);
   const uint8_t* w_bytes = reinterpret_cast<const uint8_t*>(w);

@@ -20,6 +20,10 @@ void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0,
   FKD_CPU_DISPATCH(int4_gemm, a, m0, m1, n0, n1);
 }
 
+void int4_dequantize_rows(const quant::Int4GemmArgs& a, int64_t n0, int64_t n1, float* out) {
+  FKD_CPU_DISPATCH(int4_dequantize_rows, a, n0, n1, out);
+}
+
 const char* int8_dot_kind() {
 #if defined(FKD_HAVE_X86_ISAS)
   if (current_isa() == Isa::kAvx512) {

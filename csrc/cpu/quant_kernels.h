@@ -15,6 +15,7 @@ namespace flashkd::cpu {
   void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  \
   void ternary_gemm(const quant::TernaryGemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1); \
   void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  \
+  void int4_dequantize_rows(const quant::Int4GemmArgs& a, int64_t n0, int64_t n1, float* out);   \
   }
 
 FKD_DECLARE_QUANT_KERNELS(avx2)
@@ -28,6 +29,9 @@ void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int
 void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void ternary_gemm(const quant::TernaryGemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+// Weight rows [n0, n1) of an int4 GEMM dequantized, (q - zero) * scale, into
+// out (row-major, K floats a row): the prefill path hands them to BLAS.
+void int4_dequantize_rows(const quant::Int4GemmArgs& a, int64_t n0, int64_t n1, float* out);
 
 // Which int8 dot product the int8 and ternary GEMMs use: "avx512-vnni",
 // "avx512", "avx2" or "generic" (for the benchmark report and tests).

@@ -25,7 +25,14 @@ void accumulate_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   } else if (a.is_cuda()) {
     at::addmm_out(acc, acc, a, b, at::kFloat);  // cuBLAS, float32 output
   } else {
-    acc.add_(at::mm(a, b));
+    // CPU ATen has no float32-output GEMM for 16-bit inputs: multiply slices
+    // of a's rows, so that the 16-bit product temporary stays small (not the
+    // size of the whole gradient), and add each slice in float32.
+    constexpr int64_t kSliceRows = 4096;
+    for (int64_t r0 = 0; r0 < a.size(0); r0 += kSliceRows) {
+      const int64_t rows = std::min(kSliceRows, a.size(0) - r0);
+      acc.narrow(0, r0, rows).add_(at::mm(a.narrow(0, r0, rows), b));
+    }
   }
 }
 

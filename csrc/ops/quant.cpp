@@ -109,6 +109,36 @@ at::Tensor setup_epilogue(GemmEpilogue& epi, const at::Tensor& a, int64_t M, int
   return out;
 }
 
+// From this many rows on, int4_linear on the CPU dequantizes the weights panel
+// by panel and multiplies with ATen's GEMM, whose BLAS microkernels beat the
+// dot-product kernel once the dequantization is spread over enough rows.
+// Measured at N = K = 1024, fp32 (2-core EPYC): kernel vs this path 0.97 vs
+// 1.23 ms at M = 64, 1.87 vs 1.91 ms at 128, 14.7 vs 11.5 ms at 1024.
+constexpr int64_t kBlasRows = 256;
+
+// out (M, N) = x2 (M, K) @ dequantized(W)^T + bias: weight panels of about
+// 4 MiB of float32 are dequantized in parallel and multiplied in float32;
+// bias is added in float32 before the one rounding to x's dtype, as the
+// kernels do.
+at::Tensor int4_linear_blas(const quant::Int4GemmArgs& args, const at::Tensor& x2, const at::Tensor& bias,
+                            at::Tensor out) {
+  const int64_t M = args.M, N = args.N, K = args.K;
+  const at::Tensor xf = x2.to(at::kFloat);
+  const at::Tensor out2 = out.view({M, N});
+  const int64_t panel = std::min(N, std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(K, 1)));
+  at::Tensor w_panel = at::empty({panel, K}, xf.options());
+  const at::Tensor bias_f = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
+  for (int64_t n0 = 0; n0 < N; n0 += panel) {
+    const int64_t nb = std::min(panel, N - n0);
+    float* w = w_panel.data_ptr<float>();
+    at::parallel_for(n0, n0 + nb, 8, [&](int64_t b, int64_t e) { cpu::int4_dequantize_rows(args, b, e, w + (b - n0) * K); });
+    at::Tensor y = at::mm(xf, w_panel.narrow(0, 0, nb).t());
+    if (bias_f.defined()) y.add_(bias_f.narrow(0, n0, nb));
+    out2.narrow(1, n0, nb).copy_(y);
+  }
+  return out;
+}
+
 void check_activations_int8(const at::Tensor& a) {
   TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, "a must be int8 (quantized activations), got ", a.scalar_type());
 }
@@ -241,6 +271,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at
 #endif
     return out;
   }
+  if (M >= kBlasRows) return int4_linear_blas(args, x2, bias_c, out);
   // The block's rows are held as float32 (about 1 MiB of them, in L2), and each
   // four weight rows are dequantized once per block: the larger the better.
   const int64_t block_m = std::clamp<int64_t>((int64_t{1} << 18) / std::max<int64_t>(K, 1), 8, kBlockM);

@@ -2,7 +2,8 @@
 // output and bias in the activations' dtype. Compiled once per instruction set.
 //
 // Blocking as in quant_int8_gemm.cpp: per thread an output block
-// [m0, m1) x [n0, n1). Two paths:
+// [m0, m1) x [n0, n1). Two paths (and, from kBlasRows rows on, the glue's
+// third: int4_dequantize_rows panels multiplied by ATen's GEMM):
 //  * prefill/training sizes (or odd group sizes): the block's activation rows
 //    are converted to float32 once, then four weight rows at a time are
 //    dequantized, w = (q - zero) * scale per group, into a 4 x K float tile
@@ -290,6 +291,10 @@ void int4_gemm(const quant::Int4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
       }
     }
   }
+}
+
+void int4_dequantize_rows(const quant::Int4GemmArgs& g, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) dequantize_row(g, n, out + (n - n0) * g.K);
 }
 
 }  // namespace flashkd::cpu::FKD_CPU_ISA

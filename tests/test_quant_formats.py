@@ -108,3 +108,34 @@ def test_bad_inputs():
         unpack(torch.zeros(2, 2, dtype=torch.int8), "w4a16", 4)
     with pytest.raises(ValueError, match="in_features"):
         unpack(torch.zeros(2, 2, dtype=torch.uint8), "w4a16", -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", ["w1.58a8", "w8a8", "w4a16"])
+def test_quantize_weight_16bit_and_strided(scheme, dtype, device):
+    """16-bit latent weights and a transposed (non-contiguous) view quantize like
+    their float32 values in the oracle."""
+    w = randn((40, 33), gen("qw16", scheme, dtype), dtype, device).t()  # (33, 40), strided
+    got = formats.quantize_weight(w, scheme, 8)
+    want = {"w1.58a8": lambda: ref.ternary_weights(w.cpu()), "w8a8": lambda: ref.int8_weights(w.cpu()),
+            "w4a16": lambda: ref.int4_weights(w.cpu(), 8)}[scheme]()
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_quantize_weight_opcheck(device):
+    w = randn((5, 37), gen("qw-opcheck"), device=device)
+    for scheme, per_tensor in (("w1.58a8", False), ("w1.58a8", True), ("w8a8", False), ("w4a16", False)):
+        torch.library.opcheck(torch.ops.flashkd.quantize_weight.default, (w, scheme, 8, per_tensor))
+
+
+def test_quantize_weight_bad_inputs():
+    op = torch.ops.flashkd.quantize_weight
+    with pytest.raises(ValueError, match="scheme"):
+        op(torch.zeros(2, 2), "w2a8")
+    with pytest.raises(ValueError, match="group_size"):
+        op(torch.zeros(2, 2), "w4a16", 0)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        op(torch.zeros(4), "w8a8")
+    with pytest.raises(TypeError, match="weight"):
+        op(torch.zeros(2, 2, dtype=torch.int32), "w8a8")

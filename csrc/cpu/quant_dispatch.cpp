@@ -8,6 +8,10 @@ void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int
   FKD_CPU_DISPATCH(quantize_rows_int8, a, row_begin, row_end);
 }
 
+void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, int64_t row_end) {
+  FKD_CPU_DISPATCH(quantize_weight_rows, a, row_begin, row_end);
+}
+
 void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   FKD_CPU_DISPATCH(int8_gemm, a, m0, m1, n0, n1);
 }

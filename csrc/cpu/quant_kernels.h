@@ -12,6 +12,7 @@ namespace flashkd::cpu {
 #define FKD_DECLARE_QUANT_KERNELS(isa)                                                           \
   namespace isa {                                                                                \
   void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int64_t row_end); \
+  void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, int64_t row_end); \
   void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  \
   void ternary_gemm(const quant::TernaryGemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1); \
   void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  \
@@ -25,6 +26,8 @@ FKD_DECLARE_QUANT_KERNELS(generic)
 
 // Rows [row_begin, row_end) of the per-token int8 activation quantization.
 void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int64_t row_end);
+// Rows [row_begin, row_end) of a weight quantizer (ternary, int8 or int4).
+void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, int64_t row_end);
 // Output block rows [m0, m1) x columns [n0, n1) of each GEMM, epilogue included.
 void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void ternary_gemm(const quant::TernaryGemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);

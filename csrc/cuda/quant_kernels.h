@@ -7,6 +7,7 @@
 namespace flashkd::cuda {
 
 const char* quantize_rows_int8(const quant::QuantizeRowsArgs& args, void* stream);
+const char* quantize_weight_rows(const quant::WeightQuantArgs& args, void* stream);
 const char* int8_gemm(const quant::Int8GemmArgs& args, void* stream);
 const char* ternary_gemm(const quant::TernaryGemmArgs& args, void* stream);
 const char* int4_gemm(const quant::Int4GemmArgs& args, void* stream);

@@ -4,6 +4,8 @@
 // and the Python API live in python/flashkd/quant/.
 //
 //   quantize_int8_rows(x) -> (q, scale)          per-token int8 activations
+//   quantize_weight(w, scheme, group_size, per_tensor) -> (q, scale, zero)
+//                                                weight codes, unpacked
 //   int8_linear(a, w, a_scale?, w_scale?, bias?, out_dtype?)
 //   ternary_linear(a, w_packed, a_scale?, w_scale?, bias?, out_dtype?)
 //   int4_linear(x, w_packed, scale, zero, group_size, bias?)
@@ -199,6 +201,50 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& x) {
   return {q, scale};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_weight(const at::Tensor& w, c10::string_view scheme,
+                                                               int64_t group_size, bool per_tensor) {
+  const DType dtype = kernel_dtype(w, "weight");
+  TORCH_CHECK_VALUE(w.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ", shape(w.sizes()));
+  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1, got ", num(group_size));
+  quant::WeightScheme kind = quant::WeightScheme::kTernary;
+  if (scheme == "w1.58a8") kind = quant::WeightScheme::kTernary;
+  else if (scheme == "w8a8") kind = quant::WeightScheme::kInt8;
+  else if (scheme == "w4a16") kind = quant::WeightScheme::kInt4;
+  else TORCH_CHECK_VALUE(false, "scheme must be one of w1.58a8, w8a8, w4a16, got '", std::string(scheme), "'");
+  const at::Tensor wc = w.contiguous();
+  const int64_t N = wc.size(0), K = wc.size(1);
+  const int64_t groups = std::max<int64_t>(1, (K + group_size - 1) / group_size);
+  const bool int4 = kind == quant::WeightScheme::kInt4;
+  const auto f32 = wc.options().dtype(at::kFloat);
+  at::Tensor q = new_output({N, K}, wc.options().dtype(int4 ? at::kByte : at::kChar));
+  at::Tensor zero = int4 ? new_output({N, groups}, f32) : new_output({0}, f32);
+  at::Tensor scale;
+  const bool tensor_scale = per_tensor && kind == quant::WeightScheme::kTernary;
+  if (tensor_scale) {  // gamma over the whole tensor, summed in float64 (NaN for an empty one)
+    scale = (at::sum(wc.to(at::kFloat).abs(), at::kDouble) / static_cast<double>(wc.numel()))
+                .to(at::kFloat)
+                .clamp_min(quant::kWeightEps)
+                .reshape({1});
+  } else {
+    scale = int4 ? new_output({N, groups}, f32) : new_output({N}, f32);
+  }
+  if (N == 0) return {q, scale, zero};
+  const quant::WeightQuantArgs args{wc.data_ptr(), dtype, K, N, K, kind, group_size, groups,
+                                    tensor_scale ? scale.data_ptr<float>() : nullptr,
+                                    int4 ? nullptr : q.data_ptr<int8_t>(), int4 ? q.data_ptr<uint8_t>() : nullptr,
+                                    scale.data_ptr<float>(), int4 ? zero.data_ptr<float>() : nullptr};
+  if (wc.is_cuda()) {
+    DeviceScope scope(wc);
+#ifdef FLASHKD_WITH_CUDA
+    check_launch(cuda::quantize_weight_rows(args, scope.stream), "quantize_weight CUDA kernel");
+#endif
+    return {q, scale, zero};
+  }
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
+                   [&](int64_t begin, int64_t end) { cpu::quantize_weight_rows(args, begin, end); });
+  return {q, scale, zero};
+}
+
 at::Tensor int8_linear(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& a_scale,
                        const std::optional<at::Tensor>& w_scale, const std::optional<at::Tensor>& bias,
                        std::optional<at::ScalarType> out_dtype) {
@@ -303,6 +349,7 @@ std::string quant_cuda_mainloop(c10::string_view force, bool reset) {
 
 TORCH_LIBRARY_FRAGMENT(flashkd, m) {
   m.def("quantize_int8_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_weight(Tensor w, str scheme, int group_size=128, bool per_tensor=False) -> (Tensor, Tensor, Tensor)");
   m.def("int8_linear(Tensor a, Tensor w, Tensor? a_scale=None, Tensor? w_scale=None, Tensor? bias=None, "
         "ScalarType? out_dtype=None) -> Tensor");
   m.def("ternary_linear(Tensor a, Tensor w_packed, Tensor? a_scale=None, Tensor? w_scale=None, Tensor? bias=None, "
@@ -314,6 +361,7 @@ TORCH_LIBRARY_FRAGMENT(flashkd, m) {
 
 TORCH_LIBRARY_IMPL(flashkd, CPU, m) {
   m.impl("quantize_int8_rows", &flashkd::ops::quantize_int8_rows);
+  m.impl("quantize_weight", &flashkd::ops::quantize_weight);
   m.impl("int8_linear", &flashkd::ops::int8_linear);
   m.impl("ternary_linear", &flashkd::ops::ternary_linear);
   m.impl("int4_linear", &flashkd::ops::int4_linear);
@@ -322,6 +370,7 @@ TORCH_LIBRARY_IMPL(flashkd, CPU, m) {
 #ifdef FLASHKD_WITH_CUDA
 TORCH_LIBRARY_IMPL(flashkd, CUDA, m) {
   m.impl("quantize_int8_rows", &flashkd::ops::quantize_int8_rows);
+  m.impl("quantize_weight", &flashkd::ops::quantize_weight);
   m.impl("int8_linear", &flashkd::ops::int8_linear);
   m.impl("ternary_linear", &flashkd::ops::ternary_linear);
   m.impl("int4_linear", &flashkd::ops::int4_linear);

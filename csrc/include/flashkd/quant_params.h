@@ -18,6 +18,7 @@
 //    Group g = k / group_size has float32 scale[n, g] and zero[n, g]
 //    (an integer value in [0, 15]); w = (q - zero) * scale.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include "flashkd/common.h"
 
@@ -28,6 +29,77 @@ constexpr int kInt4PerByte = 2;
 
 FKD_HD int ternary_value(uint8_t byte, int i) { return static_cast<int>((byte >> (2 * i)) & 3u) - 1; }
 FKD_HD int int4_value(uint8_t byte, int i) { return static_cast<int>((byte >> (4 * i)) & 15u); }
+
+// ---- weight quantizers (training form every step, and freeze) -------------
+//  * ternary (w1.58a8): gamma = mean |w| over the row (or the whole tensor),
+//    summed in float64, rounded to float32; scale = max(gamma, 1e-5);
+//    q = clamp(rint(w / scale), -1, 1)
+//  * int8 (w8a8): scale = max(max |w|, 1e-5) / 127; q = clamp(rint(w / scale), -127, 127)
+//  * int4 (w4a16), per group of group_size along the row: scale =
+//    max(max - min, 1e-5) / 15, zero = clamp(rint(-min / scale), 0, 15),
+//    q = clamp(rint(w / scale) + zero, 0, 15); an empty group (K = 0) has
+//    scale 1 and zero 0.
+// Divisions are IEEE float32 and rint rounds half to even on both devices.
+enum class WeightScheme : int32_t { kTernary = 0, kInt8 = 1, kInt4 = 2 };
+
+constexpr float kWeightEps = 1e-5f;
+
+FKD_HD float rint_even(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  return std::nearbyint(v);  // the default rounding mode: half to even
+#endif
+}
+
+FKD_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+FKD_HD float clamp_to(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// NaN (a row of no values) stays NaN, as torch's clamp_min keeps it.
+FKD_HD float ternary_weight_scale(double abs_sum, int64_t count) {
+  const float gamma = static_cast<float>(abs_sum / static_cast<double>(count));
+  return gamma < kWeightEps ? kWeightEps : gamma;
+}
+FKD_HD int8_t ternary_code(float w, float scale) {
+  return static_cast<int8_t>(clamp_to(rint_even(div_rn(w, scale)), -1.f, 1.f));
+}
+FKD_HD float int8_weight_scale(float amax) { return div_rn(amax < kWeightEps ? kWeightEps : amax, 127.f); }
+FKD_HD int8_t int8_code(float w, float scale) {
+  return static_cast<int8_t>(clamp_to(rint_even(div_rn(w, scale)), -127.f, 127.f));
+}
+FKD_HD float int4_weight_scale(float lo, float hi) {
+  const float range = hi - lo;
+  return div_rn(range < kWeightEps ? kWeightEps : range, 15.f);
+}
+FKD_HD float int4_zero(float lo, float scale) { return clamp_to(rint_even(div_rn(-lo, scale)), 0.f, 15.f); }
+FKD_HD uint8_t int4_code(float w, float scale, float zero) {
+  return static_cast<uint8_t>(clamp_to(rint_even(div_rn(w, scale)) + zero, 0.f, 15.f));
+}
+
+// w (rows, cols) float -> unpacked codes and scales: q8 (rows, cols) int8 and
+// scale (rows) for ternary and int8 (a per-tensor ternary scale is computed
+// by the caller and passed as tensor_scale, then scale is not written); q4
+// (rows, cols) uint8 and scale, zero (rows, groups) for int4.
+struct WeightQuantArgs {
+  const void* w;
+  DType w_dtype;
+  int64_t ldw;
+  int64_t rows, cols;
+  WeightScheme scheme;
+  int64_t group_size, groups;
+  const float* tensor_scale;
+  int8_t* q8;
+  uint8_t* q4;
+  float* scale;
+  float* zero;
+};
 
 // x (M, K) float -> q (M, K) int8 contiguous, a_scale (M) float32.
 struct QuantizeRowsArgs {

@@ -22,6 +22,22 @@ def _gemm_out(a, n, a_scale, out_dtype):
     return a.new_empty((*a.shape[:-1], n), dtype=torch.int32 if a_scale is None else out_dtype)
 
 
+@torch.library.register_fake("flashkd::quantize_weight")
+def _quantize_weight_fake(w, scheme, group_size=128, per_tensor=False):
+    return _quantized_weight_like(w, scheme, group_size, per_tensor)
+
+
+def _quantized_weight_like(w, scheme, group_size, per_tensor):
+    """Empty (q, scale, zero) shaped as quantize_weight returns them for w [N, K]."""
+    n, k = w.shape
+    f32 = dict(dtype=torch.float32)
+    if scheme == "w4a16":
+        g = num_groups(k, group_size)
+        return w.new_empty((n, k), dtype=torch.uint8), w.new_empty((n, g), **f32), w.new_empty((n, g), **f32)
+    rows = 1 if per_tensor and scheme == "w1.58a8" else n
+    return w.new_empty((n, k), dtype=torch.int8), w.new_empty((rows,), **f32), w.new_empty((0,), **f32)
+
+
 @torch.library.register_fake("flashkd::int8_linear")
 def _int8_linear_fake(a, w, a_scale=None, w_scale=None, bias=None, out_dtype=None):
     return _gemm_out(a, w.shape[0], a_scale, out_dtype)
@@ -63,15 +79,8 @@ def qat_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 @qat_linear.register_fake
 def _qat_linear_fake(x, weight, bias, scheme, group_size, per_tensor):
-    n, k = weight.shape
-    out = x.new_empty((*x.shape[:-1], n))
-    f32 = dict(dtype=torch.float32)
-    if scheme == "w4a16":
-        g = num_groups(k, group_size)
-        return out, weight.new_empty((n, k), dtype=torch.uint8), weight.new_empty((n, g), **f32), \
-            weight.new_empty((n, g), **f32)
-    return out, weight.new_empty((n, k), dtype=torch.int8), weight.new_empty((1 if per_tensor else n,), **f32), \
-        weight.new_empty((0,), **f32)
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            *_quantized_weight_like(weight, scheme, group_size, per_tensor))
 
 
 def _qat_setup_context(ctx, inputs, output):

@@ -1,6 +1,7 @@
-"""Weight quantizers and bit packing of the quantized schemes (vectorized
-torch; run once per training step or once at freeze()). The formats are
-stated in flashkd.reference.quant and csrc/include/flashkd/quant_params.h.
+"""Weight quantizers (a fused kernel) and bit packing (vectorized torch) of the
+quantized schemes, run once per training step or once at freeze(). The
+formats are stated in flashkd.reference.quant and
+csrc/include/flashkd/quant_params.h.
 """
 from __future__ import annotations
 
@@ -8,13 +9,6 @@ import torch
 
 #: Quantization schemes of :class:`flashkd.quant.QuantLinear`.
 SCHEMES = ("w1.58a8", "w8a8", "w4a16")
-_EPS = 1e-5
-
-
-def _div(t: torch.Tensor, d: float) -> torch.Tensor:
-    """t / d in one rounding on every device (torch may turn a division by a
-    number into a multiplication by its rounded reciprocal)."""
-    return t / torch.full_like(t, d)
 
 
 def check_scheme(scheme) -> str:
@@ -34,33 +28,42 @@ def num_groups(in_features: int, group_size: int) -> int:
     return max(1, -(-in_features // group_size))
 
 
-def ternary_weights(w: torch.Tensor, per_tensor: bool = False):
-    """BitNet b1.58 absmean: (Wq int8 in {-1, 0, 1}, scale float32 [N] or [1]).
+def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 128, per_tensor: bool = False):
+    """(q, scale, zero) of a latent float weight [N, K], unpacked, by the fused
+    kernel (``torch.ops.flashkd.quantize_weight``, formulas in
+    flashkd.reference.quant and quant_params.h):
 
-    gamma = mean |W| accumulated in float64 and rounded to float32 (independent
-    of summation order); scale = max(gamma, 1e-5); Wq = clamp(rint(W / scale), -1, 1).
+    - w1.58a8 (BitNet b1.58 absmean): int8 Wq in {-1, 0, 1}, scale [N] (or [1]
+      with ``per_tensor``) = max(mean |W| (summed in float64, rounded to
+      float32), 1e-5), an empty zero;
+    - w8a8 (absmax per row): int8 Wq in [-127, 127], scale [N] = max(max |W|, 1e-5) / 127;
+    - w4a16 (asymmetric per group): uint8 q in [0, 15], scale and zero [N, G]
+      float32, G = ceil(K / group_size).
     """
-    absw = w.detach().float().abs()  # exact; the sums below accumulate in float64 without a float64 copy
-    if per_tensor:
-        gamma = (absw.sum(dtype=torch.float64) / absw.numel()).reshape(1).float()
-    else:
-        gamma = (absw.sum(dim=1, dtype=torch.float64) / absw.shape[1]).float()
-    scale = gamma.clamp_min(_EPS)
-    wq = torch.round(w.detach().float() / (scale if per_tensor else scale.unsqueeze(1))).clamp_(-1, 1)
-    return wq.to(torch.int8), scale
+    w = w.detach()
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        w = w.float()
+    return torch.ops.flashkd.quantize_weight(w, scheme, group_size, per_tensor)
+
+
+def ternary_weights(w: torch.Tensor, per_tensor: bool = False):
+    """(Wq int8 in {-1, 0, 1}, scale float32 [N] or [1]): see quantize_weight."""
+    return quantize_weight(w, "w1.58a8", 1, per_tensor)[:2]
 
 
 def int8_weights(w: torch.Tensor):
-    """Absmax per output row: (Wq int8 in [-127, 127], scale float32 [N])."""
-    wf = w.detach().float()
-    amax = wf.abs().amax(dim=1) if wf.shape[1] else wf.new_zeros(wf.shape[0])
-    scale = _div(amax.clamp_min(_EPS), 127.0)
-    return torch.round(wf / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8), scale
+    """(Wq int8 in [-127, 127], scale float32 [N]): see quantize_weight."""
+    return quantize_weight(w, "w8a8")[:2]
+
+
+def int4_weights(w: torch.Tensor, group_size: int):
+    """(q uint8 [N, K] in [0, 15], scale [N, G], zero [N, G]) float32: see quantize_weight."""
+    return quantize_weight(w, "w4a16", group_size)
 
 
 def _grouped(wf: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N, K] -> [N, G, group_size], the partial last group padded with copies of
-    the row's last value (which leaves its min and max unchanged)."""
+    """[N, K] -> [N, G, group_size], the partial last group padded (callers slice
+    the padding off again)."""
     n, k = wf.shape
     groups = num_groups(k, group_size)
     pad = groups * group_size - k
@@ -69,33 +72,11 @@ def _grouped(wf: torch.Tensor, group_size: int) -> torch.Tensor:
     return wf.reshape(n, groups, group_size)
 
 
-def int4_weights(w: torch.Tensor, group_size: int):
-    """Asymmetric 4-bit per group: (q uint8 [N, K] in [0, 15], scale [N, G], zero [N, G]) float32."""
-    wf = w.detach().float()
-    n, k = wf.shape
-    wg = _grouped(wf, group_size)
-    lo, hi = wg.amin(dim=2), wg.amax(dim=2)
-    scale = _div((hi - lo).clamp_min(_EPS), 15.0)
-    zero = torch.round(-lo / scale).clamp_(0, 15)
-    q = (torch.round(wg / scale.unsqueeze(2)) + zero.unsqueeze(2)).clamp_(0, 15)
-    return q.to(torch.uint8).reshape(n, -1)[:, :k], scale, zero
-
-
 def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """(q - zero) * scale per group, float32 [N, K]."""
     n, k = q.shape
     wg = _grouped(q.float(), group_size)
     return ((wg - zero.unsqueeze(2)) * scale.unsqueeze(2)).reshape(n, -1)[:, :k]
-
-
-def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 128, per_tensor: bool = False):
-    """(q, scale, zero) of a latent float weight, unpacked: int8 Wq with its
-    scale [N] or [1] and an empty zero for w1.58a8 / w8a8; uint8 q in [0, 15]
-    with scale and zero [N, G] for w4a16."""
-    if scheme == "w4a16":
-        return int4_weights(w, group_size)
-    wq, scale = ternary_weights(w, per_tensor) if scheme == "w1.58a8" else int8_weights(w)
-    return wq, scale, scale.new_empty(0)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = 128):

@@ -1,0 +1,75 @@
+// Weight quantizers of the quantized linear layers (formulas in
+// flashkd/quant_params.h), one row of W at a time: a pass for the row's (or
+// each group's) statistics, a pass to write the codes. Compiled once per
+// instruction set; the loops vectorize.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include "flashkd/cpu_convert.h"
+#include "quant_kernels.h"
+
+namespace flashkd::cpu::FKD_CPU_ISA {
+
+void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t K = a.cols;
+  thread_local std::vector<float> row;
+  row.resize(std::max<int64_t>(K, 1));
+  float* x = row.data();
+  const int64_t esize = dtype_size(a.w_dtype);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    load_floats(static_cast<const char*>(a.w) + r * a.ldw * esize, a.w_dtype, 1, K, x);
+    switch (a.scheme) {
+      case quant::WeightScheme::kTernary: {
+        float scale;
+        if (a.tensor_scale) {
+          scale = *a.tensor_scale;
+        } else {
+          double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t k = 0; k < K; ++k) sum += std::fabs(static_cast<double>(x[k]));
+          scale = quant::ternary_weight_scale(sum, K);
+          a.scale[r] = scale;
+        }
+        int8_t* q = a.q8 + r * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) q[k] = quant::ternary_code(x[k], scale);
+        break;
+      }
+      case quant::WeightScheme::kInt8: {
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+        const float scale = quant::int8_weight_scale(amax);
+        a.scale[r] = scale;
+        int8_t* q = a.q8 + r * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) q[k] = quant::int8_code(x[k], scale);
+        break;
+      }
+      case quant::WeightScheme::kInt4: {
+        uint8_t* q = a.q4 + r * K;
+        for (int64_t g = 0; g < a.groups; ++g) {
+          const int64_t k0 = g * a.group_size, k1 = std::min(K, k0 + a.group_size);
+          float scale = 1.f, zero = 0.f;  // an empty group (K = 0)
+          if (k1 > k0) {
+            float lo = x[k0], hi = x[k0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+            for (int64_t k = k0; k < k1; ++k) {
+              lo = std::min(lo, x[k]);
+              hi = std::max(hi, x[k]);
+            }
+            scale = quant::int4_weight_scale(lo, hi);
+            zero = quant::int4_zero(lo, scale);
+          }
+          a.scale[r * a.groups + g] = scale;
+          a.zero[r * a.groups + g] = zero;
+#pragma omp simd
+          for (int64_t k = k0; k < k1; ++k) q[k] = quant::int4_code(x[k], scale, zero);
+        }
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace flashkd::cpu::FKD_CPU_ISA

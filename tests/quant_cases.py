@@ -8,9 +8,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # On CUDA, M > 16 takes the tensor-core path (partial M, N and K tiles, more K
 # tiles than pipeline stages) when the activation rows are 16-byte aligned:
 # K % 16 == 0 for int8 and ternary, K % 8 == 0 for bf16/fp16 int4 (with
-# group_size % 32 == 0 or a single group); K > 2048 runs the GEMV's K loop.
+# group_size % 32 == 0 or a single group); K > 2048 runs the GEMV's K loop;
+# 1030 x 520 x 1040 runs the main loops' steady state over many k tiles and a
+# short last group of the block raster.
 SHAPES = [(1, 1, 1), (1, 7, 3), (3, 1, 65), (5, 9, 130), (17, 67, 257), (130, 70, 100), (4, 133, 1027),
-          (17, 1, 16), (130, 70, 128), (300, 260, 336), (3, 40, 4100)]
+          (17, 1, 16), (130, 70, 128), (300, 260, 336), (3, 40, 4100), (1030, 520, 1040)]
 
 
 def gen(*key):

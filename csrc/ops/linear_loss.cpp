@@ -156,7 +156,7 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
                                : convert_teacher   ? c10::elementSize(teacher_buffer_dtype) : 0);
   // The default gives the student's logits default_budget() and whatever else
   // a chunk holds its share in proportion, so both losses chunk alike.
-  const int64_t budget = chunk_budget_bytes.value_or(default_budget(hidden) / student_row_bytes * row_bytes);
+  const int64_t budget = chunk_budget_bytes.value_or(default_budget(hidden) * row_bytes / student_row_bytes);
   TORCH_CHECK_VALUE(budget > 0, "chunk_budget_bytes must be > 0, got ", num(budget));
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, budget / std::max<int64_t>(row_bytes, 1)));
   // One buffer per logit matrix, reused by every chunk (the last one is

@@ -145,15 +145,13 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   at::Tensor dweight_acc = want_dw ? at::zeros({V, hidden.size(1)}, fopts) : at::Tensor();
   at::Tensor dbias_acc = want_db ? at::zeros({V}, fopts) : at::Tensor();
 
-  // Rows per chunk: the student's logits, a computed teacher's, and teacher
-  // logits that must be converted to float32 or made row-contiguous fit the budget.
-  const bool convert_teacher = t_logits && (t_logits2d.scalar_type() == at::kDouble || !row_layout(t_logits2d));
-  const auto teacher_buffer_dtype = convert_teacher && t_logits2d.scalar_type() == at::kDouble
-                                        ? at::kFloat : (t_logits ? t_logits2d.scalar_type() : at::kFloat);
+  // Rows per chunk: the student's logits, a computed teacher's, and float64
+  // teacher logits converted to float32 (the row kernel reads 16/32-bit
+  // floats; a 2-D view always has a row layout it can read) fit the budget.
+  const bool convert_teacher = t_logits && t_logits2d.scalar_type() == at::kDouble;
   const int64_t student_row_bytes = V * hidden.element_size();
   const int64_t row_bytes =
-      student_row_bytes + V * (teacher_from_weights ? t_hidden.element_size()
-                               : convert_teacher   ? c10::elementSize(teacher_buffer_dtype) : 0);
+      student_row_bytes + V * (teacher_from_weights ? t_hidden.element_size() : convert_teacher ? 4 : 0);
   // The default gives the student's logits default_budget() and whatever else
   // a chunk holds its share in proportion, so both losses chunk alike.
   const int64_t budget = chunk_budget_bytes.value_or(default_budget(hidden) * row_bytes / student_row_bytes);
@@ -164,7 +162,7 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   const at::Tensor logits_buf = at::empty({rows ? chunk : 0, V}, hidden.options());
   const at::Tensor teacher_buf =
       teacher_from_weights ? at::empty({rows ? chunk : 0, V}, t_hidden.options())
-      : convert_teacher   ? at::empty({rows ? chunk : 0, V}, hidden.options().dtype(teacher_buffer_dtype))
+      : convert_teacher   ? at::empty({rows ? chunk : 0, V}, hidden.options().dtype(at::kFloat))
                           : at::Tensor();
 
   p.cols = V;

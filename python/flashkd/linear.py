@@ -144,8 +144,8 @@ def linear_distill_loss(
     Every other option is :func:`flashkd.distill_loss`'s.
 
     ``chunk_budget_bytes`` bounds the logits held at once: the student's chunk,
-    plus the teacher's when it is computed from weights or converted (float64,
-    or strides a row kernel cannot read). The default gives the student's
+    plus the teacher's when it is computed from weights or converted to
+    float32 (float64 teacher logits). The default gives the student's
     logits what :func:`linear_cross_entropy` gives them (32 MiB on CPU,
     512 MiB on CUDA) and the teacher's chunk the same number of rows.
     """

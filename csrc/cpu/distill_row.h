@@ -5,6 +5,9 @@
 #include "flashkd/distill_params.h"
 
 namespace flashkd::cpu {
+// Internal linkage, so that each instruction set's object keeps its own
+// build of these (see flashkd/cpu_convert.h).
+namespace {
 
 struct RowResult {
   float loss = 0.f;  // hard_weight * CE + soft_weight * D, unweighted by the token weight
@@ -180,4 +183,5 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
   return out;
 }
 
+}  // namespace
 }  // namespace flashkd::cpu

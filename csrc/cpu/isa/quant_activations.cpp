@@ -3,7 +3,6 @@
 // and clamp. Compiled once per instruction set; the loops vectorize.
 #include <algorithm>
 #include <cmath>
-#include <vector>
 #include "flashkd/cpu_convert.h"
 #include "quant_kernels.h"
 
@@ -11,12 +10,7 @@ namespace flashkd::cpu::FKD_CPU_ISA {
 
 void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int64_t row_end) {
   const int64_t K = a.cols;
-  thread_local std::vector<float> row;
-  row.resize(std::max<int64_t>(K, 1));
-  float* x = row.data();
-  const int64_t esize = dtype_size(a.x_dtype);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    load_floats(static_cast<const char*>(a.x) + r * a.ldx * esize, a.x_dtype, 1, K, x);
+  for_each_float_row(a.x, a.x_dtype, a.ldx, K, row_begin, row_end, [&](int64_t r, const float* x) {
     float amax = 0.f;
 #pragma omp simd reduction(max : amax)
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
@@ -29,7 +23,7 @@ void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int
       const float v = std::nearbyint(x[k] * inv);  // round half to even (default rounding mode)
       q[k] = static_cast<int8_t>(std::min(127.f, std::max(-128.f, v)));
     }
-  }
+  });
 }
 
 }  // namespace flashkd::cpu::FKD_CPU_ISA

@@ -4,7 +4,6 @@
 // instruction set; the loops vectorize.
 #include <algorithm>
 #include <cmath>
-#include <vector>
 #include "flashkd/cpu_convert.h"
 #include "quant_kernels.h"
 
@@ -12,12 +11,7 @@ namespace flashkd::cpu::FKD_CPU_ISA {
 
 void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, int64_t row_end) {
   const int64_t K = a.cols;
-  thread_local std::vector<float> row;
-  row.resize(std::max<int64_t>(K, 1));
-  float* x = row.data();
-  const int64_t esize = dtype_size(a.w_dtype);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    load_floats(static_cast<const char*>(a.w) + r * a.ldw * esize, a.w_dtype, 1, K, x);
+  for_each_float_row(a.w, a.w_dtype, a.ldw, K, row_begin, row_end, [&](int64_t r, const float* x) {
     switch (a.scheme) {
       case quant::WeightScheme::kTernary: {
         float scale;
@@ -69,7 +63,7 @@ void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, in
         break;
       }
     }
-  }
+  });
 }
 
 }  // namespace flashkd::cpu::FKD_CPU_ISA

@@ -3,9 +3,15 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include "flashkd/common.h"
 
 namespace flashkd::cpu {
+// Internal linkage: these are compiled into every instruction set's objects
+// with that set's flags, and one inline copy with external linkage would be
+// kept by the linker for all of them (an AVX-512 copy would then run on AVX2
+// machines, or an AVX2 copy in the AVX-512 kernels).
+namespace {
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -93,4 +99,19 @@ inline void store_floats(const float* src, int64_t n, void* dst, DType dtype, in
 
 inline int64_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
+// Calls fn(r, row) for rows [begin, end) of a (rows, n) matrix of `dtype`
+// whose rows are `ld` elements apart, each row converted to float32 in a
+// thread-local buffer (at least one float, so row is valid even when n == 0).
+template <class F>
+void for_each_float_row(const void* base, DType dtype, int64_t ld, int64_t n, int64_t begin, int64_t end, F&& fn) {
+  thread_local std::vector<float> buffer;
+  buffer.resize(n > 1 ? n : 1);
+  const int64_t esize = dtype_size(dtype);
+  for (int64_t r = begin; r < end; ++r) {
+    load_floats(static_cast<const char*>(base) + r * ld * esize, dtype, 1, n, buffer.data());
+    fn(r, buffer.data());
+  }
+}
+
+}  // namespace
 }  // namespace flashkd::cpu

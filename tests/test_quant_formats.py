@@ -121,6 +121,9 @@ def test_quantize_weight_16bit_and_strided(scheme, dtype, device):
             "w4a16": lambda: ref.int4_weights(w.cpu(), 8)}[scheme]()
     for a, b in zip(got, want):
         assert torch.equal(a.cpu(), b)
+    if scheme == "w1.58a8":  # the per-tensor gamma, summed over the 16-bit values
+        for a, b in zip(formats.ternary_weights(w, True), ref.ternary_weights(w.cpu(), True)):
+            assert torch.equal(a.cpu(), b)
 
 
 def test_quantize_weight_opcheck(device):

@@ -128,13 +128,17 @@ at::Tensor int4_linear_blas(const quant::Int4GemmArgs& args, const at::Tensor& x
   const at::Tensor xf = x2.to(at::kFloat);
   const at::Tensor out2 = out.view({M, N});
   const int64_t panel = std::min(N, std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(K, 1)));
-  at::Tensor w_panel = at::empty({panel, K}, xf.options());
+  // Both buffers are reused by every panel; the last, narrower panel views
+  // their leading elements (contiguous), so mm_out needs no copy.
+  at::Tensor w_panel = at::empty({panel * K}, xf.options());
+  at::Tensor y_panel = at::empty({M * panel}, xf.options());
   const at::Tensor bias_f = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
   for (int64_t n0 = 0; n0 < N; n0 += panel) {
     const int64_t nb = std::min(panel, N - n0);
     float* w = w_panel.data_ptr<float>();
     at::parallel_for(n0, n0 + nb, 8, [&](int64_t b, int64_t e) { cpu::int4_dequantize_rows(args, b, e, w + (b - n0) * K); });
-    at::Tensor y = at::mm(xf, w_panel.narrow(0, 0, nb).t());
+    at::Tensor y = y_panel.narrow(0, 0, M * nb).view({M, nb});
+    at::mm_out(y, xf, w_panel.narrow(0, 0, nb * K).view({nb, K}).t());
     if (bias_f.defined()) y.add_(bias_f.narrow(0, n0, nb));
     out2.narrow(1, n0, nb).copy_(y);
   }
@@ -221,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_weight(const at::Tensor&
   at::Tensor scale;
   const bool tensor_scale = per_tensor && kind == quant::WeightScheme::kTernary;
   if (tensor_scale) {  // gamma over the whole tensor, summed in float64 (NaN for an empty one)
-    scale = (at::sum(wc.to(at::kFloat).abs(), at::kDouble) / static_cast<double>(wc.numel()))
+    scale = (at::sum(wc.abs(), at::kDouble) / static_cast<double>(wc.numel()))  // |w| exact in any dtype
                 .to(at::kFloat)
                 .clamp_min(quant::kWeightEps)
                 .reshape({1});

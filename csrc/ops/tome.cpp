@@ -27,8 +27,10 @@ MergeMode parse_mode(c10::string_view mode) {
   TORCH_CHECK_VALUE(false, "mode must be 'mean', 'sum' or 'amax', got '", std::string(mode), "'");
 }
 
-void check_3d(const Tensor& t, const char* name) {
+// t as a contiguous (batch, tokens, channels) tensor, or a clear error.
+Tensor contiguous_3d(const Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 3, name, " must be 3-D (batch, tokens, channels), got shape ", shape(t.sizes()));
+  return t.contiguous();
 }
 
 void check_index(const Tensor& t, const char* name, int64_t batch, const Tensor& like) {
@@ -88,9 +90,8 @@ void run_merge(const MergePlan& p, const MergeTensors& t, bool backward, const T
 }
 
 std::tuple<Tensor, Tensor, Tensor> tome_plan(const Tensor& metric_in, int64_t r, bool class_token, bool distill_token) {
-  check_3d(metric_in, "metric");
-  const DType dtype = kernel_dtype(metric_in, "metric");
-  const Tensor metric = metric_in.contiguous();
+  const Tensor metric = contiguous_3d(metric_in, "metric");
+  const DType dtype = kernel_dtype(metric, "metric");
   const int64_t batch = metric.size(0), tokens = metric.size(1);
   const int64_t protected_tokens = (class_token ? 1 : 0) + (distill_token ? 1 : 0);
   const int64_t cap = std::max<int64_t>(0, (tokens - protected_tokens) / 2);
@@ -136,8 +137,7 @@ MergeTensors merge_tensors(const Tensor& x, MergeMode mode) {
 
 Tensor tome_merge(const Tensor& x_in, const Tensor& unm, const Tensor& src, const Tensor& dst, c10::string_view mode,
                   bool distill_token) {
-  check_3d(x_in, "x");
-  const Tensor x = x_in.contiguous();
+  const Tensor x = contiguous_3d(x_in, "x");
   MergeTensors t = merge_tensors(x, parse_mode(mode));
   MergePlan p = make_plan(unm, src, dst, x.size(0), x.size(1), distill_token, x);
   const Indices idx(unm, src, dst);
@@ -160,8 +160,7 @@ void check_merged_grad(const Tensor& grad_out, const Tensor& out, const Tensor& 
 
 Tensor tome_merge_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& out, const Tensor& unm,
                            const Tensor& src, const Tensor& dst, c10::string_view mode, bool distill_token) {
-  check_3d(x_in, "x");
-  const Tensor x = x_in.contiguous();
+  const Tensor x = contiguous_3d(x_in, "x");
   MergeTensors t = merge_tensors(x, parse_mode(mode));
   MergePlan p = make_plan(unm, src, dst, x.size(0), x.size(1), distill_token, x);
   const Indices idx(unm, src, dst);
@@ -189,19 +188,36 @@ std::optional<Tensor> checked_size(const std::optional<Tensor>& size, const Tens
   return s.contiguous();
 }
 
+// What the size-weighted merge and its backward both check and set up: x
+// contiguous, the plan bound to its index tensors, the optional token sizes.
+struct WeightedMerge {
+  Tensor x;
+  MergeTensors t;
+  MergePlan p;
+  Indices idx;
+  std::optional<Tensor> size;
+
+  WeightedMerge(const Tensor& x_in, const std::optional<Tensor>& size_in, const Tensor& unm, const Tensor& src,
+                const Tensor& dst, bool distill_token)
+      : x(contiguous_3d(x_in, "x")),
+        t(merge_tensors(x, MergeMode::kWeighted)),
+        p(make_plan(unm, src, dst, x.size(0), x.size(1), distill_token, x)),
+        idx(unm, src, dst),
+        size(checked_size(size_in, x, "size", p.tokens)) {
+    idx.bind(p);
+    t.x = x.data_ptr();
+    t.size = size ? size->data_ptr() : nullptr;
+  }
+};
+
 std::tuple<Tensor, Tensor> tome_merge_wavg(const Tensor& x_in, const std::optional<Tensor>& size_in, const Tensor& unm,
                                            const Tensor& src, const Tensor& dst, bool distill_token) {
-  check_3d(x_in, "x");
-  const Tensor x = x_in.contiguous();
-  MergeTensors t = merge_tensors(x, MergeMode::kWeighted);
-  MergePlan p = make_plan(unm, src, dst, x.size(0), x.size(1), distill_token, x);
-  const Indices idx(unm, src, dst);
-  idx.bind(p);
-  const auto size = checked_size(size_in, x, "size", p.tokens);
+  WeightedMerge w(x_in, size_in, unm, src, dst, distill_token);
+  const Tensor& x = w.x;
+  MergeTensors& t = w.t;
+  const MergePlan& p = w.p;
   Tensor out = new_output({p.batch, p.n_out(), t.cols}, x.options());
   Tensor size_out = new_output({p.batch, p.n_out(), 1}, x.options());
-  t.x = x.data_ptr();
-  t.size = size ? size->data_ptr() : nullptr;
   t.out = out.data_ptr();
   t.size_out = size_out.data_ptr();
   run_merge(p, t, false, x);
@@ -213,21 +229,16 @@ std::tuple<Tensor, Tensor> tome_merge_wavg_backward(const Tensor& grad_out, cons
                                                     const Tensor& out, const Tensor& size_out, const Tensor& unm,
                                                     const Tensor& src, const Tensor& dst, bool distill_token,
                                                     bool size_grad) {
-  check_3d(x_in, "x");
-  const Tensor x = x_in.contiguous();
-  MergeTensors t = merge_tensors(x, MergeMode::kWeighted);
-  MergePlan p = make_plan(unm, src, dst, x.size(0), x.size(1), distill_token, x);
-  const Indices idx(unm, src, dst);
-  idx.bind(p);
-  const auto size = checked_size(size_in, x, "size", p.tokens);
+  WeightedMerge w(x_in, size_in, unm, src, dst, distill_token);
+  const Tensor& x = w.x;
+  MergeTensors& t = w.t;
+  const MergePlan& p = w.p;
   const auto size_o = checked_size(size_out, x, "size_out", p.n_out());
   const auto g_size = checked_size(grad_size_out, x, "grad_size_out", p.n_out());
   check_merged_grad(grad_out, out, x, {p.batch, p.n_out(), t.cols});
   const Tensor g = grad_out.contiguous(), y = out.contiguous();
   Tensor grad_x = new_output(x.sizes(), x.options());
   Tensor grad_size = size_grad ? new_output({p.batch, p.tokens, 1}, x.options()) : at::empty({0}, x.options());
-  t.x = x.data_ptr();
-  t.size = size ? size->data_ptr() : nullptr;
   t.out = const_cast<void*>(y.data_ptr());
   t.size_out = const_cast<void*>(size_o->data_ptr());
   t.grad_out = g.data_ptr();
@@ -239,8 +250,7 @@ std::tuple<Tensor, Tensor> tome_merge_wavg_backward(const Tensor& grad_out, cons
 }
 
 Tensor tome_unmerge(const Tensor& x_in, const Tensor& unm, const Tensor& src, const Tensor& dst, int64_t tokens) {
-  check_3d(x_in, "x");
-  const Tensor x = x_in.contiguous();
+  const Tensor x = contiguous_3d(x_in, "x");
   const DType dtype = kernel_dtype(x, "x");
   TORCH_CHECK_VALUE(tokens >= 0, "tokens must be >= 0, got ", num(tokens));
   MergePlan p = make_plan(unm, src, dst, x.size(0), tokens, false, x);

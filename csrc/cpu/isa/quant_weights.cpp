@@ -8,6 +8,16 @@
 #include "quant_kernels.h"
 
 namespace flashkd::cpu::FKD_CPU_ISA {
+namespace {
+
+// q[k] = code(x[k], scale) for k < K (code: a quant_params.h quantizer).
+template <class Code>
+void write_codes(const float* x, int64_t K, float scale, int8_t* q, Code code) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) q[k] = code(x[k], scale);
+}
+
+}  // namespace
 
 void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, int64_t row_end) {
   const int64_t K = a.cols;
@@ -24,20 +34,13 @@ void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, in
           scale = quant::ternary_weight_scale(sum, K);
           a.scale[r] = scale;
         }
-        int8_t* q = a.q8 + r * K;
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) q[k] = quant::ternary_code(x[k], scale);
+        write_codes(x, K, scale, a.q8 + r * K, [](float v, float s) { return quant::ternary_code(v, s); });
         break;
       }
       case quant::WeightScheme::kInt8: {
-        float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-        const float scale = quant::int8_weight_scale(amax);
+        const float scale = quant::int8_weight_scale(abs_max(x, K));
         a.scale[r] = scale;
-        int8_t* q = a.q8 + r * K;
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) q[k] = quant::int8_code(x[k], scale);
+        write_codes(x, K, scale, a.q8 + r * K, [](float v, float s) { return quant::int8_code(v, s); });
         break;
       }
       case quant::WeightScheme::kInt4: {

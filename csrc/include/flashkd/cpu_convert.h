@@ -1,6 +1,8 @@
 // Host-side conversion between storage dtypes and float32 rows. Torch-free;
 // the loops vectorize (bf16 is a shift, fp16 uses F16C via _Float16).
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -98,6 +100,14 @@ inline void store_floats(const float* src, int64_t n, void* dst, DType dtype, in
 }
 
 inline int64_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+// max_k |x[k]| (0 for an empty row).
+inline float abs_max(const float* x, int64_t n) {
+  float m = 0.f;
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < n; ++k) m = std::max(m, std::fabs(x[k]));
+  return m;
+}
 
 // Calls fn(r, row) for rows [begin, end) of a (rows, n) matrix of `dtype`
 // whose rows are `ld` elements apart, each row converted to float32 in a

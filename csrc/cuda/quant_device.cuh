@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include "device_utils.cuh"
+#include "host_utils.cuh"
 #include "flashkd/quant_params.h"
 
 namespace flashkd::cuda {
@@ -153,11 +154,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
-}
-
-inline const char* last_error() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 }  // namespace flashkd::cuda

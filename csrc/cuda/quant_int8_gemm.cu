@@ -6,8 +6,6 @@
 // (quant_wgmma.cuh) where the sm_90a build runs on an sm_90 device, mma.sync
 // (quant_mma.cuh) elsewhere; set_int8_mainloop("mma.sync") forces the latter
 // (tests run both), as the environment variable FLASHKD_INT8_MAINLOOP does.
-#include <cstdlib>
-#include <cstring>
 #include "quant_gemv.cuh"
 #include "quant_kernels.h"
 #include "quant_mma.cuh"
@@ -17,37 +15,24 @@ namespace flashkd::cuda {
 
 namespace {
 
-enum class Mainloop { kAuto, kMmaSync, kWgmma };
+constexpr const char* kMainloops[] = {"auto", "mma.sync", "wgmma"};
+enum Mainloop { kMmaSync = 1, kWgmma = 2 };  // indices into kMainloops; 0 is auto
 
-Mainloop parse_mainloop(const char* name, bool* ok) {
-  *ok = true;
-  if (!name || !*name || !std::strcmp(name, "auto")) return Mainloop::kAuto;
-  if (!std::strcmp(name, "mma.sync")) return Mainloop::kMmaSync;
-  if (!std::strcmp(name, "wgmma")) return Mainloop::kWgmma;
-  *ok = false;
-  return Mainloop::kAuto;
+KernelChoice<3>& mainloop_choice() {
+  static KernelChoice<3> choice("FLASHKD_INT8_MAINLOOP", kMainloops);
+  return choice;
 }
 
-Mainloop& forced() {
-  static Mainloop m = [] {
-    bool ok = false;
-    const Mainloop env = parse_mainloop(std::getenv("FLASHKD_INT8_MAINLOOP"), &ok);
-    return ok ? env : Mainloop::kAuto;
-  }();
-  return m;
-}
-
-bool use_wgmma() { return forced() != Mainloop::kMmaSync && wg::available(); }
+bool use_wgmma() { return mainloop_choice().forced() != kMmaSync && wg::available(); }
 
 }  // namespace
 
 const char* set_int8_mainloop(const char* name) {
-  bool ok = false;
-  const Mainloop m = parse_mainloop(name, &ok);
-  if (!ok) return "unknown int8 main loop: choose auto, wgmma or mma.sync";
-  if (m == Mainloop::kWgmma && !wg::available())
+  const int m = mainloop_choice().parse(name);
+  if (m < 0) return "unknown int8 main loop: choose auto, wgmma or mma.sync";
+  if (m == kWgmma && !wg::available())
     return "the wgmma main loop needs an sm_90 GPU and a build with sm_90a (FLASHKD_CUDA_ARCHS)";
-  forced() = m;
+  mainloop_choice().force(m);
   return nullptr;
 }
 

@@ -197,22 +197,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // True when the int8_wgmma_kernel the runtime loads for the current device
-// is the sm_90a build (a binary without sm_90a code runs its sm_80 build,
-// which only traps, on an H100). Cached per device.
+// is the sm_90a build (its sm_80 build only traps).
 inline bool available() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
-    cudaGetLastError();
-    return false;
-  }
-  static signed char known[64] = {};  // 0 unknown, 1 yes, -1 no
-  if (known[device] == 0) {
-    cudaFuncAttributes attr{};
-    const bool ok = cudaFuncGetAttributes(&attr, int8_wgmma_kernel) == cudaSuccess && attr.binaryVersion == 90;
-    cudaGetLastError();
-    known[device] = ok ? 1 : -1;
-  }
-  return known[device] > 0;
+  static Sm90Build build(reinterpret_cast<const void*>(&int8_wgmma_kernel));
+  return build.loaded();
 }
 
 inline const char* launch(const int8_t* a, int64_t lda, const int8_t* w, int64_t ldw, int64_t M, int64_t N,

@@ -116,7 +116,7 @@ fi
 # 5. compute-sanitizer; without the caching allocator, so memcheck sees each allocation's bounds
 SANITIZER=()
 SAN_TESTS=${FLASHKD_SANITIZER_TESTS:-tests/test_distill.py tests/test_tome.py tests/test_prune.py tests/test_quant_kernels.py}
-SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf or tie or matmul_exact or strided or empty or non_contiguous or merge_wavg_grad or prune.py and test_grad}
+SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf or tie or matmul_exact or strided or empty or non_contiguous or merge_wavg_grad or row_split and fkl or prune.py and test_grad}
 if ! wanted sanitizer; then
     SANITIZER+=("compute-sanitizer: not run (FLASHKD_SUITE_STEPS)")
 elif [ $BUILT = 0 ]; then

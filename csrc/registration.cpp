@@ -59,6 +59,7 @@ TORCH_LIBRARY(flashkd, m) {
       "-> (Tensor loss, Tensor dhidden, Tensor dweight, Tensor dbias, Tensor lse, Tensor stats, Tensor agree)");
   m.def("cpu_isa(str force=\"\", bool reset=False) -> str", &cpu_isa);
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
+  m.def("distill_cuda_kernel(str force=\"\", bool reset=False) -> str[]", &flashkd::ops::distill_cuda_kernel);
 }
 
 TORCH_LIBRARY_IMPL(flashkd, CPU, m) {

@@ -1,6 +1,7 @@
 """Checks shared by the test modules."""
 import math
 
+import pytest
 import torch
 
 # Non-default parameters, so that each one is seen to reach the kernel.
@@ -57,3 +58,26 @@ def assert_compile_matches_eager(f, make_leaves, scale=1.0):
     for i, (a, b) in enumerate(zip(compiled, eager)):
         name = ("loss", "extra output")[i] if i < 2 else f"grad of leaf {i - 2}"
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def device_fixture_with_cuda_kernels(select, names):
+    """A `device` fixture for a test module whose op has several CUDA kernels:
+    its CUDA half runs once per kernel, forced with ``select(name)`` (and set
+    back to automatic after), and is skipped where that kernel cannot run."""
+    params = ["cpu"] + [pytest.param(name, marks=pytest.mark.cuda, id=f"cuda-{name}") for name in names]
+
+    @pytest.fixture(params=params)
+    def device(request):
+        if request.param == "cpu":
+            yield "cpu"
+            return
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        try:
+            select(request.param)
+        except (RuntimeError, ValueError) as e:
+            pytest.skip(str(e))
+        yield "cuda"
+        select("", True)
+
+    return device

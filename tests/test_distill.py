@@ -62,9 +62,12 @@ import torch
 import flashkd
 from flashkd import reference as R
 
-from checks import DIV_KW
+from checks import DIV_KW, device_fixture_with_cuda_kernels
 
 DIVS = flashkd.DIVERGENCES
+# On a GPU every test runs under each CUDA kernel: the streaming one and the
+# Hopper cluster one (where it applies; see test_cuda_kernel_choice).
+device = device_fixture_with_cuda_kernels(torch.ops.flashkd.distill_cuda_kernel, ["stream", "cluster"])
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STAT_KEYS = ("divergence", "student_entropy", "teacher_entropy", "student_logprob", "teacher_logprob", "agree")
 
@@ -663,6 +666,81 @@ def test_vocab_128256(device):
               temperature=2.0, t2_scaling=True, reduction="none", return_stats=True)
     r = run_all(s, t, **kw)
     check_run(r, s, t, kw, dtype=torch.bfloat16)
+
+
+# Shapes aimed at the CUDA cluster kernel (csrc/cuda/distill_cluster.cu), which
+# splits a row over up to 8 blocks, each caching a 16-byte-aligned slice in
+# shared memory: slices of unequal length (V = 128248 over 8), a vocabulary
+# tail that is not a multiple of 8 columns (read from global memory), padding
+# columns past vocab_size, more rows than resident clusters (both stages and
+# both barrier phases, many times), a teacher of another dtype (another slice
+# size). Elsewhere they are more oracle checks of the same op.
+ROW_SPLIT_CASES = {
+    "bf16-V128248-N40": (40, 128248, "bf16", "bf16", None),
+    "fp32-V1028-N600": (600, 1028, "fp32", "fp32", None),
+    "bf16-V4096-vocab4001-N300": (300, 4096, "bf16", "bf16", 4001),
+    "bf16-fp32-V32000-N70": (70, 32000, "bf16", "fp32", None),
+    "fp16-V2048-N2048": (2048, 2048, "fp16", "fp16", None),
+}
+
+
+@pytest.mark.parametrize("div", ["fkl", "jsd", "taid"])
+@pytest.mark.parametrize("case", list(ROW_SPLIT_CASES))
+def test_row_split_shapes(case, div, device):
+    n, V, sdt, tdt, vocab_size = ROW_SPLIT_CASES[case]
+    g = gen("row_split", case, div)
+    s, t = logits((n, V), g, DTYPES[sdt], device), logits((n, V), g, DTYPES[tdt], device)
+    kw = dict(divergence=div, labels=make_labels((n,), vocab_size or V, g, device), hard_weight=0.3,
+              weights=make_weights((n,), g, device), temperature=1.5, reduction="none", return_stats=True,
+              vocab_size=vocab_size, **DIV_KW[div])
+    r = run_all(s, t, **kw)
+    check_run(r, s, t, kw, dtype=DTYPES[sdt])
+    # Written in place, the gradient is the same, bit for bit.
+    student = s.clone()
+    loss, _ = flashkd.distill_loss(student, t, inplace_backward=True, **kw)
+    assert torch.equal(loss, r.loss)
+    assert torch.equal(student, r.grad)
+
+
+def test_argmax_ties_across_row_slices(device):
+    """The 'agree' statistic takes the first of tied maxima, also when the tied
+    columns fall in slices of the row that different blocks own."""
+    V = 128256
+    g = gen("argmax_ties")
+    s, t = logits((3, V), g, torch.bfloat16, device), logits((3, V), g, torch.bfloat16, device)
+    s[:, [5, 70000, 127000]] = 30.0   # student: first maximum at column 5
+    t[0, [5, 127000]] = 30.0          # teacher: first at 5, agree
+    t[1, [70000, 127000]] = 30.0      # first at 70000, disagree
+    t[2, 127000] = 30.0               # only 127000, disagree
+    kw = dict(divergence="fkl", reduction="none", return_stats=True)
+    r = run_all(s, t, **kw)
+    check_run(r, s, t, kw, dtype=torch.bfloat16)
+    assert r.stats["agree"].cpu().tolist() == [True, False, False]
+
+
+def test_cuda_kernel_choice(device):
+    """The CUDA kernel that ran: the streaming one when forced, else the
+    cluster kernel on contiguous 16-byte-aligned rows; strided rows stream."""
+    if device == "cpu":
+        pytest.skip("a CUDA kernel choice")
+    choice, _ = torch.ops.flashkd.distill_cuda_kernel()
+    g = gen("kernel_choice")
+    s, t = logits((4, 4096), g, torch.bfloat16, device), logits((4, 4096), g, torch.bfloat16, device)
+    flashkd.distill_loss(s, t)
+    assert torch.ops.flashkd.distill_cuda_kernel()[1] == ("stream" if choice == "stream" else "cluster")
+    flashkd.distill_loss(s[:, ::2], t[:, ::2])
+    assert torch.ops.flashkd.distill_cuda_kernel()[1] == "stream"
+
+
+def test_cuda_kernel_choice_errors():
+    if not flashkd.has_cuda_kernels():
+        pytest.skip("no CUDA kernels in this build")
+    with pytest.raises(ValueError, match="unknown distillation kernel"):
+        torch.ops.flashkd.distill_cuda_kernel("fastest")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs an sm_90 GPU"):
+            torch.ops.flashkd.distill_cuda_kernel("cluster")
+    assert torch.ops.flashkd.distill_cuda_kernel()[0] == "auto"
 
 
 @pytest.mark.parametrize("t2_scaling", [False, True])

@@ -28,19 +28,29 @@ __device__ __forceinline__ bool vec_ok(const T* ptr, int64_t col_stride) {
   return col_stride == 1 && (reinterpret_cast<uintptr_t>(ptr) % 16) == 0;
 }
 
+// The 8 elements held by consecutive 16-byte words, as floats.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4* words, float (&out)[kVec]) {
+  constexpr int kPerWord = 16 / sizeof(T);
+#pragma unroll
+  for (int w = 0; w < kVec / kPerWord; ++w) {
+    const uint4 word = words[w];
+    const T* e = reinterpret_cast<const T*>(&word);
+#pragma unroll
+    for (int j = 0; j < kPerWord; ++j) out[w * kPerWord + j] = to_float(e[j]);
+  }
+}
+
 // out[j] = row[(col + j) * stride] for col + j < n, else -inf.
 template <typename T>
 __device__ __forceinline__ void load8(const T* row, int64_t col, int64_t stride, int64_t n,
                                       bool vec, float (&out)[kVec]) {
   if (vec && col + kVec <= n) {
-    constexpr int kPerWord = 16 / sizeof(T);
+    constexpr int kWords = kVec * sizeof(T) / 16;
+    uint4 words[kWords];
 #pragma unroll
-    for (int w = 0; w < kVec / kPerWord; ++w) {
-      const uint4 word = __ldg(reinterpret_cast<const uint4*>(row + col) + w);
-      const T* e = reinterpret_cast<const T*>(&word);
-#pragma unroll
-      for (int j = 0; j < kPerWord; ++j) out[w * kPerWord + j] = to_float(e[j]);
-    }
+    for (int w = 0; w < kWords; ++w) words[w] = __ldg(reinterpret_cast<const uint4*>(row + col) + w);
+    unpack8<T>(words, out);
     return;
   }
 #pragma unroll
@@ -48,20 +58,50 @@ __device__ __forceinline__ void load8(const T* row, int64_t col, int64_t stride,
     out[j] = col + j < n ? to_float(row[(col + j) * stride]) : kNegInf;
 }
 
-// row[(col + j) * stride] = v[j] for col + j < n.
+// out[j] = ptr[j] for 8 elements of shared memory at a 16-byte boundary.
+template <typename T>
+__device__ __forceinline__ void load8_shared(const T* ptr, float (&out)[kVec]) {
+  unpack8<T>(reinterpret_cast<const uint4*>(ptr), out);
+}
+
+// 16 bytes of T holding v[0 .. 16 / sizeof(T)), rounded to nearest.
+template <typename T>
+__device__ __forceinline__ uint4 pack_word(const float* v);
+template <>
+__device__ __forceinline__ uint4 pack_word<float>(const float* v) {
+  return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+}
+template <>
+__device__ __forceinline__ uint4 pack_word<__nv_bfloat16>(const float* v) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    w[i] = *reinterpret_cast<const uint32_t*>(&pair);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <>
+__device__ __forceinline__ uint4 pack_word<__half>(const float* v) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __half2 pair = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+    w[i] = *reinterpret_cast<const uint32_t*>(&pair);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// row[(col + j) * stride] = v[j] for col + j < n. The 16-byte path stores
+// with an explicit vector intrinsic: a plain uint4 assignment was split into
+// four 4-byte stores in the cluster kernel (nvcc 13.0).
 template <typename T>
 __device__ __forceinline__ void store8(T* row, int64_t col, int64_t stride, int64_t n, bool vec,
                                        const float (&v)[kVec]) {
   if (vec && col + kVec <= n) {
     constexpr int kPerWord = 16 / sizeof(T);
 #pragma unroll
-    for (int w = 0; w < kVec / kPerWord; ++w) {
-      uint4 word;
-      T* e = reinterpret_cast<T*>(&word);
-#pragma unroll
-      for (int j = 0; j < kPerWord; ++j) e[j] = from_float<T>(v[w * kPerWord + j]);
-      reinterpret_cast<uint4*>(row + col)[w] = word;
-    }
+    for (int w = 0; w < kVec / kPerWord; ++w) __stwb(reinterpret_cast<uint4*>(row + col) + w, pack_word<T>(v + w * kPerWord));
     return;
   }
 #pragma unroll

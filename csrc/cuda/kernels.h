@@ -9,6 +9,13 @@ namespace flashkd::cuda {
 // Launches the distillation row kernel on `stream` (a cudaStream_t).
 const char* distill_rows(const DistillParams& p, void* stream);
 
+// Which distillation kernel distill_rows prefers: "auto", "stream" or
+// "cluster" (set_distill_kernel returns nullptr, or why it cannot), and which
+// one its last call launched ("stream" or "cluster"; "auto" before any).
+const char* distill_kernel_choice();
+const char* set_distill_kernel(const char* name);
+const char* last_distill_kernel();
+
 // grad[row, :] *= factor[row] (or factor[0] when factor_per_row is false);
 // rows whose factor is exactly 1 are skipped without touching memory.
 const char* scale_rows(void* grad, DType dtype, const RowLayout& layout, int64_t rows, int64_t cols,

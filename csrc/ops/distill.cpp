@@ -238,4 +238,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_inplace(
   return {r.loss, r.stats, r.agree};
 }
 
+std::vector<std::string> distill_cuda_kernel(c10::string_view force, bool reset) {
+#ifdef FLASHKD_WITH_CUDA
+  if (reset || !force.empty()) {
+    const std::string name = reset && force.empty() ? "auto" : std::string(force);
+    const char* err = cuda::set_distill_kernel(name.c_str());
+    TORCH_CHECK_VALUE(err == nullptr, "distill_cuda_kernel('", name, "'): ", err ? err : "");
+  }
+  return {cuda::distill_kernel_choice(), cuda::last_distill_kernel()};
+#else
+  (void)force;
+  (void)reset;
+  return {"none", "none"};
+#endif
+}
+
 }  // namespace flashkd::ops

@@ -45,6 +45,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_inplace(
     bool t2_scaling, std::optional<int64_t> vocab_size, c10::string_view reduction, std::optional<double> num_items,
     bool return_stats);
 
+// flashkd::distill_cuda_kernel: [preference, last launched]. The preference
+// ("auto", "stream" or "cluster") changes when `force` is non-empty or `reset`
+// is true; the second is the kernel the last CUDA call ran ("auto" before
+// any; "none" for both without CUDA kernels).
+std::vector<std::string> distill_cuda_kernel(c10::string_view force, bool reset);
+
 // flashkd::scale_rows_: grad[row] *= factor (0-d, or one factor per row).
 void scale_rows(at::Tensor& grad, const at::Tensor& factor);
 

@@ -46,6 +46,18 @@ def import_peer(package, module, *names):
         raise Unsupported(f"{package} not importable ({type(exc).__name__}: {exc})") from None
 
 
+def under_kernel_choice(fn, select, name):
+    """``fn`` run with a process-wide flashkd kernel choice forced to ``name``
+    (``select(name)``, then ``select("", True)`` back to automatic)."""
+    def run(inputs):
+        select(name)
+        try:
+            return fn(inputs)
+        finally:
+            select("", True)
+    return run
+
+
 @dataclass(frozen=True)
 class Provider:
     """How to build a provider's loss function for a case.

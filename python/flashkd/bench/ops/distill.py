@@ -17,7 +17,7 @@ import torch
 import flashkd
 from flashkd import reference
 
-from ..cases import DTYPES, Inputs, Provider, Unsupported, import_peer
+from ..cases import DTYPES, Inputs, Provider, Unsupported, import_peer, under_kernel_choice
 
 NAME = "distill_loss"
 VARIANTS = ("fkl", "jsd", "rkl", "tvd")
@@ -85,6 +85,20 @@ def _flashkd(case, device):
     return lambda x: flashkd.distill_loss(x["student"], x["teacher"], divergence=case.variant)
 
 
+def _flashkd_stream(case, device):
+    """flashkd's streaming kernel where the cluster kernel is the default (an H100)."""
+    if device.type != "cuda" or not flashkd.has_cuda_kernels():
+        raise Unsupported("a CUDA kernel choice")
+    select = torch.ops.flashkd.distill_cuda_kernel
+    try:
+        select("cluster")
+    except (RuntimeError, ValueError):
+        raise Unsupported("no cluster kernel here: flashkd runs the streaming kernel already") from None
+    finally:
+        select("", True)
+    return under_kernel_choice(_flashkd(case, device), select, "stream")
+
+
 def _torch(case, device):
     return lambda x: reference.distill_loss(x["student"], x["teacher"], divergence=case.variant)
 
@@ -120,6 +134,7 @@ def _liger(case, device):
 
 PROVIDERS = {
     "flashkd": Provider(_flashkd),
+    "flashkd-stream": Provider(_flashkd_stream),
     "torch": Provider(_torch),
     "torch.compile": Provider(_compiled, per_shape_warmup=True),
     "liger": Provider(_liger, per_shape_warmup=True),

@@ -31,7 +31,7 @@ from flashkd.quant import quant_linear
 from flashkd.quant.linear import frozen_buffers, frozen_linear
 from flashkd.reference import quant as ref
 
-from ..cases import DTYPES, Inputs, Provider, Unsupported
+from ..cases import DTYPES, Inputs, Provider, Unsupported, under_kernel_choice
 
 NAME = "quant_linear"
 SCHEMES = ("w1.58a8", "w8a8", "w4a16")
@@ -139,16 +139,7 @@ def _flashkd_mma_sync(case, device):
         raise Unsupported("flashkd runs mma.sync here already")
     if _scheme(case) == "w4a16" or case.variant == "w1.58a8-infer":
         raise Unsupported("no int8 GEMM in this variant (packed ternary and int4 run their own kernels)")
-    fn = _flashkd(case, device)
-    select = torch.ops.flashkd.quant_cuda_mainloop
-
-    def run(t):
-        select("mma.sync")
-        try:
-            return fn(t)
-        finally:
-            select("", True)
-    return run
+    return under_kernel_choice(_flashkd(case, device), torch.ops.flashkd.quant_cuda_mainloop, "mma.sync")
 
 
 def _cublas_int8(case, device):

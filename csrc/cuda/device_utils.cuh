@@ -64,32 +64,29 @@ __device__ __forceinline__ void load8_shared(const T* ptr, float (&out)[kVec]) {
   unpack8<T>(reinterpret_cast<const uint4*>(ptr), out);
 }
 
+// Two 16-bit floats in one word, a in the low half (the lower address).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__half>(float a, float b) {
+  const __half2 pair = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
 // 16 bytes of T holding v[0 .. 16 / sizeof(T)), rounded to nearest.
 template <typename T>
-__device__ __forceinline__ uint4 pack_word(const float* v);
-template <>
-__device__ __forceinline__ uint4 pack_word<float>(const float* v) {
-  return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-}
-template <>
-__device__ __forceinline__ uint4 pack_word<__nv_bfloat16>(const float* v) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    w[i] = *reinterpret_cast<const uint32_t*>(&pair);
+__device__ __forceinline__ uint4 pack_word(const float* v) {
+  if constexpr (sizeof(T) == 4) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+  } else {
+    return make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]),
+                      pack_pair<T>(v[6], v[7]));
   }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-template <>
-__device__ __forceinline__ uint4 pack_word<__half>(const float* v) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __half2 pair = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-    w[i] = *reinterpret_cast<const uint32_t*>(&pair);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // row[(col + j) * stride] = v[j] for col + j < n. The 16-byte path stores

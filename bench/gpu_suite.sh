@@ -7,13 +7,15 @@
 #   4. every cuda-marked test
 #   5. compute-sanitizer memcheck, then racecheck, on a reduced set of cuda tests
 #   6. the benchmark: bench/results/<date>-<gpu>.json and a markdown summary .md
+#   7. only when asked (FLASHKD_SUITE_STEPS=profile): Nsight Compute on the distillation kernels
+#      (bench/profile_distill.py), into profile.log
 # Every step is logged with its time; a failing step is recorded and the later
 # steps that can still run do (tests and benchmark need the build). The exit
 # status is non-zero when any step failed. When $OUT is set (the device tool),
 # the logs are written there and the results copied there: 8 flat files.
 #
 # Environment:
-#   FLASHKD_SUITE_STEPS       which of steps 4-6 to run (default "tests sanitizer bench"); steps 1-3 always
+#   FLASHKD_SUITE_STEPS       which of steps 4-7 to run (default "tests sanitizer bench"); steps 1-3 always
 #                             run (a rebuild of an unchanged tree takes seconds), so a lease with a
 #                             10-minute limit per call can split the suite over two calls, e.g.
 #                             "tests sanitizer" then "bench"
@@ -27,7 +29,7 @@
 #   FLASHKD_COMMIT            commit to record when the checkout has no .git
 #   *_TIMEOUT                 seconds: FLASHKD_TEST_TIMEOUT (240), FLASHKD_SANITIZER_TIMEOUT (240 per tool),
 #                             FLASHKD_BENCH_TIMEOUT (480; the JSON is written after every case, so a
-#                             benchmark cut short still leaves its finished cases)
+#                             benchmark cut short still leaves its finished cases), FLASHKD_PROFILE_TIMEOUT (300)
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -95,6 +97,7 @@ import torch, flashkd
 print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name())
 print('flashkd CUDA kernels:', flashkd.has_cuda_kernels())
 print('int8 GEMM main loop (M > 16):', torch.ops.flashkd.quant_cuda_mainloop())
+print('distillation kernel preference:', torch.ops.flashkd.distill_cuda_kernel()[0])
 assert flashkd.has_cuda_kernels(), 'flashkd was built without its CUDA kernels'"
 
 STEPS=" ${FLASHKD_SUITE_STEPS:-tests sanitizer bench} "
@@ -143,6 +146,20 @@ if [ $BUILT = 1 ] && wanted bench; then
         --device cuda --json "$RESULT.json" --plot "$WORK/bench.png" $BENCH_ARGS
 fi
 
+# 7. Nsight Compute on the distillation kernels (opt-in: FLASHKD_SUITE_STEPS=profile)
+PROFILE="not run (FLASHKD_SUITE_STEPS)"
+if [ $BUILT = 1 ] && wanted profile; then
+    if command -v ncu >/dev/null; then
+        step profile "$WORK/profile.log" timeout "${FLASHKD_PROFILE_TIMEOUT:-300}" \
+            ncu --profile-from-start off --kernel-name regex:distill --section SpeedOfLight \
+            --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats \
+            --section Occupancy --section LaunchStats python3 bench/profile_distill.py
+        PROFILE="profile.log (exit code in steps)"
+    else
+        PROFILE="not run: ncu is not on PATH"
+    fi
+fi
+
 {
     echo "# flashkd GPU suite, $STAMP"
     echo
@@ -151,6 +168,7 @@ fi
     echo "- commit: $FLASHKD_COMMIT"
     echo "- tests (pytest -m cuda): ${TESTS:-no summary line}"
     for line in "${SANITIZER[@]}"; do echo "- $line"; done
+    echo "- ncu on the distillation kernels: $PROFILE"
     echo "- steps: $(printf '%s; ' "${SUMMARY[@]}")"
     echo "- failed: ${FAILED[*]:-none}"
     echo

@@ -72,20 +72,29 @@ struct DivergenceMath<Divergence::kRKL> {
 
 // beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q (w_p = beta).
 // c0 = D, c1 = KL(q||m); gradient (1-beta) q (lq - lm - c1).
+// log m is taken of the mixture itself, from the p and q the terms need
+// anyway: one log where logaddexp costs an exp and a log1p. Both weights are
+// positive, so lq - lm <= -log(1-beta) and lp - lm <= -log(beta) stay
+// bounded; where p and q both underflow m is 0, and every term using log m
+// is multiplied by p or q = 0 (xdiff and the q > 0 guard make that 0).
 template <>
 struct DivergenceMath<Divergence::kJSD> {
   static constexpr bool kNeedsPass2 = true;
+  FKD_HD static float log_mixture(float p, float q, const DivergenceConsts& k) {
+    return fkd_log(k.w_p * p + k.w_q * q);
+  }
   FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts& k, float& c0,
                            float& c1) {
-    const float lm = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
-    const float kq = xdiff(fkd_exp(lq), lq, lm);
-    c0 += k.w_p * xdiff(fkd_exp(lp), lp, lm) + k.w_q * kq;
+    const float p = fkd_exp(lp), q = fkd_exp(lq);
+    const float lm = log_mixture(p, q, k);
+    const float kq = xdiff(q, lq, lm);
+    c0 += k.w_p * xdiff(p, lp, lm) + k.w_q * kq;
     c1 += kq;
   }
   FKD_HD static float grad(float lq, float lp, float, const RowScalars& s,
                            const DivergenceConsts& k, float&) {
-    const float lm = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
-    const float q = fkd_exp(lq);
+    const float p = fkd_exp(lp), q = fkd_exp(lq);
+    const float lm = log_mixture(p, q, k);  // before the select: GCC vectorizes it then
     return q > 0.f ? k.w_q * q * (lq - lm - s.c1) : 0.f;
   }
 };

@@ -4,7 +4,9 @@
 #   1. install peer wheels from .whl/ (liger-kernel, ...) into /tmp/site
 #   2. build flashkd in place with its CUDA kernels
 #   3. show the GPU, torch and whether the CUDA kernels loaded
-#   4. every cuda-marked test
+#   4. every cuda-marked test: first those of the kernels never yet run on a GPU (the distillation
+#      cluster kernel, the int8 wgmma main loop), each on its own; if one fails, the later steps
+#      run on the kernel it would replace
 #   5. compute-sanitizer memcheck, then racecheck, on a reduced set of cuda tests
 #   6. the benchmark: bench/results/<date>-<gpu>.json and a markdown summary .md
 #   7. only when asked (FLASHKD_SUITE_STEPS=profile): Nsight Compute on the distillation kernels
@@ -27,7 +29,8 @@
 #   FLASHKD_CUDA_ARCHS        architectures to build (default: this GPU's own, e.g. 90a-real on Hopper,
 #                             which halves the build time against the wheel's sm_80 + sm_90a)
 #   FLASHKD_COMMIT            commit to record when the checkout has no .git
-#   *_TIMEOUT                 seconds: FLASHKD_TEST_TIMEOUT (240), FLASHKD_SANITIZER_TIMEOUT (240 per tool),
+#   *_TIMEOUT                 seconds: FLASHKD_NEW_KERNEL_TIMEOUT (150 per new kernel's tests),
+#                             FLASHKD_TEST_TIMEOUT (240), FLASHKD_SANITIZER_TIMEOUT (240 per tool),
 #                             FLASHKD_BENCH_TIMEOUT (480; the JSON is written after every case, so a
 #                             benchmark cut short still leaves its finished cases), FLASHKD_PROFILE_TIMEOUT (300)
 set -u
@@ -106,20 +109,49 @@ wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 # pytest's closing line, e.g. "830 passed, 2 skipped in 95.1s"
 summary_line() { grep -E '(passed|failed|skipped|deselected|errors?|no tests ran).* in [0-9.]+s' "$1" | tail -n1; }
 
-# 4. tests
+# 4. tests. The kernels never yet run on a GPU (the distillation cluster kernel, the int8 wgmma
+# main loop) go first, each in its own pytest run with its own time limit: a failure or a hang
+# there costs only that run, and the later steps (the other tests, sanitizer, benchmark) then run
+# on the proven kernel instead. The fallbacks are kept in $FALLBACK_FILE (build/ survives between
+# calls on a warm machine), so a later call with FLASHKD_SUITE_STEPS=bench uses them too.
+FALLBACK_FILE=build/gpu-suite-fallbacks.env
+FALLBACKS=()
+NEW_KERNELS=("cuda-cluster:tests/test_distill.py:FLASHKD_DISTILL_KERNEL=stream"
+             "wgmma:tests/test_quant_kernels.py:FLASHKD_INT8_MAINLOOP=mma.sync")
 TESTS="not run (no build)"
 if ! wanted tests; then
     TESTS="not run (FLASHKD_SUITE_STEPS)"
+    if [ -f "$FALLBACK_FILE" ]; then
+        # shellcheck disable=SC1090
+        source "$FALLBACK_FILE"
+        mapfile -t FALLBACKS < <(sed -n 's/^# //p' "$FALLBACK_FILE")
+        log "== fallbacks from an earlier call: ${FALLBACKS[*]}"
+    fi
 elif [ $BUILT = 1 ]; then
+    mkdir -p build && : > "$FALLBACK_FILE"
+    NEW_TESTS=""
+    for spec in "${NEW_KERNELS[@]}"; do
+        IFS=: read -r id file fallback <<< "$spec"
+        if ! step "tests-$id" "$WORK/pytest-$id.log" timeout "${FLASHKD_NEW_KERNEL_TIMEOUT:-150}" \
+            python3 -m pytest -m cuda -q -p no:cacheprovider "$file" -k "$id"; then
+            export "${fallback?}"
+            FALLBACKS+=("$id failed: later steps ran with $fallback")
+            printf '# %s\nexport %s\n' "${FALLBACKS[-1]}" "$fallback" >> "$FALLBACK_FILE"
+            log "== $id failed: $fallback from here on"
+        fi
+        NEW_TESTS+="; $id: $(summary_line "$WORK/pytest-$id.log")"
+    done
     step tests "$WORK/pytest.log" timeout "${FLASHKD_TEST_TIMEOUT:-240}" \
-        python3 -m pytest -m cuda -q -p no:cacheprovider --junitxml="$WORK/pytest-junit.xml"
-    TESTS=$(summary_line "$WORK/pytest.log")
+        python3 -m pytest -m cuda -q -p no:cacheprovider -k "not cuda-cluster and not wgmma" \
+        --junitxml="$WORK/pytest-junit.xml"
+    TESTS="the rest: $(summary_line "$WORK/pytest.log")$NEW_TESTS"
 fi
 
 # 5. compute-sanitizer; without the caching allocator, so memcheck sees each allocation's bounds
 SANITIZER=()
 SAN_TESTS=${FLASHKD_SANITIZER_TESTS:-tests/test_distill.py tests/test_tome.py tests/test_prune.py tests/test_quant_kernels.py}
 SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf or tie or matmul_exact or strided or empty or non_contiguous or merge_wavg_grad or row_split and fkl or prune.py and test_grad}
+for line in "${FALLBACKS[@]}"; do SAN_SUBSET="($SAN_SUBSET) and not ${line%% failed*}"; done
 if ! wanted sanitizer; then
     SANITIZER+=("compute-sanitizer: not run (FLASHKD_SUITE_STEPS)")
 elif [ $BUILT = 0 ]; then
@@ -167,6 +199,7 @@ fi
     echo "- torch: $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)"
     echo "- commit: $FLASHKD_COMMIT"
     echo "- tests (pytest -m cuda): ${TESTS:-no summary line}"
+    for line in "${FALLBACKS[@]}"; do echo "- FALLBACK: $line"; done
     for line in "${SANITIZER[@]}"; do echo "- $line"; done
     echo "- ncu on the distillation kernels: $PROFILE"
     echo "- steps: $(printf '%s; ' "${SUMMARY[@]}")"

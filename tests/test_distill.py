@@ -52,6 +52,7 @@ test allows (1 + u)^2 - 1 instead of u.
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -735,12 +736,16 @@ def test_cuda_kernel_choice(device):
 def test_cuda_kernel_choice_errors():
     if not flashkd.has_cuda_kernels():
         pytest.skip("no CUDA kernels in this build")
+    before = torch.ops.flashkd.distill_cuda_kernel()[0]
     with pytest.raises(ValueError, match="unknown distillation kernel"):
         torch.ops.flashkd.distill_cuda_kernel("fastest")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs an sm_90 GPU"):
             torch.ops.flashkd.distill_cuda_kernel("cluster")
-    assert torch.ops.flashkd.distill_cuda_kernel()[0] == "auto"
+    assert torch.ops.flashkd.distill_cuda_kernel()[0] == before, "a refused choice changed the preference"
+    # Forcing, then resetting, returns to the environment's choice.
+    assert torch.ops.flashkd.distill_cuda_kernel("stream")[0] == "stream"
+    assert torch.ops.flashkd.distill_cuda_kernel("", True)[0] == os.environ.get("FLASHKD_DISTILL_KERNEL", "auto")
 
 
 @pytest.mark.parametrize("t2_scaling", [False, True])

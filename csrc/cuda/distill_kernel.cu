@@ -49,6 +49,10 @@ std::atomic<int> last_kernel{0};
 }  // namespace
 
 const char* set_distill_kernel(const char* name) {
+  if (!name || !*name) {
+    kernel_choice().reset();
+    return nullptr;
+  }
   const int k = kernel_choice().parse(name);
   if (k < 0) return "unknown distillation kernel: choose auto, stream or cluster";
   if (k == kCluster && !cluster_kernel_available())

@@ -42,29 +42,32 @@ class Sm90Build {
 };
 
 // "auto" or one of a fixed list of variant names, read from an environment
-// variable at first use and changeable at run time. Index 0 is "auto".
+// variable at first use and changeable at run time; reset() goes back to the
+// environment's choice (tests and benchmarks force each variant, then reset,
+// so a choice made in the environment outlives them). Index 0 is "auto".
 template <int N>
 class KernelChoice {
  public:
   KernelChoice(const char* env_var, const char* const (&names)[N]) {
     for (int i = 0; i < N; ++i) names_[i] = names[i];
-    const int from_env = parse(std::getenv(env_var));
-    forced_ = from_env < 0 ? 0 : from_env;
+    const char* env = std::getenv(env_var);
+    const int from_env = env ? parse(env) : 0;
+    from_env_ = forced_ = from_env < 0 ? 0 : from_env;
   }
-  // The variant's index, or -1 when `name` is none of them ("" means auto).
+  // The variant's index, or -1 when `name` is none of them.
   int parse(const char* name) const {
-    if (!name || !*name) return 0;
     for (int i = 0; i < N; ++i)
       if (!std::strcmp(name, names_[i])) return i;
     return -1;
   }
   int forced() const { return forced_; }
   void force(int index) { forced_ = index; }
+  void reset() { forced_ = from_env_; }
   const char* name(int index) const { return names_[index]; }
 
  private:
   const char* names_[N];
-  int forced_ = 0;
+  int from_env_ = 0, forced_ = 0;
 };
 
 }  // namespace flashkd::cuda

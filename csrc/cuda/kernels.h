@@ -10,7 +10,8 @@ namespace flashkd::cuda {
 const char* distill_rows(const DistillParams& p, void* stream);
 
 // Which distillation kernel distill_rows prefers: "auto", "stream" or
-// "cluster" (set_distill_kernel returns nullptr, or why it cannot), and which
+// "cluster" (set_distill_kernel returns nullptr, or why it cannot; "" goes
+// back to FLASHKD_DISTILL_KERNEL's choice), and which
 // one its last call launched ("stream" or "cluster"; "auto" before any).
 const char* distill_kernel_choice();
 const char* set_distill_kernel(const char* name);

@@ -28,6 +28,10 @@ bool use_wgmma() { return mainloop_choice().forced() != kMmaSync && wg::availabl
 }  // namespace
 
 const char* set_int8_mainloop(const char* name) {
+  if (!name || !*name) {
+    mainloop_choice().reset();
+    return nullptr;
+  }
   const int m = mainloop_choice().parse(name);
   if (m < 0) return "unknown int8 main loop: choose auto, wgmma or mma.sync";
   if (m == kWgmma && !wg::available())

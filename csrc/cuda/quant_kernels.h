@@ -13,8 +13,8 @@ const char* ternary_gemm(const quant::TernaryGemmArgs& args, void* stream);
 const char* int4_gemm(const quant::Int4GemmArgs& args, void* stream);
 
 // The int8 tensor-core main loop (M > 16): "wgmma" or "mma.sync" on the
-// current device; set_int8_mainloop("auto" | "wgmma" | "mma.sync") chooses it
-// (nullptr on success, else why not).
+// current device; set_int8_mainloop("auto" | "wgmma" | "mma.sync") chooses it,
+// "" goes back to FLASHKD_INT8_MAINLOOP's choice (nullptr on success, else why not).
 const char* int8_mainloop();
 const char* set_int8_mainloop(const char* name);
 

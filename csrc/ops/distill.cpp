@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_inplace(
 std::vector<std::string> distill_cuda_kernel(c10::string_view force, bool reset) {
 #ifdef FLASHKD_WITH_CUDA
   if (reset || !force.empty()) {
-    const std::string name = reset && force.empty() ? "auto" : std::string(force);
+    const std::string name(force);  // empty: back to the environment's choice
     const char* err = cuda::set_distill_kernel(name.c_str());
     TORCH_CHECK_VALUE(err == nullptr, "distill_cuda_kernel('", name, "'): ", err ? err : "");
   }

@@ -46,8 +46,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_inplace(
     bool return_stats);
 
 // flashkd::distill_cuda_kernel: [preference, last launched]. The preference
-// ("auto", "stream" or "cluster") changes when `force` is non-empty or `reset`
-// is true; the second is the kernel the last CUDA call ran ("auto" before
+// ("auto", "stream" or "cluster") changes when `force` is non-empty; reset=True
+// with no `force` goes back to the choice of FLASHKD_DISTILL_KERNEL (auto
+// without it). The second is the kernel the last CUDA call ran ("auto" before
 // any; "none" for both without CUDA kernels).
 std::vector<std::string> distill_cuda_kernel(c10::string_view force, bool reset);
 

@@ -333,11 +333,12 @@ std::string quant_int8_dot_kind() { return cpu::int8_dot_kind(); }
 
 // The int8 tensor-core main loop CUDA uses for M > 16 on the current device
 // ("wgmma" or "mma.sync"; "none" without CUDA kernels); `force` ("auto",
-// "wgmma", "mma.sync") changes it when non-empty or reset is true.
+// "wgmma", "mma.sync") changes it when non-empty; reset=True with no `force`
+// goes back to the choice of FLASHKD_INT8_MAINLOOP (auto without it).
 std::string quant_cuda_mainloop(c10::string_view force, bool reset) {
 #ifdef FLASHKD_WITH_CUDA
   if (reset || !force.empty()) {
-    const std::string name = reset && force.empty() ? "auto" : std::string(force);
+    const std::string name(force);  // empty: back to the environment's choice
     const char* err = cuda::set_int8_mainloop(name.c_str());
     TORCH_CHECK_VALUE(err == nullptr, "quant_cuda_mainloop('", name, "'): ", err ? err : "");
   }

@@ -98,7 +98,8 @@ __device__ __forceinline__ void store8(T* row, int64_t col, int64_t stride, int6
   if (vec && col + kVec <= n) {
     constexpr int kPerWord = 16 / sizeof(T);
 #pragma unroll
-    for (int w = 0; w < kVec / kPerWord; ++w) __stwb(reinterpret_cast<uint4*>(row + col) + w, pack_word<T>(v + w * kPerWord));
+    for (int w = 0; w < kVec / kPerWord; ++w)
+      __stwb(reinterpret_cast<uint4*>(row + col) + w, pack_word<T>(v + w * kPerWord));
     return;
   }
 #pragma unroll

@@ -107,6 +107,21 @@ __device__ __forceinline__ void store8(T* row, int64_t col, int64_t stride, int6
     if (col + j < n) row[(col + j) * stride] = from_float<T>(v[j]);
 }
 
+// The shared-memory address of a generic pointer into shared memory, as the
+// 32-bit operand that cp.async, ldmatrix, mbarrier and bulk copies take.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Orders this thread's generic-proxy accesses to shared memory before later
+// async-proxy ones (wgmma reading a tile, a bulk copy refilling a stage);
+// nothing before sm_90, which has no async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
 struct SumOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };

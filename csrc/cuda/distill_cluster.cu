@@ -46,12 +46,8 @@ struct CachePlan {
 
 constexpr int kSlotBytes = 64;  // the largest value merged across the cluster (Sweep1)
 
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_address(bar)) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
 }
 
 // Makes the initialized barriers visible to the bulk copies (async proxy).
@@ -59,15 +55,9 @@ __device__ __forceinline__ void fence_barrier_init() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
 
-// Orders this thread's view of shared memory before later async-proxy
-// writes to it (the next bulk copy into a stage the block has just read).
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
 // The one arrival the barrier's phase waits for, plus `bytes` of copies.
 __device__ __forceinline__ void mbarrier_arrive_expect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
                : "memory");
 }
 
@@ -76,8 +66,8 @@ __device__ __forceinline__ void mbarrier_arrive_expect(uint64_t* bar, uint32_t b
 __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          smem_address(dst)),
-      "l"(src), "r"(bytes), "r"(smem_address(bar))
+          smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
       : "memory");
 }
 
@@ -89,7 +79,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         "mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], %2;\n\t"
         "selp.u32 %0, 1, 0, ready;\n\t}"
         : "=r"(done)
-        : "r"(smem_address(bar)), "r"(parity)
+        : "r"(smem_addr(bar)), "r"(parity)
         : "memory");
   } while (!done);
 }
@@ -231,24 +221,26 @@ bool rows_aligned(const void* base, const RowLayout& layout, size_t elem) {
   return true;
 }
 
-cudaLaunchAttribute cluster_attribute(const CachePlan& plan) {
+// A launch of `clusters` clusters of the plan on `stream` (kernel arguments
+// aside). Not copyable: the config points at the attribute beside it.
+struct ClusterLaunch {
   cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = plan.cluster_size;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  return attr;
-}
-
-// `clusters` clusters of the plan on `stream` (attributes set by the caller).
-cudaLaunchConfig_t launch_config(const CachePlan& plan, int64_t clusters, cudaStream_t stream) {
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(clusters * plan.cluster_size));
-  cfg.blockDim = dim3(plan.threads);
-  cfg.dynamicSmemBytes = kStages * plan.stage_bytes;
-  cfg.stream = stream;
-  return cfg;
-}
+  ClusterLaunch(const CachePlan& plan, int64_t clusters, cudaStream_t stream) {
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = plan.cluster_size;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(clusters * plan.cluster_size));
+    cfg.blockDim = dim3(plan.threads);
+    cfg.dynamicSmemBytes = kStages * plan.stage_bytes;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
 
 // The smallest cluster whose slices fit two stages in `smem` bytes.
 bool make_plan(const DistillParams& p, int64_t smem, CachePlan* plan) {
@@ -269,8 +261,10 @@ bool make_plan(const DistillParams& p, int64_t smem, CachePlan* plan) {
 
 // Clusters of `plan` that fit on the device at once (0: none), cached per
 // kernel, device and plan shape: the occupancy query costs more than a launch.
-// Needs the kernel's dynamic shared memory opt-in already set.
-int resident_clusters(const void* kernel, const CachePlan& plan, int device) {
+// A kernel's first query on a device also raises its dynamic shared memory
+// limit to `smem_limit` (over 48 KiB needs the opt-in), which then serves
+// every plan, so launches need no attribute call.
+int resident_clusters(const void* kernel, const CachePlan& plan, int device, int smem_limit) {
   struct Entry {
     const void* kernel;
     int device, cluster_size, threads;
@@ -286,12 +280,11 @@ int resident_clusters(const void* kernel, const CachePlan& plan, int device) {
     if (e.kernel == kernel && e.device == device && e.cluster_size == plan.cluster_size &&
         e.threads == plan.threads && e.stage_bytes == plan.stage_bytes)
       return e.clusters;
-  cudaLaunchConfig_t cfg = launch_config(plan, 1, nullptr);
-  cudaLaunchAttribute attr = cluster_attribute(plan);
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  const ClusterLaunch launch(plan, 1, nullptr);
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) clusters = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess)
+    clusters = 0;
   cudaGetLastError();
   cache[next] = Entry{kernel, device, plan.cluster_size, plan.threads, plan.stage_bytes, clusters};
   next = (next + 1) % kEntries;
@@ -301,27 +294,17 @@ int resident_clusters(const void* kernel, const CachePlan& plan, int device) {
 struct Launcher {
   const DistillParams& p;
   const CachePlan& plan;
-  int device;
+  int device, smem_limit;
   cudaStream_t stream;
   const char** err;
 
   template <Divergence D, typename Ts, typename Tt>
   bool operator()() const {
     const auto kernel = distill_cluster_kernel<D, Ts, Tt>;
-    // Over 48 KiB of dynamic shared memory needs the opt-in, per kernel and
-    // device; set for every launch, since plans of other sizes share the kernel.
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kStages * plan.stage_bytes)) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    const int clusters = resident_clusters(reinterpret_cast<const void*>(kernel), plan, device);
+    const int clusters = resident_clusters(reinterpret_cast<const void*>(kernel), plan, device, smem_limit);
     if (clusters <= 0) return false;
-    cudaLaunchConfig_t cfg = launch_config(plan, std::min<int64_t>(clusters, p.rows), stream);
-    cudaLaunchAttribute attr = cluster_attribute(plan);
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    cudaLaunchKernelEx(&cfg, kernel, p, plan);
+    const ClusterLaunch launch(plan, std::min<int64_t>(clusters, p.rows), stream);
+    cudaLaunchKernelEx(&launch.cfg, kernel, p, plan);
     *err = last_error();
     return true;
   }
@@ -348,10 +331,10 @@ bool launch_distill_cluster(const DistillParams& p, void* stream, const char** e
     cudaGetLastError();
     return false;
   }
-  // Leave room for the kernel's static shared memory (about 1 KiB).
+  const int smem_limit = optin - 2048;  // room for the kernel's static shared memory (about 1 KiB)
   CachePlan plan;
-  if (!make_plan(p, optin - 2048, &plan)) return false;
-  return dispatch_row_types(p, Launcher{p, plan, device, static_cast<cudaStream_t>(stream), err});
+  if (!make_plan(p, smem_limit, &plan)) return false;
+  return dispatch_row_types(p, Launcher{p, plan, device, smem_limit, static_cast<cudaStream_t>(stream), err});
 }
 
 }  // namespace flashkd::cuda

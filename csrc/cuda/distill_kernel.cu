@@ -40,7 +40,8 @@ constexpr const char* kKernels[] = {"auto", "stream", "cluster"};
 enum Kernel { kStream = 1, kCluster = 2 };  // indices into kKernels; 0 is auto
 
 KernelChoice<3>& kernel_choice() {
-  static KernelChoice<3> choice("FLASHKD_DISTILL_KERNEL", kKernels);
+  static KernelChoice<3> choice("FLASHKD_DISTILL_KERNEL", "distillation kernel", kKernels, kCluster,
+                                cluster_kernel_available);
   return choice;
 }
 
@@ -48,18 +49,7 @@ std::atomic<int> last_kernel{0};
 
 }  // namespace
 
-const char* set_distill_kernel(const char* name) {
-  if (!name || !*name) {
-    kernel_choice().reset();
-    return nullptr;
-  }
-  const int k = kernel_choice().parse(name);
-  if (k < 0) return "unknown distillation kernel: choose auto, stream or cluster";
-  if (k == kCluster && !cluster_kernel_available())
-    return "the cluster kernel needs an sm_90 GPU and a build with sm_90a (FLASHKD_CUDA_ARCHS)";
-  kernel_choice().force(k);
-  return nullptr;
-}
+const char* set_distill_kernel(const char* name) { return kernel_choice().set(name); }
 
 const char* distill_kernel_choice() { return kernel_choice().name(kernel_choice().forced()); }
 

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace flashkd::cuda {
 
@@ -42,31 +43,55 @@ class Sm90Build {
 };
 
 // "auto" or one of a fixed list of variant names, read from an environment
-// variable at first use and changeable at run time; reset() goes back to the
+// variable at first use and changeable at run time; set("") goes back to the
 // environment's choice (tests and benchmarks force each variant, then reset,
 // so a choice made in the environment outlives them). Index 0 is "auto".
+// One variant may need the sm_90a build on an sm_90 GPU (`sm90_only`, 0 for
+// none): forcing it elsewhere is refused.
 template <int N>
 class KernelChoice {
  public:
-  KernelChoice(const char* env_var, const char* const (&names)[N]) {
-    for (int i = 0; i < N; ++i) names_[i] = names[i];
+  KernelChoice(const char* env_var, const char* what, const char* const (&names)[N], int sm90_only,
+               bool (*sm90_available)())
+      : sm90_only_(sm90_only), sm90_available_(sm90_available) {
+    unknown_ = std::string("unknown ") + what + ": choose auto";
+    for (int i = 0; i < N; ++i) {
+      names_[i] = names[i];
+      if (i > 0) unknown_ += std::string(i + 1 < N ? ", " : " or ") + names[i];
+    }
+    if (sm90_only > 0)
+      unavailable_ = std::string("the ") + names[sm90_only] + " " + what +
+                     " needs an sm_90 GPU and a build with sm_90a (FLASHKD_CUDA_ARCHS)";
     const char* env = std::getenv(env_var);
     const int from_env = env ? parse(env) : 0;
     from_env_ = forced_ = from_env < 0 ? 0 : from_env;
   }
-  // The variant's index, or -1 when `name` is none of them.
+  // Forces variant `name` ("" or null: the environment's choice); nullptr on
+  // success, else why not.
+  const char* set(const char* name) {
+    if (!name || !*name) {
+      forced_ = from_env_;
+      return nullptr;
+    }
+    const int i = parse(name);
+    if (i < 0) return unknown_.c_str();
+    if (i == sm90_only_ && i > 0 && !sm90_available_()) return unavailable_.c_str();
+    forced_ = i;
+    return nullptr;
+  }
+  int forced() const { return forced_; }
+  const char* name(int index) const { return names_[index]; }
+
+ private:
   int parse(const char* name) const {
     for (int i = 0; i < N; ++i)
       if (!std::strcmp(name, names_[i])) return i;
     return -1;
   }
-  int forced() const { return forced_; }
-  void force(int index) { forced_ = index; }
-  void reset() { forced_ = from_env_; }
-  const char* name(int index) const { return names_[index]; }
-
- private:
   const char* names_[N];
+  int sm90_only_;
+  bool (*sm90_available_)();
+  std::string unknown_, unavailable_;
   int from_env_ = 0, forced_ = 0;
 };
 

@@ -19,7 +19,7 @@ constexpr const char* kMainloops[] = {"auto", "mma.sync", "wgmma"};
 enum Mainloop { kMmaSync = 1, kWgmma = 2 };  // indices into kMainloops; 0 is auto
 
 KernelChoice<3>& mainloop_choice() {
-  static KernelChoice<3> choice("FLASHKD_INT8_MAINLOOP", kMainloops);
+  static KernelChoice<3> choice("FLASHKD_INT8_MAINLOOP", "int8 main loop", kMainloops, kWgmma, wg::available);
   return choice;
 }
 
@@ -27,18 +27,7 @@ bool use_wgmma() { return mainloop_choice().forced() != kMmaSync && wg::availabl
 
 }  // namespace
 
-const char* set_int8_mainloop(const char* name) {
-  if (!name || !*name) {
-    mainloop_choice().reset();
-    return nullptr;
-  }
-  const int m = mainloop_choice().parse(name);
-  if (m < 0) return "unknown int8 main loop: choose auto, wgmma or mma.sync";
-  if (m == kWgmma && !wg::available())
-    return "the wgmma main loop needs an sm_90 GPU and a build with sm_90a (FLASHKD_CUDA_ARCHS)";
-  mainloop_choice().force(m);
-  return nullptr;
-}
+const char* set_int8_mainloop(const char* name) { return mainloop_choice().set(name); }
 
 const char* int8_mainloop() { return use_wgmma() ? "wgmma" : "mma.sync"; }
 

@@ -44,10 +44,6 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 4);
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // 16-byte global -> shared copy that reads only `src_bytes` (0..16) bytes and
 // zero-fills the rest, so partial K chunks and rows past the end read nothing
 // out of range. `src` must be 16-byte aligned even when src_bytes < 16.

@@ -117,13 +117,6 @@ __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
-// Orders this thread's generic-proxy writes to shared memory (cp.async
-// included) before later reads by the async proxy (wgmma).
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
 
 // Grid: one block per 128 x 128 output tile, rastered like quant_mma.cuh.
 __global__ void __launch_bounds__(kThreads, 2)
@@ -131,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                       int64_t K, quant::GemmEpilogue epi) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = tc::smem_addr(smem_raw);
+  const uint32_t raw = smem_addr(smem_raw);
   uint8_t* smem = smem_raw + ((kSwizzleAtomBytes - raw % kSwizzleAtomBytes) % kSwizzleAtomBytes);
   auto a_tile = [&](int s) { return smem + s * kStageBytes; };
   auto w_tile = [&](int s) { return smem + s * kStageBytes + kATileBytes; };
@@ -161,8 +154,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     fence_proxy_async();
     __syncthreads();  // tile kt is in place; every warpgroup finished tile kt - 1
     const int cur = static_cast<int>(kt % kStages);
-    const uint32_t a_base = tc::smem_addr(a_tile(cur)) + warpgroup * 64 * kBK;
-    const uint32_t w_base = tc::smem_addr(w_tile(cur));
+    const uint32_t a_base = smem_addr(a_tile(cur)) + warpgroup * 64 * kBK;
+    const uint32_t w_base = smem_addr(w_tile(cur));
     fence_registers(d);
     wgmma_fence();
 #pragma unroll

@@ -283,9 +283,10 @@ int resident_clusters(const void* kernel, const CachePlan& plan, int device, int
   const ClusterLaunch launch(plan, 1, nullptr);
   int clusters = 0;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit) != cudaSuccess ||
-      cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess)
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess) {
     clusters = 0;
-  cudaGetLastError();
+    cudaGetLastError();  // ours, now handled: the streaming kernel runs instead
+  }
   cache[next] = Entry{kernel, device, plan.cluster_size, plan.threads, plan.stage_bytes, clusters};
   next = (next + 1) % kEntries;
   return clusters;
@@ -304,7 +305,13 @@ struct Launcher {
     const int clusters = resident_clusters(reinterpret_cast<const void*>(kernel), plan, device, smem_limit);
     if (clusters <= 0) return false;
     const ClusterLaunch launch(plan, std::min<int64_t>(clusters, p.rows), stream);
-    cudaLaunchKernelEx(&launch.cfg, kernel, p, plan);
+    if (cudaLaunchKernelEx(&launch.cfg, kernel, p, plan) != cudaSuccess) {
+      // Refused at launch although the occupancy query allowed it (a shared
+      // GPU's limits, say): the streaming kernel runs instead, and reports
+      // the error itself if the device is broken.
+      cudaGetLastError();
+      return false;
+    }
     *err = last_error();
     return true;
   }

@@ -3,6 +3,7 @@
 // choices between kernel variants (tests and benchmarks force each one).
 #pragma once
 #include <cuda_runtime.h>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -23,23 +24,24 @@ class Sm90Build {
   explicit Sm90Build(const void* kernel) : kernel_(kernel) {}
   bool loaded() {
     int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    if (cudaGetDevice(&device) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
-    if (known_[device] == 0) {
+    if (device < 0 || device >= kMaxDevices) return false;
+    if (known_[device].load(std::memory_order_relaxed) == 0) {
       cudaFuncAttributes attr{};
-      const bool ok = cudaFuncGetAttributes(&attr, kernel_) == cudaSuccess && attr.binaryVersion == 90;
-      cudaGetLastError();
-      known_[device] = ok ? 1 : -1;
+      const cudaError_t err = cudaFuncGetAttributes(&attr, kernel_);
+      if (err != cudaSuccess) cudaGetLastError();  // clear our error only, never an earlier one
+      known_[device].store(err == cudaSuccess && attr.binaryVersion == 90 ? 1 : -1, std::memory_order_relaxed);
     }
-    return known_[device] > 0;
+    return known_[device].load(std::memory_order_relaxed) > 0;
   }
 
  private:
   static constexpr int kMaxDevices = 64;
   const void* kernel_;
-  signed char known_[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
+  std::atomic<signed char> known_[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no (threads may race to fill it)
 };
 
 // "auto" or one of a fixed list of variant names, read from an environment

@@ -48,6 +48,11 @@ TORCH_LIBRARY(flashkd, m) {
       "float temperature, float beta, float alpha, float? taid_lambda, int ignore_index, float hard_weight, "
       "float soft_weight, bool t2_scaling, int? vocab_size, str reduction, float? num_items, bool return_stats) "
       "-> (Tensor loss, Tensor stats, Tensor agree)");
+  m.def(
+      "distill_loss_value(Tensor student, Tensor teacher, Tensor? labels, Tensor? weights, str divergence, "
+      "float temperature, float beta, float alpha, float? taid_lambda, int ignore_index, float hard_weight, "
+      "float soft_weight, bool t2_scaling, int? vocab_size, str reduction, float? num_items, bool return_stats) "
+      "-> (Tensor loss, Tensor stats, Tensor agree)");
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
   m.def(
       "linear_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, Tensor? teacher_weight, "
@@ -65,6 +70,7 @@ TORCH_LIBRARY(flashkd, m) {
 TORCH_LIBRARY_IMPL(flashkd, CPU, m) {
   m.impl("distill_loss", &flashkd::ops::distill_loss);
   m.impl("distill_loss_", &flashkd::ops::distill_loss_inplace);
+  m.impl("distill_loss_value", &flashkd::ops::distill_loss_value);
   m.impl("scale_rows_", &flashkd::ops::scale_rows);
   m.impl("linear_loss", &linear_loss_op);
 }
@@ -73,6 +79,7 @@ TORCH_LIBRARY_IMPL(flashkd, CPU, m) {
 TORCH_LIBRARY_IMPL(flashkd, CUDA, m) {
   m.impl("distill_loss", &flashkd::ops::distill_loss);
   m.impl("distill_loss_", &flashkd::ops::distill_loss_inplace);
+  m.impl("distill_loss_value", &flashkd::ops::distill_loss_value);
   m.impl("scale_rows_", &flashkd::ops::scale_rows);
   m.impl("linear_loss", &linear_loss_op);
 }

@@ -64,6 +64,7 @@ import flashkd
 from flashkd import reference as R
 
 from checks import DIV_KW, device_fixture_with_cuda_kernels
+import memory
 
 DIVS = flashkd.DIVERGENCES
 # On a GPU every test runs under each CUDA kernel: the streaming one and the
@@ -515,6 +516,48 @@ def test_return_stats_without_labels(device):
     assert (r.stats["student_logprob"] == 0).all() and (r.stats["teacher_logprob"] == 0).all()
 
 
+@pytest.mark.parametrize("no_grad", ["no_grad", "detached"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("div", DIVS)
+def test_loss_only(div, dtype, no_grad, device):
+    """Without a gradient to compute (torch.no_grad(), or student logits that
+    do not require grad) the loss-only path gives the training path's loss and
+    statistics: labels with some ignored, a hard term, weights, T != 1 and
+    padded vocabulary columns."""
+    g = gen("loss_only", div, dtype)
+    dt = DTYPES[dtype]
+    lead, V = (3, 7), 257
+    s, t = logits((*lead, V), g, dt, device), logits((*lead, V), g, dt, device)
+    kw = dict(divergence=div, labels=make_labels(lead, V - 9, g, device), weights=make_weights(lead, g, device),
+              hard_weight=0.3, temperature=1.7, vocab_size=V - 9, return_stats=True, **DIV_KW[div])
+    for reduction in ("none", "mean"):
+        leaf = s.clone().requires_grad_(True)
+        ref_loss, ref_stats = flashkd.distill_loss(leaf, t, reduction=reduction, **kw)
+        if no_grad == "no_grad":
+            with torch.no_grad():
+                loss, stats = flashkd.distill_loss(leaf, t, reduction=reduction, **kw)
+        else:
+            loss, stats = flashkd.distill_loss(s, t, reduction=reduction, **kw)
+        assert not loss.requires_grad
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=4 * EPS32, atol=0)
+        for k in STAT_KEYS:
+            torch.testing.assert_close(stats[k], ref_stats[k], rtol=4 * EPS32, atol=0, msg=k)
+
+
+def test_loss_only_allocates_no_gradient(device):
+    """The loss-only path allocates nothing of the logits' size (the training
+    path's gradient buffer is N x V)."""
+    g = gen("loss_only_memory")
+    s, t = logits((64, 4096), g, device=device), logits((64, 4096), g, device=device)
+    labels = make_labels((64,), 4096, g, device)
+    call = lambda: flashkd.distill_loss(s, t, divergence="jsd", labels=labels, hard_weight=0.5)  # noqa: E731
+    with torch.no_grad():
+        assert memory.measure(call, device).peak < s.numel() * s.element_size() // 8
+    leaf = s.clone().requires_grad_(True)
+    assert memory.measure(lambda: flashkd.distill_loss(leaf, t, divergence="jsd"), device).peak >= \
+        s.numel() * s.element_size()  # the check can fail: the training path does allocate the gradient
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("div", DIVS)
 def test_inplace_backward(div, dtype, device):
@@ -684,6 +727,11 @@ ROW_SPLIT_CASES = {
     "bf16-V4096-vocab4001-N300": (300, 4096, "bf16", "bf16", 4001),
     "bf16-fp32-V32000-N70": (70, 32000, "bf16", "fp32", None),
     "fp16-V2048-N512": (512, 2048, "fp16", "fp16", None),
+    # At cluster size 8: the last block's slice ends in a 5-column tail read
+    # from global memory; straddles vocab_size; lies wholly past it.
+    "bf16-V128253-N40": (40, 128253, "bf16", "bf16", None),
+    "bf16-V128256-vocab127999-N40": (40, 128256, "bf16", "bf16", 127999),
+    "bf16-V128256-vocab100000-N40": (40, 128256, "bf16", "bf16", 100000),
 }
 
 
@@ -699,10 +747,10 @@ def test_row_split_shapes(case, div, device):
     r = run_all(s, t, **kw)
     check_run(r, s, t, kw, dtype=DTYPES[sdt])
     # Written in place, the gradient is the same, bit for bit.
-    student = s.clone()
+    student = s.clone().requires_grad_(True) * 1.0
     loss, _ = flashkd.distill_loss(student, t, inplace_backward=True, **kw)
-    assert torch.equal(loss, r.loss)
-    assert torch.equal(student, r.grad)
+    assert torch.equal(loss, r.loss.detach())
+    assert torch.equal(student.detach(), r.grad)
 
 
 def test_argmax_ties_across_row_slices(device):
@@ -1036,19 +1084,37 @@ OPCHECK_CASES = {
 }
 
 
+@pytest.mark.parametrize("op", ["distill_loss", "distill_loss_value"])
 @pytest.mark.parametrize("case", list(OPCHECK_CASES))
-def test_opcheck(case, device):
+def test_opcheck(case, op, device):
     g = gen("opcheck", case)
     opts = dict(OPCHECK_CASES[case])
     dt = opts.pop("dtype", torch.float32)
     lead, V = (2, 3), 24
-    s = logits((*lead, V), g, dt, device).requires_grad_(True)
+    s = logits((*lead, V), g, dt, device).requires_grad_(op == "distill_loss")  # the value op has no backward
     t = logits((*lead, V), g, dt, device)
     if opts.pop("labels", False):
         opts["labels"] = make_labels(lead, opts.get("vocab_size") or V, g, device)
     if opts.pop("weights", False):
         opts["weights"] = make_weights(lead, g, device)
-    torch.library.opcheck(torch.ops.flashkd.distill_loss.default, _op_args(s, t, **opts))
+    torch.library.opcheck(getattr(torch.ops.flashkd, op).default, _op_args(s, t, **opts))
+
+
+def test_torch_compile_no_grad(device):
+    """torch.compile(fullgraph=True) under torch.no_grad() (the loss-only op)."""
+    torch._dynamo.reset()
+    g = gen("compile_no_grad")
+    s, t = logits((6, 50), g, device=device), logits((6, 50), g, device=device)
+    labels = make_labels((6,), 50, g, device)
+
+    def f(x, y, lab):
+        loss, st = flashkd.distill_loss(x, y, divergence="tvd", labels=lab, hard_weight=0.5, return_stats=True)
+        return loss, st["teacher_entropy"]
+
+    with torch.no_grad():
+        eager, compiled = f(s, t, labels), torch.compile(f, fullgraph=True)(s, t, labels)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["mean_labels", "none_stats"])
@@ -1160,7 +1226,8 @@ def _bad_cases(device):
         "num_items_0": (ValueError, "num_items", dict(num_items=0.0)),
         # inplace_backward writes into the student: strides the kernel cannot describe are refused
         "inplace_undescribable": (ValueError, "student_logits", dict(
-            student_logits=logits((2, 2, 2, 2, 2, 10), g, device=device).permute(4, 3, 2, 1, 0, 5),
+            student_logits=logits((2, 2, 2, 2, 2, 10), g, device=device).requires_grad_(True)
+            .permute(4, 3, 2, 1, 0, 5),
             teacher_logits=logits((2, 2, 2, 2, 2, 10), g, device=device), inplace_backward=True)),
     }
     return s, t, cases

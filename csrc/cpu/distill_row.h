@@ -1,6 +1,7 @@
 // The CPU distillation row kernel on float32 rows already in cache.
 // Included by distill_rows.cpp, which is compiled once per instruction set.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include "flashkd/distill_params.h"
 
@@ -28,14 +29,31 @@ inline float row_max(const float* x, int64_t n, float mul) {
   return m;
 }
 
-// log sum exp(x * mul); max = -inf when every entry is -inf.
-inline LogNorm row_lse(const float* x, int64_t n, float mul) {
+// The softmax of x * mul over a row: its log-sum-exp (max = -inf when every
+// entry is -inf) and the shifted exponentials exp(x * mul - max), kept in `e`,
+// so that the probabilities are e[k] * inv_sum: later passes multiply instead
+// of taking an exponential per entry again.
+struct RowSoftmax {
+  LogNorm norm;
+  float inv_sum = 0.f;
+  const float* e = nullptr;
+  float prob(int64_t k) const { return e[k] * inv_sum; }
+};
+
+inline RowSoftmax row_softmax(const float* x, int64_t n, float mul, float* e) {
   const float m = row_max(x, n, mul);
-  if (m == kNegInf) return {};
+  if (m == kNegInf) {
+    std::fill(e, e + n, 0.f);
+    return {LogNorm{}, 0.f, e};
+  }
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) sum += fkd_exp(x[k] * mul - m);
-  return {m, std::log(sum)};
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = fkd_exp(x[k] * mul - m);
+    e[k] = v;
+    sum += v;
+  }
+  return {LogNorm{m, std::log(sum)}, 1.f / sum, e};
 }
 
 inline int64_t first_argmax(const float* x, int64_t n) {
@@ -56,13 +74,19 @@ inline float row_entropy(const float* x, int64_t n, float mul, LogNorm lse) {
   return h;
 }
 
-// Computes one token's loss and overwrites s[0..n) with
+// Scratch rows of one thread: the exponentials of the student at T, of the
+// teacher at T, and of the student at T = 1 (the hard term, when T != 1).
+struct RowScratch {
+  float *student, *teacher, *student_t1;
+};
+
+// Computes one token's loss and, when `want_grad`, overwrites s[0..n) with
 // grad_scale * d(loss)/d(student logits). `t` may be null (hard CE only).
 // `label` < 0 means no label for this token. `lse_out`, when non-null,
 // receives the log-sum-exp of the (capped) student logits at T = 1.
 template <Divergence D, bool kStats>
-RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float grad_scale,
-                      const DistillParams& p, float* lse_out) {
+RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool want_grad, float grad_scale,
+                      const DistillParams& p, float* lse_out, const RowScratch& scratch) {
   using Math = DivergenceMath<D>;
   const float inv_t = p.inv_temperature;
   const DivergenceConsts& k = p.consts;
@@ -76,13 +100,18 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
     for (int64_t j = 0; j < n; ++j) s[j] = soft_cap(s[j], cap);
   }
   RowScalars rs;
-  rs.A = row_lse(s, n, inv_t);
+  const RowSoftmax q = row_softmax(s, n, inv_t, scratch.student);
+  rs.A = q.norm;
+  // The hard term's softmax, at T = 1: q itself at T = 1 (and where unused).
   const bool want_lse1 = hard || lse_out;
-  const LogNorm lse1 = want_lse1 ? (inv_t == 1.f ? rs.A : row_lse(s, n, 1.f)) : LogNorm{};
+  const RowSoftmax q1 = want_lse1 && inv_t != 1.f ? row_softmax(s, n, 1.f, scratch.student_t1) : q;
+  const LogNorm lse1 = want_lse1 ? q1.norm : LogNorm{};
   if (lse_out) *lse_out = lse1.value();
   float divergence = 0.f;
+  RowSoftmax pt;
   if (soft) {
-    rs.B = row_lse(t, n, inv_t);
+    pt = row_softmax(t, n, inv_t, scratch.teacher);
+    rs.B = pt.norm;
     if constexpr (D == Divergence::kTAID) {
       // The mixture is formed from log-probs, not logits: softmax is shift
       // invariant, and log-probs are small, so no precision is lost at |z| ~ 1e4.
@@ -103,7 +132,8 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
         // Per-element temporaries, not references to the reduction variables:
         // taking their address stops GCC from vectorizing the loop.
         float t0 = 0.f, t1 = 0.f;
-        Math::pass2(rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), 0.f, k, t0, t1);
+        const Entry e{rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), 0.f, q.prob(j), pt.prob(j)};
+        Math::pass2(e, k, t0, t1);
         c0 += t0;
         c1 += t1;
       }
@@ -140,6 +170,28 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
                 p.z_loss * lse * lse;
   }
 
+  if (!want_grad) {
+    // Loss only: pass-free divergences (fkl, taid) still need their terms
+    // summed; the gradient (and the exponentials only it uses) is skipped.
+    if constexpr (!Math::kNeedsPass2) {
+      if (soft) {
+        float loss_acc = 0.f;
+#pragma omp simd reduction(+ : loss_acc)
+        for (int64_t j = 0; j < n; ++j) {
+          const float lq = rs.A.log_prob(s[j] * inv_t), lp = rs.B.log_prob(t[j] * inv_t);
+          const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
+          float loss_term = 0.f;
+          Math::grad(Entry{lq, lp, lr, q.prob(j), pt.prob(j)}, rs, k, loss_term);
+          loss_acc += loss_term;
+        }
+        divergence = loss_acc;
+      }
+    }
+    if (soft) out.stats[kStatDivergence] = divergence;
+    out.loss = (hard ? p.hard_weight * hard_loss : 0.f) + (soft ? p.soft_weight * divergence : 0.f);
+    return out;
+  }
+
   // Gradient pass: overwrites s. Loss terms of pass-free divergences accrue here.
   const float g_soft = grad_scale * p.soft_weight * inv_t;
   const float g_hard = hard ? grad_scale * p.hard_weight : 0.f;
@@ -150,27 +202,25 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, float 
   const float label_cap_grad = hard && cap > 0.f ? soft_cap_grad(s[label], cap) : 1.f;
   // The loops below are branch-free in loop-invariant flags (GCC does not
   // vectorize a select on an invariant condition): an unused hard term has
-  // zero weights and a finite normalizer, an absent cap a factor of one.
-  const float ce_max = hard ? lse1.max : rs.A.max, ce_ls = hard ? lse1.log_sum : rs.A.log_sum;
+  // zero weights (and q1 is then q), an absent cap a factor of one.
   const float cap_inv = cap > 0.f ? 1.f / cap : 0.f;
   float loss_acc = 0.f;
   if (soft) {
 #pragma omp simd reduction(+ : loss_acc)
     for (int64_t j = 0; j < n; ++j) {
-      const float a = s[j] * inv_t, b = t[j] * inv_t;
-      const float lq = rs.A.log_prob(a), lp = rs.B.log_prob(b);
+      const float lq = rs.A.log_prob(s[j] * inv_t), lp = rs.B.log_prob(t[j] * inv_t);
       const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
       float loss_term = 0.f;  // a temporary, as in pass 2, so the loop vectorizes
-      const float g_div = Math::grad(lq, lp, lr, rs, k, loss_term);
+      const float g_div = Math::grad(Entry{lq, lp, lr, q.prob(j), pt.prob(j)}, rs, k, loss_term);
       loss_acc += loss_term;
-      const float g = g_soft_max * fkd_exp((s[j] - ce_max) - ce_ls) - g_uniform + g_soft * g_div;
+      const float g = g_soft_max * q1.prob(j) - g_uniform + g_soft * g_div;
       const float u = finite_or_max(s[j]) * cap_inv;  // 0 without a cap, even at -inf
       s[j] = g * (1.f - u * u);
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float g = g_soft_max * fkd_exp((s[j] - ce_max) - ce_ls) - g_uniform;
+      const float g = g_soft_max * q1.prob(j) - g_uniform;
       const float u = finite_or_max(s[j]) * cap_inv;  // 0 without a cap, even at -inf
       s[j] = g * (1.f - u * u);
     }

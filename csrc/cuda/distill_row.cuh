@@ -168,9 +168,10 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
   const DivergenceConsts& k = p.consts;
   const bool writes_row = combine.leader() && threadIdx.x == 0;
 
-  Ts* grow = static_cast<Ts*>(p.grad) + p.grad_layout.row_offset(row);
+  const bool want_grad = p.grad != nullptr;  // null: loss and stats only
+  Ts* grow = want_grad ? static_cast<Ts*>(p.grad) + p.grad_layout.row_offset(row) : nullptr;
   const int64_t gs = p.grad_layout.col_stride;
-  const bool gvec = vec_ok(grow, gs);
+  const bool gvec = want_grad && vec_ok(grow, gs);
   const int64_t n = p.vocab;
   const int64_t load_end = hi < n ? hi : n;
   const int64_t step = int64_t(blockDim.x) * kVec;
@@ -187,7 +188,8 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
 
   if (ignored && !want_stats && !p.lse) {
     const float zeros[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int64_t c = first; c < hi; c += step) store8(grow, c, gs, hi, gvec, zeros);
+    if (want_grad)
+      for (int64_t c = first; c < hi; c += step) store8(grow, c, gs, hi, gvec, zeros);
     if (writes_row) p.loss[row] = 0.f;
     return;
   }
@@ -254,7 +256,7 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
         for (int j = 0; j < kVec; ++j) {
           const float lq = rs.A.log_prob(s[j] * inv_t), lp = rs.B.log_prob(t[j] * inv_t);
           if constexpr (D == Divergence::kTAID) r[j] = taid_logit(lq, lp, k.lambda);
-          else Math::pass2(lq, lp, 0.f, k, c2.v[0], c2.v[1]);
+          else Math::pass2(entry(lq, lp), k, c2.v[0], c2.v[1]);
         }
         if constexpr (D == Divergence::kTAID) mix[0].add(r);
       }
@@ -281,7 +283,11 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
   const float g_uniform = g_hard * eps / static_cast<float>(n);
   const float g_label = g_hard * (1.f - eps);
   Sums<3> acc{{0.f, 0.f, 0.f}};  // pass-free loss, sum q log q, sum p log p
-  for (int64_t c = first; c < hi; c += step) {
+  // Only the loss of fkl and taid, and the entropies, come from this sweep
+  // besides the gradient.
+  const bool sweep3_sums = want_stats || (soft && !Math::kNeedsPass2);
+  const int64_t sweep3_end = want_grad ? hi : sweep3_sums ? load_end : lo;
+  for (int64_t c = first; c < sweep3_end; c += step) {
     float s[kVec], t[kVec], gr[kVec];
     load_student(c, s);
     if (soft) src.teacher(c, t);
@@ -293,10 +299,11 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
           const float a = s[j] * inv_t, b = t[j] * inv_t;
           const float lq = rs.A.log_prob(a), lp = rs.B.log_prob(b);
           const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
-          gj = g_soft * Math::grad(lq, lp, lr, rs, k, acc.v[0]);
+          const Entry e = entry(lq, lp, lr);
+          gj = g_soft * Math::grad(e, rs, k, acc.v[0]);
           if (want_stats) {
-            acc.v[1] += xdiff(fkd_exp(lq), lq, 0.f);
-            acc.v[2] += xdiff(fkd_exp(lp), lp, 0.f);
+            acc.v[1] += xdiff(e.q, lq, 0.f);
+            acc.v[2] += xdiff(e.p, lp, 0.f);
           }
         } else if (want_stats) {
           const float lq = rs.A.log_prob(s[j] * inv_t);
@@ -307,10 +314,9 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
       }
       gr[j] = ignored ? 0.f : gj;
     }
-    store8(grow, c, gs, hi, gvec, gr);
+    if (want_grad) store8(grow, c, gs, hi, gvec, gr);
   }
-  // Only the loss of fkl and taid, and the entropies, come from this sweep.
-  if (want_stats || (soft && !Math::kNeedsPass2)) {
+  if (sweep3_sums) {
     block_allreduce(acc.v, sh.f, SumOp{});
     acc = combine.across(acc);
   }

@@ -142,7 +142,7 @@ DistillResult distill_forward(const at::Tensor& student_in, const at::Tensor& te
                               std::optional<double> taid_lambda, int64_t ignore_index, double hard_weight,
                               double soft_weight, bool t2_scaling, std::optional<int64_t> vocab_size,
                               c10::string_view reduction, std::optional<double> num_items,
-                              bool return_stats, const std::optional<at::Tensor>& grad_into) {
+                              bool return_stats, GradTarget grad_target) {
   TORCH_CHECK_VALUE(student_in.dim() >= 1, "student_logits must have at least 1 dim (..., V)");
   TORCH_CHECK_VALUE(teacher_in.sizes() == student_in.sizes(), "teacher_logits must have the shape of student_logits ",
                     shape(student_in.sizes()), ", got ", shape(teacher_in.sizes()));
@@ -169,11 +169,9 @@ DistillResult distill_forward(const at::Tensor& student_in, const at::Tensor& te
 
   const auto fopts = student.options().dtype(at::kFloat);
   at::Tensor grad;
-  if (grad_into) {
-    grad = *grad_into;
-  } else {
+  if (grad_target == GradTarget::kStudent) grad = student_in;
+  else if (grad_target == GradTarget::kNewBuffer)
     grad = new_output(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
-  }
   at::Tensor loss_tok = new_output({rows}, fopts);
   at::Tensor stats = new_output({return_stats ? rows : 0, kNumStats}, fopts);
   at::Tensor agree = new_output({return_stats ? rows : 0}, student.options().dtype(at::kBool));
@@ -190,8 +188,10 @@ DistillResult distill_forward(const at::Tensor& student_in, const at::Tensor& te
   p.labels = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
   p.weights = weights.defined() ? weights.data_ptr<float>() : nullptr;
   p.ignore_index = ignore_index;
-  p.grad = grad.data_ptr();
-  p.grad_layout = *row_layout(grad);
+  if (grad.defined()) {
+    p.grad = grad.data_ptr();
+    p.grad_layout = *row_layout(grad);
+  }
   p.grad_scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
   p.loss = loss_tok.data_ptr<float>();
   p.stats = return_stats ? stats.data_ptr<float>() : nullptr;
@@ -220,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss(
     bool return_stats) {
   DistillResult r = distill_forward(student, teacher, labels, weights, divergence, temperature, beta, alpha,
                                     taid_lambda, ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size,
-                                    reduction, num_items, return_stats, std::nullopt);
+                                    reduction, num_items, return_stats, GradTarget::kNewBuffer);
   return {r.loss, r.grad, r.stats, r.agree};
 }
 
@@ -234,7 +234,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_inplace(
                     "student_logits: inplace_backward needs strides flashkd can describe; pass a contiguous tensor");
   DistillResult r = distill_forward(student, teacher, labels, weights, divergence, temperature, beta, alpha,
                                     taid_lambda, ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size,
-                                    reduction, num_items, return_stats, student);
+                                    reduction, num_items, return_stats, GradTarget::kStudent);
+  return {r.loss, r.stats, r.agree};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_value(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& weights, c10::string_view divergence, double temperature, double beta,
+    double alpha, std::optional<double> taid_lambda, int64_t ignore_index, double hard_weight, double soft_weight,
+    bool t2_scaling, std::optional<int64_t> vocab_size, c10::string_view reduction, std::optional<double> num_items,
+    bool return_stats) {
+  DistillResult r = distill_forward(student, teacher, labels, weights, divergence, temperature, beta, alpha,
+                                    taid_lambda, ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size,
+                                    reduction, num_items, return_stats, GradTarget::kNone);
   return {r.loss, r.stats, r.agree};
 }
 

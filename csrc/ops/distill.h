@@ -45,6 +45,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_inplace(
     bool t2_scaling, std::optional<int64_t> vocab_size, c10::string_view reduction, std::optional<double> num_items,
     bool return_stats);
 
+// flashkd::distill_loss_value: the loss and stats alone, for calls that need
+// no gradient (evaluation, a student that does not require grad): no [.., V]
+// buffer is allocated and the gradient sweep is skipped.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_value(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& weights, c10::string_view divergence, double temperature, double beta,
+    double alpha, std::optional<double> taid_lambda, int64_t ignore_index, double hard_weight, double soft_weight,
+    bool t2_scaling, std::optional<int64_t> vocab_size, c10::string_view reduction, std::optional<double> num_items,
+    bool return_stats);
+
 // flashkd::distill_cuda_kernel: [preference, last launched]. The preference
 // ("auto", "stream" or "cluster") changes when `force` is non-empty; reset=True
 // with no `force` goes back to the choice of FLASHKD_DISTILL_KERNEL (auto
@@ -55,12 +65,16 @@ std::vector<std::string> distill_cuda_kernel(c10::string_view force, bool reset)
 // flashkd::scale_rows_: grad[row] *= factor (0-d, or one factor per row).
 void scale_rows(at::Tensor& grad, const at::Tensor& factor);
 
+// Where distill_forward puts the gradient: a new buffer, the student logits
+// themselves, or nowhere (loss only; DistillResult::grad is undefined).
+enum class GradTarget { kNewBuffer, kStudent, kNone };
+
 DistillResult distill_forward(const at::Tensor& student, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& weights,
                               c10::string_view divergence, double temperature, double beta, double alpha,
                               std::optional<double> taid_lambda, int64_t ignore_index, double hard_weight,
                               double soft_weight, bool t2_scaling, std::optional<int64_t> vocab_size,
                               c10::string_view reduction, std::optional<double> num_items, bool return_stats,
-                              const std::optional<at::Tensor>& grad_into);
+                              GradTarget grad_target);
 
 }  // namespace flashkd::ops

@@ -142,7 +142,7 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   at::Tensor dhidden_out = want_dh ? new_output(hidden_in.sizes(), hidden.options()) : at::Tensor();
   at::Tensor dhidden = want_dh ? dhidden_out.view({rows, hidden.size(1)}) : at::Tensor();
   // d(weight) and d(bias) accumulate over chunks in float32.
-  at::Tensor dweight_acc = want_dw ? at::zeros({V, hidden.size(1)}, fopts) : at::Tensor();
+  at::Tensor dweight_acc = want_dw ? new_output({V, hidden.size(1)}, fopts).zero_() : at::Tensor();
   at::Tensor dbias_acc = want_db ? at::zeros({V}, fopts) : at::Tensor();
 
   // Rows per chunk: the student's logits, a computed teacher's, and float64
@@ -159,10 +159,10 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, budget / std::max<int64_t>(row_bytes, 1)));
   // One buffer per logit matrix, reused by every chunk (the last one is
   // shorter): no allocation, and on the CPU no fresh pages, per chunk.
-  const at::Tensor logits_buf = at::empty({rows ? chunk : 0, V}, hidden.options());
+  const at::Tensor logits_buf = new_output({rows ? chunk : 0, V}, hidden.options());
   const at::Tensor teacher_buf =
-      teacher_from_weights ? at::empty({rows ? chunk : 0, V}, t_hidden.options())
-      : convert_teacher   ? at::empty({rows ? chunk : 0, V}, hidden.options().dtype(at::kFloat))
+      teacher_from_weights ? new_output({rows ? chunk : 0, V}, t_hidden.options())
+      : convert_teacher   ? new_output({rows ? chunk : 0, V}, hidden.options().dtype(at::kFloat))
                           : at::Tensor();
 
   p.cols = V;
@@ -190,7 +190,7 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
     p.rows = n;
     p.student = logits.data_ptr();
     p.student_layout = *row_layout(logits);
-    p.grad = logits.data_ptr();  // d(logits) overwrite the logits in place
+    p.grad = want_dh || want_dw || want_db ? logits.data_ptr() : nullptr;  // d(logits) overwrite the logits
     p.grad_layout = p.student_layout;
     p.teacher = tlog.defined() ? tlog.data_ptr() : nullptr;
     if (tlog.defined()) {

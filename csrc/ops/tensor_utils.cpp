@@ -2,6 +2,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #ifdef FLASHKD_WITH_CUDA
 #include <c10/cuda/CUDAFunctions.h>
@@ -49,12 +52,36 @@ std::optional<RowLayout> row_layout(const at::Tensor& t) {
 
 at::Tensor describable(const at::Tensor& t) { return row_layout(t) ? t : t.contiguous(); }
 
+namespace {
+
+// Asks Linux to back the 2 MiB-aligned interior of a fresh CPU buffer with
+// transparent huge pages (honoured in THP's "madvise" mode, a common default,
+// and in "always"). The buffers the kernels write are large and written in
+// full, so this costs no memory; the first touch then faults 2 MiB at a time
+// instead of 4 KiB: filling a fresh 262 MB buffer took 37 ms instead of 162 ms
+// on the development machine (torch's own allocator does the same under
+// THP_MEM_ALLOC_ENABLE=1). A hint only: failure changes nothing.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (!t.is_cpu() || t.nbytes() < 2 * kHuge) return;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+}  // namespace
+
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   static const bool poison = [] {
     const char* v = std::getenv("FLASHKD_POISON");
     return v && *v && *v != '0';
   }();
   at::Tensor out = at::empty(sizes, opts);
+  advise_huge_pages(out);
   if (poison) {
     if (at::isFloatingType(out.scalar_type())) out.fill_(std::numeric_limits<double>::quiet_NaN());
     else if (out.scalar_type() == at::kBool) out.fill_(true);

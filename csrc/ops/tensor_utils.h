@@ -18,7 +18,8 @@ std::optional<RowLayout> row_layout(const at::Tensor& t);
 // `t`, copied to contiguous only if its strides cannot be described.
 at::Tensor describable(const at::Tensor& t);
 
-// Uninitialized output, or NaN-filled when FLASHKD_POISON is set.
+// Uninitialized output, or NaN-filled when FLASHKD_POISON is set; large CPU
+// buffers are backed by huge pages where Linux allows it (fewer page faults).
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts);
 
 // The current CUDA stream of `t`'s device, with that device made current

@@ -35,9 +35,10 @@ def _distill_loss_fake(student, teacher, labels, weights, divergence, temperatur
 
 
 @torch.library.register_fake("flashkd::distill_loss_")
-def _distill_loss_inplace_fake(student, teacher, labels, weights, divergence, temperature, beta, alpha,
-                               taid_lambda, ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size,
-                               reduction, num_items, return_stats):
+@torch.library.register_fake("flashkd::distill_loss_value")
+def _distill_loss_no_grad_output_fake(student, teacher, labels, weights, divergence, temperature, beta, alpha,
+                                      taid_lambda, ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size,
+                                      reduction, num_items, return_stats):
     lead = student.shape[:-1]
     loss = student.new_empty(_loss_shape(lead, reduction), dtype=torch.float32)
     return (loss, *_stats_like(student, lead, return_stats))

@@ -104,7 +104,12 @@ def distill_loss(
         inplace_backward: write the gradient into ``student_logits``' storage
             during forward, saving one [..., V] buffer. The student logits are
             destroyed: do not read them afterwards, and do not use this when
-            another op saved them for its own backward.
+            another op saved them for its own backward. Ignored when no
+            gradient is needed.
+
+    When no gradient is needed (``torch.no_grad()``, or student logits that do
+    not require grad) only the loss is computed: no gradient buffer, and the
+    kernel skips the gradient's sweep.
 
     Returns:
         The loss (0-d float32, or float32 of shape (...) for "none"), and with
@@ -122,7 +127,10 @@ def distill_loss(
         None if num_items is None else float(num_items), bool(return_stats),
     )
     teacher = teacher_logits.detach()
-    if inplace_backward:
+    if not (torch.is_grad_enabled() and student_logits.requires_grad):
+        # Nothing will call backward: the loss alone, no gradient sweep, no [..., V] buffer.
+        loss, stats, agree = ops.distill_loss_value(student_logits, teacher, labels, weights, *options)
+    elif inplace_backward:
         loss, stats, agree = _DistillInplace.apply(student_logits, teacher, labels, weights, *options)
     else:
         loss, _grad, stats, agree = ops.distill_loss(student_logits, teacher, labels, weights, *options)

@@ -14,18 +14,20 @@ namespace {
 template <Divergence D, bool kStats>
 void rows_impl(const DistillParams& p, int64_t begin, int64_t end) {
   const int64_t n = p.vocab;
+  // The student's row (overwritten by its gradient), the teacher's, and the
+  // row kernel's scratch rows, in float32.
   thread_local std::vector<float> buffer;
-  buffer.resize(2 * std::max<int64_t>(n, 1));
+  const int64_t stride = std::max<int64_t>(n, 1);
+  buffer.resize(5 * stride);
   float* s = buffer.data();
-  float* t = p.teacher ? buffer.data() + n : nullptr;
+  float* t = p.teacher ? buffer.data() + stride : nullptr;
+  const RowScratch scratch{buffer.data() + 2 * stride, buffer.data() + 3 * stride, buffer.data() + 4 * stride};
   const float grad_scale = p.grad_scale ? *p.grad_scale : 1.f;
   const int64_t gsize = dtype_size(p.student_dtype);
 
   for (int64_t r = begin; r < end; ++r) {
     const int64_t label = p.labels ? p.labels[r] : -1;
     const bool ignored = p.labels && label == p.ignore_index;
-    char* grad_row = static_cast<char*>(p.grad) + p.grad_layout.row_offset(r) * gsize;
-    const int64_t gstride = p.grad_layout.col_stride;
     const float weight = p.weights ? p.weights[r] : 1.f;
 
     if (!ignored || kStats || p.lse) {
@@ -36,8 +38,8 @@ void rows_impl(const DistillParams& p, int64_t begin, int64_t end) {
                         p.teacher_layout.row_offset(r) * dtype_size(p.teacher_dtype),
                     p.teacher_dtype, p.teacher_layout.col_stride, n, t);
       const float scale = weight * grad_scale * (p.row_scale ? p.row_scale[r] : 1.f);
-      const RowResult res = distill_row<D, kStats>(s, t, n, ignored ? -1 : label, scale, p,
-                                                   p.lse ? p.lse + r : nullptr);
+      const RowResult res = distill_row<D, kStats>(s, t, n, ignored ? -1 : label, p.grad != nullptr, scale, p,
+                                                   p.lse ? p.lse + r : nullptr, scratch);
       p.loss[r] = ignored ? 0.f : weight * res.loss;
       if constexpr (kStats) {
         std::copy(res.stats, res.stats + kNumStats, p.stats + r * kNumStats);
@@ -47,6 +49,9 @@ void rows_impl(const DistillParams& p, int64_t begin, int64_t end) {
       p.loss[r] = 0.f;
       if (p.lse) p.lse[r] = 0.f;
     }
+    if (!p.grad) continue;  // loss and stats only
+    char* grad_row = static_cast<char*>(p.grad) + p.grad_layout.row_offset(r) * gsize;
+    const int64_t gstride = p.grad_layout.col_stride;
     if (ignored) std::fill(s, s + n, 0.f);
     store_floats(s, n, grad_row, p.student_dtype, gstride);
     // Padded vocabulary columns never receive gradient (zero bits in every dtype).

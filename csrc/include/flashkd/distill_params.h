@@ -30,7 +30,7 @@ struct DistillParams {
   const float* weights = nullptr;    // [rows] contiguous, or null
   int64_t ignore_index = -100;
 
-  void* grad = nullptr;              // dtype = student_dtype; may alias student
+  void* grad = nullptr;              // dtype = student_dtype; may alias student; null: loss (and stats) only
   RowLayout grad_layout;
   const float* grad_scale = nullptr; // scalar multiplying every gradient (same device), or null
   const float* row_scale = nullptr;  // [rows] per-token gradient multiplier, or null

@@ -40,6 +40,16 @@ struct RowScalars {
 // x * (lx - ly) with 0 * anything = 0 (masked entries carry -inf logs).
 FKD_HD float xdiff(float x, float lx, float ly) { return x > 0.f ? x * (lx - ly) : 0.f; }
 
+// One vocabulary entry of a row as the divergences see it: the student's and
+// teacher's log-probabilities and probabilities (q = exp(lq), p = exp(lp)),
+// and for TAID the log-probability lr of its mixture. The caller supplies q and
+// p: the CPU kernel from the exponentials its log-sum-exp pass kept, the CUDA
+// kernel by `entry` (a divergence that does not read p or q costs nothing).
+struct Entry {
+  float lq, lp, lr, q, p;
+};
+FKD_HD Entry entry(float lq, float lp, float lr = 0.f) { return {lq, lp, lr, fkd_exp(lq), fkd_exp(lp)}; }
+
 template <Divergence D>
 struct DivergenceMath;
 
@@ -47,12 +57,10 @@ struct DivergenceMath;
 template <>
 struct DivergenceMath<Divergence::kFKL> {
   static constexpr bool kNeedsPass2 = false;
-  FKD_HD static void pass2(float, float, float, const DivergenceConsts&, float&, float&) {}
-  FKD_HD static float grad(float lq, float lp, float, const RowScalars&, const DivergenceConsts&,
-                           float& loss) {
-    const float p = fkd_exp(lp), q = fkd_exp(lq);
-    loss += xdiff(p, lp, lq);
-    return q - p;
+  FKD_HD static void pass2(const Entry&, const DivergenceConsts&, float&, float&) {}
+  FKD_HD static float grad(const Entry& e, const RowScalars&, const DivergenceConsts&, float& loss) {
+    loss += xdiff(e.p, e.lp, e.lq);
+    return e.q - e.p;
   }
 };
 
@@ -60,20 +68,18 @@ struct DivergenceMath<Divergence::kFKL> {
 template <>
 struct DivergenceMath<Divergence::kRKL> {
   static constexpr bool kNeedsPass2 = true;
-  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts&, float& c0, float&) {
-    c0 += xdiff(fkd_exp(lq), lq, lp);
+  FKD_HD static void pass2(const Entry& e, const DivergenceConsts&, float& c0, float&) {
+    c0 += xdiff(e.q, e.lq, e.lp);
   }
-  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s, const DivergenceConsts&,
-                           float&) {
-    const float q = fkd_exp(lq);
-    return q > 0.f ? q * (lq - lp - s.c0) : 0.f;
+  FKD_HD static float grad(const Entry& e, const RowScalars& s, const DivergenceConsts&, float&) {
+    return e.q > 0.f ? e.q * (e.lq - e.lp - s.c0) : 0.f;
   }
 };
 
 // beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q (w_p = beta).
 // c0 = D, c1 = KL(q||m); gradient (1-beta) q (lq - lm - c1).
-// log m is taken of the mixture itself, from the p and q the terms need
-// anyway: one log where logaddexp costs an exp and a log1p. Both weights are
+// log m is taken of the mixture itself, from p and q: one log where
+// logaddexp costs an exp and a log1p. Both weights are
 // positive, so lq - lm <= -log(1-beta) and lp - lm <= -log(beta) stay
 // bounded; where p and q both underflow m is 0, and every term using log m
 // is multiplied by p or q = 0 (xdiff and the q > 0 guard make that 0).
@@ -83,19 +89,15 @@ struct DivergenceMath<Divergence::kJSD> {
   FKD_HD static float log_mixture(float p, float q, const DivergenceConsts& k) {
     return fkd_log(k.w_p * p + k.w_q * q);
   }
-  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts& k, float& c0,
-                           float& c1) {
-    const float p = fkd_exp(lp), q = fkd_exp(lq);
-    const float lm = log_mixture(p, q, k);
-    const float kq = xdiff(q, lq, lm);
-    c0 += k.w_p * xdiff(p, lp, lm) + k.w_q * kq;
+  FKD_HD static void pass2(const Entry& e, const DivergenceConsts& k, float& c0, float& c1) {
+    const float lm = log_mixture(e.p, e.q, k);
+    const float kq = xdiff(e.q, e.lq, lm);
+    c0 += k.w_p * xdiff(e.p, e.lp, lm) + k.w_q * kq;
     c1 += kq;
   }
-  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s,
-                           const DivergenceConsts& k, float&) {
-    const float p = fkd_exp(lp), q = fkd_exp(lq);
-    const float lm = log_mixture(p, q, k);  // before the select: GCC vectorizes it then
-    return q > 0.f ? k.w_q * q * (lq - lm - s.c1) : 0.f;
+  FKD_HD static float grad(const Entry& e, const RowScalars& s, const DivergenceConsts& k, float&) {
+    const float lm = log_mixture(e.p, e.q, k);  // before the select: GCC vectorizes it then
+    return e.q > 0.f ? k.w_q * e.q * (e.lq - lm - s.c1) : 0.f;
   }
 };
 
@@ -108,16 +110,14 @@ struct DivergenceMath<Divergence::kSKL> {
     // q * g computed in log space: p q / mix never overflows this way.
     return (lq > kNegInf && lp > kNegInf) ? -k.w_q * fkd_exp(lq + lp - lmix) : 0.f;
   }
-  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts& k, float& c0,
-                           float& c1) {
-    const float lmix = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
-    c0 += xdiff(fkd_exp(lp), lp, lmix);
-    c1 += qg(lq, lp, lmix, k);
+  FKD_HD static void pass2(const Entry& e, const DivergenceConsts& k, float& c0, float& c1) {
+    const float lmix = logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
+    c0 += xdiff(e.p, e.lp, lmix);
+    c1 += qg(e.lq, e.lp, lmix, k);
   }
-  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s,
-                           const DivergenceConsts& k, float&) {
-    const float lmix = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
-    return qg(lq, lp, lmix, k) - fkd_exp(lq) * s.c1;
+  FKD_HD static float grad(const Entry& e, const RowScalars& s, const DivergenceConsts& k, float&) {
+    const float lmix = logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
+    return qg(e.lq, e.lp, lmix, k) - e.q * s.c1;
   }
 };
 
@@ -126,18 +126,14 @@ struct DivergenceMath<Divergence::kSKL> {
 template <>
 struct DivergenceMath<Divergence::kSRKL> {
   static constexpr bool kNeedsPass2 = true;
-  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts& k, float& c0,
-                           float& c1) {
-    const float lmix = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
-    const float q = fkd_exp(lq);
-    c0 += xdiff(q, lq, lmix);
-    c1 += q > 0.f ? q * fkd_exp(lq - lmix) : 0.f;
+  FKD_HD static void pass2(const Entry& e, const DivergenceConsts& k, float& c0, float& c1) {
+    const float lmix = logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
+    c0 += xdiff(e.q, e.lq, lmix);
+    c1 += e.q > 0.f ? e.q * fkd_exp(e.lq - lmix) : 0.f;
   }
-  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s,
-                           const DivergenceConsts& k, float&) {
-    const float lmix = logaddexp(k.log_w_p + lp, k.log_w_q + lq);
-    const float q = fkd_exp(lq);
-    return q > 0.f ? q * (lq - lmix - s.c0 - k.w_q * (fkd_exp(lq - lmix) - s.c1)) : 0.f;
+  FKD_HD static float grad(const Entry& e, const RowScalars& s, const DivergenceConsts& k, float&) {
+    const float lmix = logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
+    return e.q > 0.f ? e.q * (e.lq - lmix - s.c0 - k.w_q * (fkd_exp(e.lq - lmix) - s.c1)) : 0.f;
   }
 };
 
@@ -147,16 +143,12 @@ template <>
 struct DivergenceMath<Divergence::kTVD> {
   static constexpr bool kNeedsPass2 = true;
   FKD_HD static float half_sign(float q, float p) { return q > p ? 0.5f : (q < p ? -0.5f : 0.f); }
-  FKD_HD static void pass2(float lq, float lp, float, const DivergenceConsts&, float& c0,
-                           float& c1) {
-    const float p = fkd_exp(lp), q = fkd_exp(lq);
-    c0 += 0.5f * (q > p ? q - p : p - q);
-    c1 += q * half_sign(q, p);
+  FKD_HD static void pass2(const Entry& e, const DivergenceConsts&, float& c0, float& c1) {
+    c0 += 0.5f * (e.q > e.p ? e.q - e.p : e.p - e.q);
+    c1 += e.q * half_sign(e.q, e.p);
   }
-  FKD_HD static float grad(float lq, float lp, float, const RowScalars& s, const DivergenceConsts&,
-                           float&) {
-    const float p = fkd_exp(lp), q = fkd_exp(lq);
-    return q * (half_sign(q, p) - s.c1);
+  FKD_HD static float grad(const Entry& e, const RowScalars& s, const DivergenceConsts&, float&) {
+    return e.q * (half_sign(e.q, e.p) - s.c1);
   }
 };
 
@@ -165,12 +157,11 @@ struct DivergenceMath<Divergence::kTVD> {
 template <>
 struct DivergenceMath<Divergence::kTAID> {
   static constexpr bool kNeedsPass2 = false;
-  FKD_HD static void pass2(float, float, float, const DivergenceConsts&, float&, float&) {}
-  FKD_HD static float grad(float lq, float, float lr, const RowScalars&, const DivergenceConsts&,
-                           float& loss) {
-    const float r = fkd_exp(lr), q = fkd_exp(lq);
-    loss += xdiff(r, lr, lq);
-    return q - r;
+  FKD_HD static void pass2(const Entry&, const DivergenceConsts&, float&, float&) {}
+  FKD_HD static float grad(const Entry& e, const RowScalars&, const DivergenceConsts&, float& loss) {
+    const float r = fkd_exp(e.lr);
+    loss += xdiff(r, e.lr, e.lq);
+    return e.q - r;
   }
 };
 

@@ -63,14 +63,11 @@ inline int64_t first_argmax(const float* x, int64_t n) {
   return 0;
 }
 
-// -sum exp(l) * l over l = log softmax(x * mul) (the entropy).
-inline float row_entropy(const float* x, int64_t n, float mul, LogNorm lse) {
+// -sum p * log p over p = softmax(x * mul) (the entropy), p from the kept exponentials.
+inline float row_entropy(const float* x, int64_t n, float mul, const RowSoftmax& sm) {
   float h = 0.f;
 #pragma omp simd reduction(+ : h)
-  for (int64_t k = 0; k < n; ++k) {
-    const float l = lse.log_prob(x[k] * mul);
-    h -= xdiff(fkd_exp(l), l, 0.f);
-  }
+  for (int64_t k = 0; k < n; ++k) h -= xdiff(sm.prob(k), sm.norm.log_prob(x[k] * mul), 0.f);
   return h;
 }
 
@@ -143,9 +140,9 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
     }
   }
   if constexpr (kStats) {
-    out.stats[kStatStudentEntropy] = row_entropy(s, n, inv_t, rs.A);
+    out.stats[kStatStudentEntropy] = row_entropy(s, n, inv_t, q);
     if (soft) {
-      out.stats[kStatTeacherEntropy] = row_entropy(t, n, inv_t, rs.B);
+      out.stats[kStatTeacherEntropy] = row_entropy(t, n, inv_t, pt);
       out.agree = first_argmax(s, n) == first_argmax(t, n);
     }
     if (label >= 0) {

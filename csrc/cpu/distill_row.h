@@ -72,9 +72,10 @@ inline float row_entropy(const float* x, int64_t n, float mul, const RowSoftmax&
 }
 
 // Scratch rows of one thread: the exponentials of the student at T, of the
-// teacher at T, and of the student at T = 1 (the hard term, when T != 1).
+// teacher at T, and of the student at T = 1 (the hard term, when T != 1), and
+// the mixture logs pass 2 computes for the gradient pass (jsd, skl, srkl).
 struct RowScratch {
-  float *student, *teacher, *student_t1;
+  float *student, *teacher, *student_t1, *mixture;
 };
 
 // Computes one token's loss and, when `want_grad`, overwrites s[0..n) with
@@ -86,7 +87,7 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
                       const DistillParams& p, float* lse_out, const RowScratch& scratch) {
   using Math = DivergenceMath<D>;
   const float inv_t = p.inv_temperature;
-  const DivergenceConsts& k = p.consts;
+  const DivergenceConsts k = p.consts;  // a local copy: the loops store floats, which could alias p
   const bool hard = p.hard_weight != 0.f && label >= 0;
   const bool soft = t != nullptr;
   const float cap = p.softcap;
@@ -124,12 +125,17 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
     }
     if constexpr (Math::kNeedsPass2) {
       float c0 = 0.f, c1 = 0.f;
+      float* mixture = scratch.mixture;
 #pragma omp simd reduction(+ : c0, c1)
       for (int64_t j = 0; j < n; ++j) {
         // Per-element temporaries, not references to the reduction variables:
         // taking their address stops GCC from vectorizing the loop.
         float t0 = 0.f, t1 = 0.f;
-        const Entry e{rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), 0.f, q.prob(j), pt.prob(j)};
+        Entry e{rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), 0.f, q.prob(j), pt.prob(j), 0.f};
+        if constexpr (Math::kHasMixture) {
+          e.lm = Math::log_mixture(e, k);
+          mixture[j] = e.lm;
+        }
         Math::pass2(e, k, t0, t1);
         c0 += t0;
         c1 += t1;
@@ -178,7 +184,7 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
           const float lq = rs.A.log_prob(s[j] * inv_t), lp = rs.B.log_prob(t[j] * inv_t);
           const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
           float loss_term = 0.f;
-          Math::grad(Entry{lq, lp, lr, q.prob(j), pt.prob(j)}, rs, k, loss_term);
+          Math::grad(Entry{lq, lp, lr, q.prob(j), pt.prob(j), 0.f}, rs, k, loss_term);
           loss_acc += loss_term;
         }
         divergence = loss_acc;
@@ -201,6 +207,7 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
   // vectorize a select on an invariant condition): an unused hard term has
   // zero weights (and q1 is then q), an absent cap a factor of one.
   const float cap_inv = cap > 0.f ? 1.f / cap : 0.f;
+  const float* mixture = scratch.mixture;  // a local: a pointer read in the loop stops vectorization
   float loss_acc = 0.f;
   if (soft) {
 #pragma omp simd reduction(+ : loss_acc)
@@ -208,7 +215,8 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
       const float lq = rs.A.log_prob(s[j] * inv_t), lp = rs.B.log_prob(t[j] * inv_t);
       const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
       float loss_term = 0.f;  // a temporary, as in pass 2, so the loop vectorizes
-      const float g_div = Math::grad(Entry{lq, lp, lr, q.prob(j), pt.prob(j)}, rs, k, loss_term);
+      const float lm = Math::kHasMixture ? mixture[j] : 0.f;
+      const float g_div = Math::grad(Entry{lq, lp, lr, q.prob(j), pt.prob(j), lm}, rs, k, loss_term);
       loss_acc += loss_term;
       const float g = g_soft_max * q1.prob(j) - g_uniform + g_soft * g_div;
       const float u = finite_or_max(s[j]) * cap_inv;  // 0 without a cap, even at -inf

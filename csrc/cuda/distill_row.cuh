@@ -256,7 +256,7 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
         for (int j = 0; j < kVec; ++j) {
           const float lq = rs.A.log_prob(s[j] * inv_t), lp = rs.B.log_prob(t[j] * inv_t);
           if constexpr (D == Divergence::kTAID) r[j] = taid_logit(lq, lp, k.lambda);
-          else Math::pass2(entry(lq, lp), k, c2.v[0], c2.v[1]);
+          else Math::pass2(entry<D>(lq, lp, k), k, c2.v[0], c2.v[1]);
         }
         if constexpr (D == Divergence::kTAID) mix[0].add(r);
       }
@@ -299,7 +299,7 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
           const float a = s[j] * inv_t, b = t[j] * inv_t;
           const float lq = rs.A.log_prob(a), lp = rs.B.log_prob(b);
           const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
-          const Entry e = entry(lq, lp, lr);
+          const Entry e = entry<D>(lq, lp, k, lr);
           gj = g_soft * Math::grad(e, rs, k, acc.v[0]);
           if (want_stats) {
             acc.v[1] += xdiff(e.q, lq, 0.f);

@@ -18,10 +18,11 @@ void rows_impl(const DistillParams& p, int64_t begin, int64_t end) {
   // row kernel's scratch rows, in float32.
   thread_local std::vector<float> buffer;
   const int64_t stride = std::max<int64_t>(n, 1);
-  buffer.resize(5 * stride);
+  buffer.resize(6 * stride);
   float* s = buffer.data();
   float* t = p.teacher ? buffer.data() + stride : nullptr;
-  const RowScratch scratch{buffer.data() + 2 * stride, buffer.data() + 3 * stride, buffer.data() + 4 * stride};
+  const RowScratch scratch{buffer.data() + 2 * stride, buffer.data() + 3 * stride, buffer.data() + 4 * stride,
+                           buffer.data() + 5 * stride};
   const float grad_scale = p.grad_scale ? *p.grad_scale : 1.f;
   const int64_t gsize = dtype_size(p.student_dtype);
 

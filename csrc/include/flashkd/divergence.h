@@ -42,20 +42,27 @@ FKD_HD float xdiff(float x, float lx, float ly) { return x > 0.f ? x * (lx - ly)
 
 // One vocabulary entry of a row as the divergences see it: the student's and
 // teacher's log-probabilities and probabilities (q = exp(lq), p = exp(lp)),
-// and for TAID the log-probability lr of its mixture. The caller supplies q and
-// p: the CPU kernel from the exponentials its log-sum-exp pass kept, the CUDA
-// kernel by `entry` (a divergence that does not read p or q costs nothing).
+// for TAID the log-probability lr of its mixture, and for jsd/skl/srkl the
+// log lm of the mixture of p and q the divergence compares against
+// (Math::log_mixture). The caller supplies q, p and lm: the CPU kernel from the
+// exponentials its log-sum-exp pass kept and the mixture logs its pass 2 kept,
+// the CUDA kernel by `entry<D>` (what a divergence does not read costs nothing).
 struct Entry {
-  float lq, lp, lr, q, p;
+  float lq, lp, lr, q, p, lm;
 };
-FKD_HD Entry entry(float lq, float lp, float lr = 0.f) { return {lq, lp, lr, fkd_exp(lq), fkd_exp(lp)}; }
 
 template <Divergence D>
 struct DivergenceMath;
 
+// The base of divergences that compare against no mixture of p and q.
+struct NoMixture {
+  static constexpr bool kHasMixture = false;
+  FKD_HD static float log_mixture(const Entry&, const DivergenceConsts&) { return 0.f; }
+};
+
 // KL(p || q). Gradient q - p; no pass 2.
 template <>
-struct DivergenceMath<Divergence::kFKL> {
+struct DivergenceMath<Divergence::kFKL> : NoMixture {
   static constexpr bool kNeedsPass2 = false;
   FKD_HD static void pass2(const Entry&, const DivergenceConsts&, float&, float&) {}
   FKD_HD static float grad(const Entry& e, const RowScalars&, const DivergenceConsts&, float& loss) {
@@ -66,7 +73,7 @@ struct DivergenceMath<Divergence::kFKL> {
 
 // KL(q || p). c0 = D itself; gradient q (lq - lp - D).
 template <>
-struct DivergenceMath<Divergence::kRKL> {
+struct DivergenceMath<Divergence::kRKL> : NoMixture {
   static constexpr bool kNeedsPass2 = true;
   FKD_HD static void pass2(const Entry& e, const DivergenceConsts&, float& c0, float&) {
     c0 += xdiff(e.q, e.lq, e.lp);
@@ -86,18 +93,17 @@ struct DivergenceMath<Divergence::kRKL> {
 template <>
 struct DivergenceMath<Divergence::kJSD> {
   static constexpr bool kNeedsPass2 = true;
-  FKD_HD static float log_mixture(float p, float q, const DivergenceConsts& k) {
-    return fkd_log(k.w_p * p + k.w_q * q);
+  static constexpr bool kHasMixture = true;
+  FKD_HD static float log_mixture(const Entry& e, const DivergenceConsts& k) {
+    return fkd_log(k.w_p * e.p + k.w_q * e.q);
   }
   FKD_HD static void pass2(const Entry& e, const DivergenceConsts& k, float& c0, float& c1) {
-    const float lm = log_mixture(e.p, e.q, k);
-    const float kq = xdiff(e.q, e.lq, lm);
-    c0 += k.w_p * xdiff(e.p, e.lp, lm) + k.w_q * kq;
+    const float kq = xdiff(e.q, e.lq, e.lm);
+    c0 += k.w_p * xdiff(e.p, e.lp, e.lm) + k.w_q * kq;
     c1 += kq;
   }
   FKD_HD static float grad(const Entry& e, const RowScalars& s, const DivergenceConsts& k, float&) {
-    const float lm = log_mixture(e.p, e.q, k);  // before the select: GCC vectorizes it then
-    return e.q > 0.f ? k.w_q * e.q * (e.lq - lm - s.c1) : 0.f;
+    return e.q > 0.f ? k.w_q * e.q * (e.lq - e.lm - s.c1) : 0.f;
   }
 };
 
@@ -106,18 +112,22 @@ struct DivergenceMath<Divergence::kJSD> {
 template <>
 struct DivergenceMath<Divergence::kSKL> {
   static constexpr bool kNeedsPass2 = true;
-  FKD_HD static float qg(float lq, float lp, float lmix, const DivergenceConsts& k) {
+  static constexpr bool kHasMixture = true;
+  // logaddexp, not the log of w_p p + w_q q: where p and q underflow but their
+  // logs do not, q p / mix below stays accurate instead of 0 / 0.
+  FKD_HD static float log_mixture(const Entry& e, const DivergenceConsts& k) {
+    return logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
+  }
+  FKD_HD static float qg(const Entry& e, const DivergenceConsts& k) {
     // q * g computed in log space: p q / mix never overflows this way.
-    return (lq > kNegInf && lp > kNegInf) ? -k.w_q * fkd_exp(lq + lp - lmix) : 0.f;
+    return (e.lq > kNegInf && e.lp > kNegInf) ? -k.w_q * fkd_exp(e.lq + e.lp - e.lm) : 0.f;
   }
   FKD_HD static void pass2(const Entry& e, const DivergenceConsts& k, float& c0, float& c1) {
-    const float lmix = logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
-    c0 += xdiff(e.p, e.lp, lmix);
-    c1 += qg(e.lq, e.lp, lmix, k);
+    c0 += xdiff(e.p, e.lp, e.lm);
+    c1 += qg(e, k);
   }
   FKD_HD static float grad(const Entry& e, const RowScalars& s, const DivergenceConsts& k, float&) {
-    const float lmix = logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
-    return qg(e.lq, e.lp, lmix, k) - e.q * s.c1;
+    return qg(e, k) - e.q * s.c1;
   }
 };
 
@@ -126,21 +136,23 @@ struct DivergenceMath<Divergence::kSKL> {
 template <>
 struct DivergenceMath<Divergence::kSRKL> {
   static constexpr bool kNeedsPass2 = true;
+  static constexpr bool kHasMixture = true;
+  FKD_HD static float log_mixture(const Entry& e, const DivergenceConsts& k) {
+    return logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
+  }
   FKD_HD static void pass2(const Entry& e, const DivergenceConsts& k, float& c0, float& c1) {
-    const float lmix = logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
-    c0 += xdiff(e.q, e.lq, lmix);
-    c1 += e.q > 0.f ? e.q * fkd_exp(e.lq - lmix) : 0.f;
+    c0 += xdiff(e.q, e.lq, e.lm);
+    c1 += e.q > 0.f ? e.q * fkd_exp(e.lq - e.lm) : 0.f;
   }
   FKD_HD static float grad(const Entry& e, const RowScalars& s, const DivergenceConsts& k, float&) {
-    const float lmix = logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
-    return e.q > 0.f ? e.q * (e.lq - lmix - s.c0 - k.w_q * (fkd_exp(e.lq - lmix) - s.c1)) : 0.f;
+    return e.q > 0.f ? e.q * (e.lq - e.lm - s.c0 - k.w_q * (fkd_exp(e.lq - e.lm) - s.c1)) : 0.f;
   }
 };
 
 // Total variation: 1/2 sum |p - q|, subgradient 0 where p == q.
 // c0 = D, c1 = sum q g with g = sign(q - p) / 2.
 template <>
-struct DivergenceMath<Divergence::kTVD> {
+struct DivergenceMath<Divergence::kTVD> : NoMixture {
   static constexpr bool kNeedsPass2 = true;
   FKD_HD static float half_sign(float q, float p) { return q > p ? 0.5f : (q < p ? -0.5f : 0.f); }
   FKD_HD static void pass2(const Entry& e, const DivergenceConsts&, float& c0, float& c1) {
@@ -155,7 +167,7 @@ struct DivergenceMath<Divergence::kTVD> {
 // TAID: KL(r || q), r = softmax((1-lambda) a + lambda b) with a detached,
 // so the gradient is q - r. `lr` is passed in by the row kernel.
 template <>
-struct DivergenceMath<Divergence::kTAID> {
+struct DivergenceMath<Divergence::kTAID> : NoMixture {
   static constexpr bool kNeedsPass2 = false;
   FKD_HD static void pass2(const Entry&, const DivergenceConsts&, float&, float&) {}
   FKD_HD static float grad(const Entry& e, const RowScalars&, const DivergenceConsts&, float& loss) {
@@ -164,6 +176,14 @@ struct DivergenceMath<Divergence::kTAID> {
     return e.q - r;
   }
 };
+
+// The entry of divergence D computed from the log-probabilities alone.
+template <Divergence D>
+FKD_HD Entry entry(float lq, float lp, const DivergenceConsts& k, float lr = 0.f) {
+  Entry e{lq, lp, lr, fkd_exp(lq), fkd_exp(lp), 0.f};
+  if constexpr (DivergenceMath<D>::kHasMixture) e.lm = DivergenceMath<D>::log_mixture(e, k);
+  return e;
+}
 
 // Calls f.template operator()<D>() for the runtime divergence `d`.
 template <typename F>

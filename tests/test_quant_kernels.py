@@ -4,7 +4,7 @@ rounding, on awkward shapes, under each CPU instruction set and CUDA main loop."
 import pytest
 import torch
 
-from flashkd.quant import int4_linear, int8_matmul, pack, quantize_activations, ternary_matmul
+from flashkd.quant import int4_linear, int8_matmul, pack, quantize_activations, ternary_matmul, unpack
 from flashkd.reference import quant as ref
 from quant_cases import DTYPES, SHAPES, gen, kernel_variant, rand_int8, rand_ternary, randn  # noqa: F401  (fixture)
 
@@ -59,6 +59,19 @@ def test_ternary_matmul_exact(mnk, device, kernel_variant):
     acc = ternary_matmul(a, pack(wq, "w1.58a8"))
     assert torch.equal(acc.cpu().long(), ref.int_matmul(a, wq))
 
+
+
+@pytest.mark.parametrize("k", [4 * 81, 4 * 162 + 3])
+def test_ternary_decode_every_byte(k, device, kernel_variant):
+    """Each of the 81 bytes of four valid codes, at every position of the
+    decoders' vector chunks (and a table-decoded tail): identity activations make
+    the int32 result the decoded weights themselves."""
+    valid = torch.tensor([b for b in range(256) if all((b >> s) & 3 != 3 for s in (0, 2, 4, 6))], dtype=torch.uint8)
+    width = -(-k // 4)
+    rows = [valid.roll(shift).repeat(-(-width // 81))[:width] for shift in range(5)]
+    packed = torch.stack(rows).to(device)
+    acc = ternary_matmul(torch.eye(k, dtype=torch.int8, device=device), packed)
+    assert torch.equal(acc.cpu().T.to(torch.int8), unpack(packed.cpu(), "w1.58a8", k))
 
 def test_leading_dims(device):
     g = gen("lead")

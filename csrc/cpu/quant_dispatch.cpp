@@ -16,8 +16,14 @@ void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0,
   FKD_CPU_DISPATCH(int8_gemm, a, m0, m1, n0, n1);
 }
 
-void ternary_gemm(const quant::TernaryGemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  FKD_CPU_DISPATCH(ternary_gemm, a, m0, m1, n0, n1);
+void ternary_prepare_activations(const quant::TernaryGemmArgs& a, const TernaryActivations& out, int64_t m0,
+                                 int64_t m1) {
+  FKD_CPU_DISPATCH(ternary_prepare_activations, a, out, m0, m1);
+}
+
+void ternary_gemm(const quant::TernaryGemmArgs& a, const TernaryActivations& act, int64_t m0, int64_t m1,
+                  int64_t n0, int64_t n1) {
+  FKD_CPU_DISPATCH(ternary_gemm, a, act, m0, m1, n0, n1);
 }
 
 void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {

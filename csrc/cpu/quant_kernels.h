@@ -9,12 +9,26 @@
 
 namespace flashkd::cpu {
 
+// The ternary GEMM's activations, rearranged once per call so that the 2-bit
+// weight codes are multiplied without decoding (csrc/cpu/isa/quant_ternary_gemm.cpp):
+// (M, ld) int8, ld = ternary_activation_width(K), and the row sums of a.
+struct TernaryActivations {
+  int8_t* a;
+  int64_t ld;
+  int32_t* sum;
+};
+constexpr int64_t kTernaryBlock = 256;  // values of k per block: 64 packed bytes
+inline int64_t ternary_activation_width(int64_t K) { return (K + kTernaryBlock - 1) / kTernaryBlock * kTernaryBlock; }
+
 #define FKD_DECLARE_QUANT_KERNELS(isa)                                                           \
   namespace isa {                                                                                \
   void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int64_t row_end); \
   void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, int64_t row_end); \
   void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  \
-  void ternary_gemm(const quant::TernaryGemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1); \
+  void ternary_prepare_activations(const quant::TernaryGemmArgs& a, const TernaryActivations& out,     \
+                                   int64_t m0, int64_t m1);                                          \
+  void ternary_gemm(const quant::TernaryGemmArgs& a, const TernaryActivations& act, int64_t m0, int64_t m1, \
+                    int64_t n0, int64_t n1);                                                         \
   void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  \
   void int4_dequantize_rows(const quant::Int4GemmArgs& a, int64_t n0, int64_t n1, float* out);   \
   }
@@ -30,7 +44,12 @@ void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int
 void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, int64_t row_end);
 // Output block rows [m0, m1) x columns [n0, n1) of each GEMM, epilogue included.
 void int8_gemm(const quant::Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
-void ternary_gemm(const quant::TernaryGemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+// Activation rows [m0, m1) of a ternary GEMM rearranged into `out`, before any
+// ternary_gemm block of the call runs.
+void ternary_prepare_activations(const quant::TernaryGemmArgs& a, const TernaryActivations& out, int64_t m0,
+                                 int64_t m1);
+void ternary_gemm(const quant::TernaryGemmArgs& a, const TernaryActivations& act, int64_t m0, int64_t m1,
+                  int64_t n0, int64_t n1);
 void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 // Weight rows [n0, n1) of an int4 GEMM dequantized, (q - zero) * scale, into
 // out (row-major, K floats a row): the prefill path hands them to BLAS.

@@ -149,13 +149,24 @@ void check_activations_int8(const at::Tensor& a) {
   TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, "a must be int8 (quantized activations), got ", a.scalar_type());
 }
 
-// The integer GEMM of each weight format, by argument type, so that
-// int8_linear and ternary_linear share one driver.
-void cpu_gemm(const quant::Int8GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  cpu::int8_gemm(args, m0, m1, n0, n1);
+// The CPU integer GEMM of each weight format, over output blocks in parallel,
+// by argument type, so that int8_linear and ternary_linear share one driver.
+void cpu_gemm(const quant::Int8GemmArgs& args) {
+  for_blocks(args.M, args.N, kBlockM,
+             [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu::int8_gemm(args, m0, m1, n0, n1); });
 }
-void cpu_gemm(const quant::TernaryGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  cpu::ternary_gemm(args, m0, m1, n0, n1);
+void cpu_gemm(const quant::TernaryGemmArgs& args) {
+  // The kernel reads the activations rearranged to its weight codes' order:
+  // done once here, not per output block.
+  const int64_t ld = cpu::ternary_activation_width(args.K);
+  const at::Tensor a = at::empty({args.M, ld}, at::kChar);
+  const at::Tensor sum = at::empty({args.M}, at::kInt);
+  const cpu::TernaryActivations act{a.data_ptr<int8_t>(), ld, sum.data_ptr<int32_t>()};
+  at::parallel_for(0, args.M, std::max<int64_t>(1, 65536 / std::max<int64_t>(ld, 1)),
+                   [&](int64_t begin, int64_t end) { cpu::ternary_prepare_activations(args, act, begin, end); });
+  for_blocks(args.M, args.N, kBlockM, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    cpu::ternary_gemm(args, act, m0, m1, n0, n1);
+  });
 }
 #ifdef FLASHKD_WITH_CUDA
 const char* cuda_gemm(const quant::Int8GemmArgs& args, void* stream) { return cuda::int8_gemm(args, stream); }
@@ -178,8 +189,7 @@ at::Tensor integer_linear(Args args, const at::Tensor& a, const std::optional<at
 #endif
     return out;
   }
-  for_blocks(args.M, args.N, kBlockM,
-             [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { cpu_gemm(args, m0, m1, n0, n1); });
+  cpu_gemm(args);
   return out;
 }
 

@@ -1,5 +1,5 @@
-// Exact int8 dot-product blocks shared by the int8 and ternary GEMMs: MR
-// activation rows against 4 weight rows, all of length K, accumulated in
+// Exact int8 dot-product blocks of the int8 GEMM (the ternary GEMM shares the
+// block shape): MR activation rows against 4 weight rows, all of length K, accumulated in
 // int32 (exact while every partial sum fits, i.e. for K < 2^31 / (128*127)).
 // One implementation per instruction set:
 //  * AVX-512 VNNI (vpdpbusd, unsigned x signed bytes): the activations are

@@ -41,10 +41,11 @@ GROUP_SIZE = 128
 _GPU_SQUARE = "8192x8192x8192"
 _GPU_DECODE = tuple(f"{m}x{nk}x{nk}" for nk in (4096, 8192) for m in (1, 16))
 _GPU_TRAIN = "8192x4096x4096"
+_CPU_DECODE = "1x4096x4096"
 SHAPE_SETS = {
     "quick": ("16x64x200:fp32", "5x33x130:bf16"),
-    "accept": ("1024x1024x1024:fp32",),
-    "cpu": ("1024x1024x1024:fp32",),
+    "accept": ("1024x1024x1024:fp32", f"{_CPU_DECODE}:fp32"),
+    "cpu": ("1024x1024x1024:fp32", f"{_CPU_DECODE}:fp32"),
     "gpu": tuple(f"{s}:bf16" for s in (_GPU_SQUARE, *_GPU_DECODE, _GPU_TRAIN)),
     "gpu-target": (f"{_GPU_SQUARE}:bf16",),
 }
@@ -54,6 +55,17 @@ DEFAULT_SHAPES = {"cpu": "accept", "cuda": "gpu"}
 # (prefill) shape, which run on the tensor cores; other variants are skipped.
 GPU_PLAN = {_GPU_SQUARE: ("w8a8-infer",), _GPU_TRAIN: ("w1.58a8", "w1.58a8-infer", "w4a16-infer"),
             **{s: ("w1.58a8-infer", "w4a16-infer") for s in _GPU_DECODE}}
+# On the CPU the decode shape (one token) is measured for the inference forms only.
+CPU_PLAN = {_CPU_DECODE: tuple(f"{s}-infer" for s in SCHEMES)}
+PLANS = {"cuda": GPU_PLAN, "cpu": CPU_PLAN}
+
+
+def _check_plan(case, device):
+    """Unsupported unless the device's plan measures this variant at this shape."""
+    plan = PLANS.get(device.type, {})
+    if case.shape in plan and case.variant not in plan[case.shape]:
+        raise Unsupported(f"not in the {device.type.upper()} plan at this shape (measured: "
+                          f"{', '.join(plan[case.shape])})")
 
 
 def parse_shape(spec):
@@ -117,8 +129,7 @@ def _flashkd(case, device):
     if device.type == "cuda":
         if not flashkd.has_cuda_kernels():
             raise Unsupported("this flashkd build has no CUDA kernels")
-        if case.shape in GPU_PLAN and case.variant not in GPU_PLAN[case.shape]:
-            raise Unsupported(f"not in the GPU plan at this shape (measured: {', '.join(GPU_PLAN[case.shape])})")
+    _check_plan(case, device)
     scheme = _scheme(case)
     if _inference(case):
         return lambda t: frozen_linear(t["x"], t, t["bias"], scheme, GROUP_SIZE).sum(dtype=torch.float32)
@@ -127,8 +138,7 @@ def _flashkd(case, device):
 
 
 def _torch(case, device):
-    if device.type == "cuda" and case.shape in GPU_PLAN and case.variant not in GPU_PLAN[case.shape]:
-        raise Unsupported(f"not in the GPU plan at this shape (measured: {', '.join(GPU_PLAN[case.shape])})")
+    _check_plan(case, device)
     return lambda t: torch.nn.functional.linear(t["x"], t["weight"], t["bias"]).sum(dtype=torch.float32)
 
 
@@ -145,8 +155,7 @@ def _flashkd_mma_sync(case, device):
 def _cublas_int8(case, device):
     if device.type != "cuda" or case.variant != "w8a8-infer":
         raise Unsupported("a CUDA reference for the w8a8 GEMM")
-    if case.shape in GPU_PLAN and case.variant not in GPU_PLAN[case.shape]:
-        raise Unsupported(f"not in the GPU plan at this shape (measured: {', '.join(GPU_PLAN[case.shape])})")
+    _check_plan(case, device)
 
     def run(t):
         a, _ = torch.ops.flashkd.quantize_int8_rows(t["x"])

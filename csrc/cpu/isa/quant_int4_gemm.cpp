@@ -113,6 +113,7 @@ void dequantize_row(const quant::Int4GemmArgs& g, int64_t n, float* dst) {
   }
 }
 
+#if defined(__AVX2__)  // the decode path's (below); other CPUs take the tile path
 // Activation rows de-interleaved to match the nibbles (lo[j] = x[2j], hi[j] =
 // x[2j + 1], hi zero-padded for odd K) with their per-group sums, so that a
 // weight byte j multiplies lo[j] and hi[j] without shuffles.
@@ -144,6 +145,7 @@ void split_rows(const quant::Int4GemmArgs& g, int64_t m0, int64_t m1, SplitRows&
     }
   }
 }
+#endif
 
 // Vector primitives of the even-group path: `n` (<= kLanes) weight bytes
 // widened to their low and high nibbles as floats, and `n` floats, with

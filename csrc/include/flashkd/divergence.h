@@ -140,7 +140,7 @@ struct DivergenceMath<Divergence::kSRKL> {
   FKD_HD static float log_mixture(const Entry& e, const DivergenceConsts& k) {
     return logaddexp(k.log_w_p + e.lp, k.log_w_q + e.lq);
   }
-  FKD_HD static void pass2(const Entry& e, const DivergenceConsts& k, float& c0, float& c1) {
+  FKD_HD static void pass2(const Entry& e, const DivergenceConsts&, float& c0, float& c1) {
     c0 += xdiff(e.q, e.lq, e.lm);
     c1 += e.q > 0.f ? e.q * fkd_exp(e.lq - e.lm) : 0.f;
   }

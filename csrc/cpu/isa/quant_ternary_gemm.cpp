@@ -10,7 +10,8 @@
 // k holds the codes of k = 4 t + f (t < 64): one shift and one mask give them
 // as a vector in t order. The activations are rearranged once per call into
 // that order (ternary_prepare_activations: within each block a'[64 f + t] =
-// a[4 t + f], zero past K), and their row sums taken.
+// a[4 t + f], zero past K; a byte transpose done with shuffles), and their
+// row sums taken.
 #include <cstring>
 #include <vector>
 #include "quant_gemm_block.h"
@@ -137,6 +138,35 @@ struct VnniCodeDot {
 };
 #endif
 
+#if defined(__AVX2__)
+// One block of 256 activations into field order, y[64 f + t] = x[4 t + f]: a
+// transpose of 64 x 4 bytes. Per 32 bytes (t = 8 r .. 8 r + 7) a byte shuffle
+// gathers each lane's field f into dword f, a dword permute pairs the two lanes'
+// dwords into qword f; a 4 x 4 qword transpose of four such vectors then yields
+// 32 bytes of each field. Adds the block's activation sum to `sums`.
+inline __m256i rearrange_block(const int8_t* src, int8_t* dst, __m256i sums) {
+  const __m256i by_field = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m256i lane_pairs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; ++half) {  // t < 32, then t >= 32
+    __m256i u[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 128 * half + 32 * r));
+      sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16));
+      u[r] = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, by_field), lane_pairs);
+    }
+    const __m256i t0 = _mm256_unpacklo_epi64(u[0], u[1]), t1 = _mm256_unpackhi_epi64(u[0], u[1]);
+    const __m256i t2 = _mm256_unpacklo_epi64(u[2], u[3]), t3 = _mm256_unpackhi_epi64(u[2], u[3]);
+    const __m256i field[4] = {_mm256_permute2x128_si256(t0, t2, 0x20), _mm256_permute2x128_si256(t1, t3, 0x20),
+                              _mm256_permute2x128_si256(t0, t2, 0x31), _mm256_permute2x128_si256(t1, t3, 0x31)};
+    for (int f = 0; f < quant::kTernaryPerByte; ++f)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kBlockBytes * f + 32 * half), field[f]);
+  }
+  return sums;
+}
+#endif
+
 // Calls f with the code dot product this CPU runs best.
 template <class F>
 void with_code_dot(F&& f) {
@@ -161,7 +191,13 @@ void ternary_prepare_activations(const quant::TernaryGemmArgs& g, const TernaryA
     int8_t* dst = act.a + m * act.ld;
     std::memset(dst + full, 0, act.ld - full);  // the last block's columns past K
     int32_t sum = 0;
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+#if defined(__AVX2__)
+    __m256i sums = _mm256_setzero_si256();
+    for (; k < full; k += kTernaryBlock) sums = rearrange_block(src + k, dst + k, sums);
+    sum = hsum_epi32(sums);
+#endif
+    for (; k < K; ++k) {
       const int64_t r = k % kTernaryBlock;
       dst[k - r + kBlockBytes * (r % quant::kTernaryPerByte) + r / quant::kTernaryPerByte] = src[k];
       sum += src[k];

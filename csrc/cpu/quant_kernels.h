@@ -55,8 +55,9 @@ void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0,
 // out (row-major, K floats a row): the prefill path hands them to BLAS.
 void int4_dequantize_rows(const quant::Int4GemmArgs& a, int64_t n0, int64_t n1, float* out);
 
-// Which int8 dot product the int8 and ternary GEMMs use: "avx512-vnni",
-// "avx512", "avx2" or "generic" (for the benchmark report and tests).
+// Which int8 dot product the int8 GEMM uses: "avx512-vnni", "avx512", "avx2"
+// or "generic" (for the benchmark report and tests). The ternary GEMM runs
+// vpdpbusd under "avx512-vnni", scalar code under "generic", else vpmaddubsw.
 const char* int8_dot_kind();
 
 }  // namespace flashkd::cpu

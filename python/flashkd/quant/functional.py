@@ -69,6 +69,8 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 def cpu_int8_kernel() -> str:
-    """Which int8 dot product the CPU int8 and ternary GEMMs run here:
-    "avx512-vnni", "avx512", "avx2" or "generic" (follows flashkd.cpu_isa)."""
+    """Which int8 dot product the CPU int8 GEMM runs here: "avx512-vnni",
+    "avx512", "avx2" or "generic" (follows flashkd.cpu_isa). The ternary GEMM
+    runs vpdpbusd under "avx512-vnni", scalar code under "generic", and
+    vpmaddubsw otherwise."""
     return ops.quant_cpu_dot_kind()

@@ -73,6 +73,17 @@ def test_ternary_decode_every_byte(k, device, kernel_variant):
     acc = ternary_matmul(torch.eye(k, dtype=torch.int8, device=device), packed)
     assert torch.equal(acc.cpu().T.to(torch.int8), unpack(packed.cpu(), "w1.58a8", k))
 
+def test_ternary_after_a_wider_call(device, kernel_variant):
+    """A call with K not a multiple of 256 after a wider one: the kernel's reused
+    weight tiles then hold the earlier call's bytes past the packed row, which
+    must meet zero activations only."""
+    g = gen("ternary-after-wider")
+    wide = torch.ones(8, 1000, dtype=torch.int8, device=device)  # every code 2: nonzero bytes
+    ternary_matmul(rand_int8((8, 1000), g, device), pack(wide, "w1.58a8"))
+    a, wq = rand_int8((8, 300), g, device), rand_ternary((8, 300), g, device)
+    assert torch.equal(ternary_matmul(a, pack(wq, "w1.58a8")).cpu().long(), ref.int_matmul(a, wq))
+
+
 def test_leading_dims(device):
     g = gen("lead")
     a, w = rand_int8((2, 3, 50), g, device), rand_int8((6, 50), g, device)

@@ -210,12 +210,14 @@ void ternary_gemm(const quant::TernaryGemmArgs& g, const TernaryActivations& act
                   int64_t n0, int64_t n1) {
   // The dot products read whole blocks. With K a multiple of the block the
   // packed rows are read in place; otherwise each is copied into a tile row
-  // whose bytes past the packed row stay zero (their activations are zero too).
+  // of whole blocks. Whatever the tile holds past the packed row (an earlier
+  // call's bytes) meets activations that are zero there, as do the codes past K
+  // in the row's last byte, so it is never cleared.
   const int64_t tile_bytes = act.ld / quant::kTernaryPerByte;
   const bool in_place = act.ld == g.K;
   const int64_t packed_bytes = (g.K + quant::kTernaryPerByte - 1) / quant::kTernaryPerByte;
   thread_local std::vector<uint8_t> tile;
-  if (!in_place) tile.assign(kDotRows * tile_bytes, 0);
+  if (!in_place && tile.size() < static_cast<size_t>(kDotRows * tile_bytes)) tile.resize(kDotRows * tile_bytes);
   with_code_dot([&](auto dot) {
     gemm_block<decltype(dot), uint8_t>(
         act.a, act.ld, act.ld, g.epi, act.sum, m0, m1, n0, n1, [&](int64_t n, int nr, const uint8_t** w) {

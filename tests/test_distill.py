@@ -1189,6 +1189,7 @@ def _bad_cases(device):
     s = logits((2, 3, 10), g, device=device)
     t = logits((2, 3, 10), g, device=device)
     lab = make_labels((2, 3), 10, g, device)
+    s_shared = logits((2, 3, 10), g, device=device).requires_grad_(True)
     cases = {
         "teacher_shape": (ValueError, "teacher_logits", dict(teacher_logits=t[..., :9])),
         "teacher_lead_shape": (ValueError, "teacher_logits", dict(teacher_logits=t[:1])),
@@ -1229,6 +1230,12 @@ def _bad_cases(device):
             student_logits=logits((2, 2, 2, 2, 2, 10), g, device=device).requires_grad_(True)
             .permute(4, 3, 2, 1, 0, 5),
             teacher_logits=logits((2, 2, 2, 2, 2, 10), g, device=device), inplace_backward=True)),
+        # ... and so are rows that share memory, which would be read after being overwritten
+        "inplace_expanded": (ValueError, "student_logits", dict(
+            student_logits=logits((1, 1, 10), g, device=device).requires_grad_(True).expand(2, 3, 10),
+            inplace_backward=True)),
+        "inplace_teacher_is_student": (ValueError, "student_logits", dict(
+            student_logits=s_shared, teacher_logits=s_shared.detach(), inplace_backward=True)),
     }
     return s, t, cases
 

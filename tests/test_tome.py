@@ -55,6 +55,55 @@ def test_plan_tie_rules(device, flags):
         assert_plan_equal(got, oracle_plan(metric, r, class_token, distill_token))
 
 
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_zero_rows(device, flags, dtype):
+    """Zero metric rows (padding tokens) have NaN similarities, which never win:
+    zero B rows at the start of a kernel tile (B rows 0, 16, 32) must not hide
+    the tile's other rows, zero A rows rank after every row with a partner, and
+    however far r reaches, the class token is never merged and the distill
+    token never receives a merge."""
+    class_token, distill_token = flags
+    metric = rand(2, 70, 12, dtype=dtype, device=device, seed=8)
+    metric[:, [1, 33, 65]] = 0  # B rows 0, 16, 32
+    metric[0, [2, 4, 10]] = 0  # A rows 1, 2, 5 of batch 0
+    metric[1, 2::2] = 0  # every A row of batch 1 but the first
+    cap = ref.capped_r(70, 70, class_token, distill_token)
+    for r in (1, 5, 30, cap):
+        got = tome.matching_plan(metric, r, class_token=class_token, distill_token=distill_token)
+        assert_plan_equal(got, oracle_plan(metric, r, class_token, distill_token))
+        _, src, dst = got
+        if class_token:
+            assert not (src == 0).any()
+        if distill_token:
+            assert not (dst == 0).any()
+
+
+@pytest.mark.parametrize("tokens", [3, 4, 5, 8, 9])
+@pytest.mark.parametrize("flags", FLAGS)
+def test_plan_at_the_cap_keeps_protected_tokens(device, tokens, flags):
+    """At the largest r the class token stays and, for odd token counts too,
+    nothing merges into the distill token (ToMe's own cap would force it)."""
+    class_token, distill_token = flags
+    cap = tome.capped_r(tokens, tokens, class_token, distill_token)
+    assert cap == ref.capped_r(tokens, tokens, class_token, distill_token)
+    assert cap <= (tokens - class_token - distill_token) // 2
+    metric = rand(2, tokens, 6, device=device, seed=tokens)
+    unm, src, dst = tome.matching_plan(metric, tokens, class_token=class_token, distill_token=distill_token)
+    assert src.shape[1] == cap
+    if class_token:
+        assert not (src == 0).any()
+    if distill_token:
+        assert not (dst == 0).any()
+
+
+def test_cap_counts_the_receivers():
+    # ToMe's cap, (T - protected) // 2, would be 1, 2 and 4 here
+    assert [tome.capped_r(t, t, False, True) for t in (3, 5, 9)] == [0, 1, 3]
+    assert [tome.capped_r(t, t, True, True) for t in (3, 5, 9)] == [0, 1, 3]
+    assert [tome.capped_r(t, t, True, False) for t in (3, 5, 9)] == [1, 2, 4]
+
+
 def merge_inputs(device, tokens, flags, dtype, r=3, seed=0):
     class_token, distill_token = flags
     metric = rand(2, tokens, 16, device=device, seed=seed)
@@ -269,6 +318,13 @@ def test_bad_inputs():
         ops.tome_merge(x, *plan, "median", False)
     with pytest.raises(ValueError, match="unm_idx and src_idx must together cover"):
         ops.tome_merge(rand(2, 13, 4), *plan, "sum", False)
+    with pytest.raises(ValueError, match="metric must have at least one channel"):
+        tome.matching_plan(rand(2, 9, 0), 2)
+    with pytest.raises(ValueError, match="r must be in"):  # 7 tokens with a distill token: 2 receivers
+        ops.tome_plan(rand(2, 7, 4), 3, False, True)
+    full = ops.tome_plan(rand(1, 4, 8), 2, False, False)  # every even token merged: no unm_idx
+    with pytest.raises(ValueError, match="unm_idx: a merge with distill_token"):
+        ops.tome_merge(rand(1, 4, 2), *full, "sum", True)
     with pytest.raises(ValueError, match="size must have shape"):
         tome.attention_bias(torch.ones(2, 3, 2))
 

@@ -280,6 +280,9 @@ int resident_clusters(const void* kernel, const CachePlan& plan, int device, int
     if (e.kernel == kernel && e.device == device && e.cluster_size == plan.cluster_size &&
         e.threads == plan.threads && e.stage_bytes == plan.stage_bytes)
       return e.clusters;
+  // An error left by an earlier call is the caller's to report: leave it
+  // pending, and cache nothing from a query it could have failed.
+  if (cudaPeekAtLastError() != cudaSuccess) return 0;
   const ClusterLaunch launch(plan, 1, nullptr);
   int clusters = 0;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit) != cudaSuccess ||

@@ -99,6 +99,17 @@ __global__ void merge_backward_kernel(MergePlan p, MergeTensors t) {
     int64_t count = 1;
     for (int64_t k = 0; k < last; ++k) count += dst[k] == j ? 1 : 0;
 
+    if (count == 1 && t.mode != MergeMode::kAmax) {
+      // A group of one was copied: its gradient passes through unchanged (as on
+      // the CPU; g / s * s would round, and be NaN for a size of 0), and its size
+      // receives only the size's own gradient (dy/ds = (x - y) / s = 0).
+      const int64_t token = member(-1);
+      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) gx[token * cols + c] = g_out[u * cols + c];
+      if (t.mode == MergeMode::kWeighted && t.grad_size && threadIdx.x == 0)
+        static_cast<T*>(t.grad_size)[token] =
+            t.grad_size_out ? static_cast<const T*>(t.grad_size_out)[u] : from_float<T>(0.f);
+      continue;  // count is the same for every thread of the block
+    }
     if (t.mode == MergeMode::kWeighted) {
       // y = sum(s_i x_i) / N: dy/dx_i = s_i / N, dy/ds_i = (x_i - y) / N
       const float total = scalar_at<T>(t.size_out, u);

@@ -2,7 +2,7 @@
 // token; a tiled A x B similarity whose (16 x 16) tiles are reduced straight
 // into each A row's best partner (the score matrix is never stored); one block
 // per batch that ranks the edges (stable: equal scores keep the smaller A row
-// first) and writes unm / src / dst.
+// first; the class token last) and writes unm / src / dst.
 #include <type_traits>
 #include "tome_common.cuh"
 #include "tome_kernels.h"
@@ -62,9 +62,9 @@ __global__ void best_partner_kernel(PlanParams p, Scratch s) {
     const int64_t b = unit / a_tiles, i0 = (unit % a_tiles) * kTile;
     const T* batch = metric + b * p.tokens * cols;
     const float* inv = s.inv_norm + b * p.tokens;
-    if (tid < kTile) {
+    if (tid < kTile) {  // a row without a finite score keeps the first B row that may receive a merge
       best[tid] = kNegInf;
-      best_j[tid] = 0;
+      best_j[tid] = p.distill_token ? 1 : 0;
     }
     for (int64_t j0 = 0; j0 < n_b; j0 += kTile) {
       __syncthreads();  // score[] of the previous tile has been read
@@ -95,9 +95,8 @@ __global__ void best_partner_kernel(PlanParams p, Scratch s) {
     __syncthreads();
     if (tid < kTile && i0 + tid < n_a) {
       const int64_t i = i0 + tid;
-      const bool cls = p.class_token && i == 0;  // never merged
-      s.node_max[b * n_a + i] = cls ? kNegInf : best[tid];
-      s.node_idx[b * n_a + i] = cls ? 0 : best_j[tid];
+      s.node_max[b * n_a + i] = best[tid];
+      s.node_idx[b * n_a + i] = best_j[tid];
     }
     __syncthreads();
   }
@@ -108,11 +107,14 @@ __global__ void edge_kernel(PlanParams p, Scratch s) {
   for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
     const float* key = s.node_max + b * n_a;
     int64_t* rank = s.rank + b * n_a;
+    // Rank in the stable descending order of the scores; the class token (A
+    // row 0) ranks last, so it is never merged, not even after -inf rows.
+    const int64_t first = p.class_token ? 1 : 0;
     for (int64_t i = threadIdx.x; i < n_a; i += blockDim.x) {
       const float ki = key[i];
       int64_t n = 0;
-      for (int64_t k = 0; k < n_a; ++k) n += (key[k] > ki || (key[k] == ki && k < i)) ? 1 : 0;
-      rank[i] = n;
+      for (int64_t k = first; k < n_a; ++k) n += (key[k] > ki || (key[k] == ki && k < i)) ? 1 : 0;
+      rank[i] = (first && i == 0) ? n_a - 1 : n;
     }
     __syncthreads();
     for (int64_t i = threadIdx.x; i < n_a; i += blockDim.x) {

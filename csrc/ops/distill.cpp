@@ -1,6 +1,7 @@
 // Glue of the fused distillation loss: validates, fills DistillParams and runs
 // the row kernel of the tensor's device. Shared by CPU and CUDA.
 #include "distill.h"
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include "../cpu/kernels.h"
@@ -232,6 +233,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_inplace(
     bool return_stats) {
   TORCH_CHECK_VALUE(row_layout(student).has_value(),
                     "student_logits: inplace_backward needs strides flashkd can describe; pass a contiguous tensor");
+  // Rows that share memory (an expand()) or a teacher in the same storage
+  // would be read after the gradient has overwritten them.
+  TORCH_CHECK_VALUE(at::has_internal_overlap(student) != at::MemOverlap::Yes,
+                    "student_logits: inplace_backward needs a student whose elements do not share memory "
+                    "(not an expand()); pass a contiguous copy");
+  const at::MemOverlapStatus with_teacher = at::get_overlap_status(student, teacher);
+  TORCH_CHECK_VALUE(with_teacher != at::MemOverlapStatus::Full && with_teacher != at::MemOverlapStatus::Partial,
+                    "student_logits: inplace_backward cannot overwrite memory that teacher_logits also reads");
   DistillResult r = distill_forward(student, teacher, labels, weights, divergence, temperature, beta, alpha,
                                     taid_lambda, ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size,
                                     reduction, num_items, return_stats, GradTarget::kStudent);

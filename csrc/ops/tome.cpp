@@ -58,6 +58,9 @@ MergePlan make_plan(const Tensor& unm, const Tensor& src, const Tensor& dst, int
                     " even tokens of ", num(tokens), " tokens, got ", num(p.n_unm), " + ", num(p.r));
   TORCH_CHECK_VALUE(p.r <= p.n_b(), "src_idx: at most ", num(p.n_b()), " tokens can merge into ", num(p.n_b()),
                     " destinations, got ", num(p.r));
+  // The distill-token output order places B row 0 after the first kept A row.
+  TORCH_CHECK_VALUE(!distill || p.n_b() == 0 || p.n_unm >= 1,
+                    "unm_idx: a merge with distill_token needs at least one kept even token, got none");
   return p;
 }
 
@@ -93,8 +96,8 @@ std::tuple<Tensor, Tensor, Tensor> tome_plan(const Tensor& metric_in, int64_t r,
   const Tensor metric = contiguous_3d(metric_in, "metric");
   const DType dtype = kernel_dtype(metric, "metric");
   const int64_t batch = metric.size(0), tokens = metric.size(1);
-  const int64_t protected_tokens = (class_token ? 1 : 0) + (distill_token ? 1 : 0);
-  const int64_t cap = std::max<int64_t>(0, (tokens - protected_tokens) / 2);
+  TORCH_CHECK_VALUE(metric.size(2) > 0, "metric must have at least one channel, got shape ", shape(metric.sizes()));
+  const int64_t cap = tome_max_r(tokens, class_token, distill_token);
   TORCH_CHECK_VALUE(r >= 0 && r <= cap, "r must be in [0, ", num(cap), "] for ", num(tokens),
                     " tokens (cap it first), got ", num(r));
   PlanParams p;
@@ -156,6 +159,8 @@ void check_merged_grad(const Tensor& grad_out, const Tensor& out, const Tensor& 
                     "grad_out and out must have the merged shape ", shape(out_shape));
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
                    "grad_out and out must have the dtype of x");
+  TORCH_CHECK_VALUE(grad_out.device() == x.device() && out.device() == x.device(),
+                    "grad_out and out must be on the device of x");
 }
 
 Tensor tome_merge_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& out, const Tensor& unm,

@@ -75,6 +75,9 @@ std::tuple<Tensor, Tensor> topk_tokens_backward(const Tensor& grad_out, const Te
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x_in.scalar_type() && out.scalar_type() == x_in.scalar_type(),
                    "grad_out and out must have the dtype of x");
   TORCH_CHECK_TYPE(index_in.scalar_type() == at::kLong && index_in.size(0) == p.batch, "index must be int64 (batch, keep)");
+  TORCH_CHECK_VALUE(grad_out.device() == x_in.device() && out.device() == x_in.device() &&
+                        index_in.device() == x_in.device(),
+                    "grad_out, out and index must be on the device of x");
   const Tensor x = x_in.contiguous(), scores = scores_in.contiguous(), g = grad_out.contiguous(),
                y = out.contiguous(), index = index_in.contiguous();
   Tensor grad_x = new_output(x.sizes(), x.options());

@@ -63,8 +63,9 @@ void tile(const float* a, const float* bt, int64_t cols, int64_t ldb, int64_t j0
     for (int v = 0; v < kNV; ++v) *reinterpret_cast<VecU*>(s + v * kLanes) = acc[m][v];
     // Most tiles cannot beat the row's best (padding columns score 0 and
     // only make this test conservative): skip their scalar scan.
-    float tile_max = s[0];
-    for (int n = 1; n < kNV * kLanes; ++n) tile_max = s[n] > tile_max ? s[n] : tile_max;
+    // NaN scores (a zero row) never win, so they must not poison the maximum either.
+    float tile_max = -INFINITY;
+    for (int n = 0; n < kNV * kLanes; ++n) tile_max = s[n] > tile_max ? s[n] : tile_max;
     if (!(tile_max > best[m])) continue;
     // strict > keeps the smallest j among equal maxima
     for (int64_t n = (j0 == 0 && skip_first_b) ? 1 : 0; n < jn; ++n)
@@ -76,12 +77,13 @@ void tile(const float* a, const float* bt, int64_t cols, int64_t ldb, int64_t j0
 }
 
 // Best B partner of A rows [0, kMR) over all B rows, in tiles of kNR B rows
-// (a narrower last tile when it fits one vector, to skip padding work).
+// (a narrower last tile when it fits one vector, to skip padding work). A
+// row without a finite score keeps the first B row that may receive a merge.
 void best_partners(const float* a, const float* bt, int64_t cols, int64_t ldb, int64_t n_b, bool skip_first_b,
                    float* best, int64_t* best_j) {
   for (int m = 0; m < kMR; ++m) {
     best[m] = -INFINITY;
-    best_j[m] = 0;
+    best_j[m] = skip_first_b ? 1 : 0;
   }
   for (int64_t j0 = 0; j0 < n_b; j0 += kNR) {
     if (n_b - j0 <= kLanes) tile<1>(a, bt, cols, ldb, j0, n_b, skip_first_b, best, best_j);
@@ -117,13 +119,13 @@ void tome_plan(const PlanParams& p, int64_t batch_begin, int64_t batch_end) {
     for (int64_t i0 = 0; i0 < n_a; i0 += kMR)
       best_partners(a_buf.data() + i0 * cols, bt_buf.data(), cols, ldb, n_b, p.distill_token,
                     node_max.data() + i0, node_idx.data() + i0);
-    if (p.class_token) {  // the class token (A row 0) is never merged
-      node_max[0] = -INFINITY;
-      node_idx[0] = 0;
-    }
-
-    std::iota(order.begin(), order.end(), int64_t{0});
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return node_max[x] > node_max[y]; });
+    // Descending best score, stable; the class token (A row 0) ranks last, so
+    // it is never merged, not even after rows whose best score is -inf.
+    const int64_t first = p.class_token ? 1 : 0;
+    std::iota(order.begin(), order.end() - first, first);
+    if (p.class_token) order.back() = 0;
+    std::stable_sort(order.begin(), order.end() - first,
+                     [&](int64_t x, int64_t y) { return node_max[x] > node_max[y]; });
     int64_t* unm = p.unm + b * (n_a - r);
     int64_t* src = p.src + b * r;
     int64_t* dst = p.dst + b * r;

@@ -63,6 +63,16 @@ struct MergeTensors {
   void* grad_size = nullptr;  // null: not wanted
 };
 
+// Most tokens one plan may merge away: ToMe's cap, half of the unprotected
+// tokens, and never more than the B rows that may receive a merge (the
+// distill token, B row 0, may not: with an odd token count ToMe's own cap
+// would force a merge into it).
+inline int64_t tome_max_r(int64_t tokens, bool class_token, bool distill_token) {
+  const int64_t half = (tokens - (class_token ? 1 : 0) - (distill_token ? 1 : 0)) / 2;
+  const int64_t receivers = tokens / 2 - (distill_token ? 1 : 0);
+  return half < receivers ? (half > 0 ? half : 0) : (receivers > 0 ? receivers : 0);
+}
+
 // Similarity plan of one call: metric (batch, tokens, cols) in, plan out.
 struct PlanParams {
   const void* metric = nullptr;

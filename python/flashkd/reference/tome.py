@@ -6,7 +6,9 @@ dtype (float64 in gives float64 arithmetic).
 Tie rules (the kernels follow them exactly):
 - a row's best partner is the smallest B index among equal maxima;
 - edges are ordered by descending best score with a stable sort (equal scores
-  keep the smaller A index first);
+  keep the smaller A index first), the class token last;
+- NaN similarities (a zero metric row) never win; a row without a finite
+  score goes to the first B row that may receive a merge;
 - top-k pruning keeps equal scores in ascending position order.
 """
 from __future__ import annotations
@@ -19,9 +21,10 @@ MERGE_MODES = ("mean", "sum", "amax")
 
 
 def capped_r(tokens: int, r: int, class_token: bool, distill_token: bool) -> int:
-    """ToMe's cap: at most half of the unprotected tokens are merged away."""
+    """ToMe's cap (half of the unprotected tokens), and at most the B tokens
+    that may receive a merge: all of them but the distill token."""
     protected = int(class_token) + int(distill_token)
-    return max(0, min(r, (tokens - protected) // 2))
+    return max(0, min(r, (tokens - protected) // 2, tokens // 2 - int(distill_token)))
 
 
 def matching_plan(metric, r, class_token=False, distill_token=False):
@@ -33,18 +36,25 @@ def matching_plan(metric, r, class_token=False, distill_token=False):
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, 0::2], metric[:, 1::2]
         scores = a @ b.transpose(-1, -2)
-        if class_token:
-            scores[:, 0, :] = -math.inf
-        if distill_token and scores.shape[-1] > 0:
-            scores[:, :, 0] = -math.inf
-        if scores.shape[-1] == 0:  # T == 1: no B rows, nothing can be merged
+        # A zero metric row has NaN similarities: they never win.
+        scores = scores.masked_fill(scores.isnan(), -math.inf)
+        # The distill token (B row 0) receives nothing: a row without a finite
+        # score falls back to the first B row that may receive a merge.
+        first_b = int(distill_token and scores.shape[-1] > 0)
+        allowed = scores[:, :, first_b:]
+        if allowed.shape[-1] == 0:  # no B row may receive a merge: r is 0
             node_max = torch.full(scores.shape[:2], -math.inf, dtype=scores.dtype, device=scores.device)
             node_idx = torch.zeros(scores.shape[:2], dtype=torch.long, device=scores.device)
         else:
-            node_max = scores.amax(dim=-1)
+            node_max = allowed.amax(dim=-1)
             # first (smallest j) among equal maxima
-            node_idx = (scores == node_max[..., None]).to(torch.uint8).argmax(dim=-1)
-        edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
+            node_idx = (allowed == node_max[..., None]).to(torch.uint8).argmax(dim=-1) + first_b
+        if class_token and node_max.shape[1] > 0:  # the class token ranks after every other row: never merged
+            node_max[:, 0] = -math.inf
+            rest = torch.sort(node_max[:, 1:], dim=-1, descending=True, stable=True).indices + 1
+            edge_idx = torch.cat([rest, rest.new_zeros(rest.shape[0], 1)], dim=1)
+        else:
+            edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
         unm_idx = edge_idx[:, r:]
         src_idx = edge_idx[:, :r]
         dst_idx = node_idx.gather(1, src_idx)

@@ -34,8 +34,11 @@ def _check_r(r):
 
 
 def capped_r(tokens: int, r: int, class_token: bool = False, distill_token: bool = False) -> int:
-    """ToMe's cap: at most half of the unprotected tokens are merged away."""
-    return max(0, min(r, (tokens - int(class_token) - int(distill_token)) // 2))
+    """ToMe's cap, at most half of the unprotected tokens merged away, and no
+    more than the odd tokens that may receive a merge (the distill token may
+    not: for an odd token count ToMe's cap alone would merge into it)."""
+    half = (tokens - int(class_token) - int(distill_token)) // 2
+    return max(0, min(r, half, tokens // 2 - int(distill_token)))
 
 
 def matching_plan(metric: torch.Tensor, r: int, *, class_token: bool = False,
@@ -57,7 +60,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, class_token: bool =
     metric (B, T, C) (e.g. the attention keys averaged over heads) is split into
     A = even tokens and B = odd tokens; every A token's most cosine-similar B
     token is its partner, and the r A tokens with the most similar partners are
-    merged into them. r is capped at (T - protected) // 2; with r == 0 both
+    merged into them. r is capped at (T - protected) // 2 (ToMe's cap), and
+    with a distill token at T // 2 - 1 (see capped_r); with r == 0 both
     closures are the identity. class_token: token 0 is never merged;
     distill_token: token 1 never receives a merge (and merged outputs keep it
     at position 1). Ties: the smallest B index wins a row, and equal best
@@ -65,7 +69,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, class_token: bool =
     float32 (any input dtype); only scores closer than float32 rounding (seen
     with 2-3 channel metrics) can order differently from a float64 oracle.
     A zero metric row has NaN similarities, which never win: it is no
-    token's partner and ranks last among the merge candidates.
+    token's partner and ranks after every candidate with a partner (but
+    before the class token, which always ranks last); merged all the same
+    (r forces it), it goes to the first B token that may receive a merge.
 
     merge(x, mode="mean") maps (B, T, C') to (B, T - r, C'); mode "mean"
     averages each destination with the tokens merged into it, "sum" adds them,

@@ -147,6 +147,20 @@ def test_int4_linear(mnk, group_size, dtype, bias, device, kernel_variant):
     assert ((out.cpu().double() - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_int4_group_wider_than_the_row(dtype, device):
+    """A group_size of K or more is one group, however large (the CUDA kernels
+    index groups with 32-bit widths): the same output as group_size = K."""
+    m, n, k = 24, 8, 64
+    g = gen("int4_wide_group", dtype)
+    x = randn((m, k), g, DTYPES[dtype], device)
+    q, scale, zero = ref.int4_weights(randn((n, k), g), k)
+    args = (pack(q, "w4a16").to(device), scale.to(device), zero.to(device))
+    want = int4_linear(x, *args, k)
+    for group_size in (k + 1, 2**31, 2**63 - 1):
+        assert torch.equal(int4_linear(x, *args, group_size), want)
+
+
 @pytest.mark.parametrize("m", [0, 3])
 def test_empty(m, device):
     a = torch.zeros(m, 8, dtype=torch.int8, device=device)

@@ -227,6 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_weight(const at::Tensor&
   else TORCH_CHECK_VALUE(false, "scheme must be one of w1.58a8, w8a8, w4a16, got '", std::string(scheme), "'");
   const at::Tensor wc = w.contiguous();
   const int64_t N = wc.size(0), K = wc.size(1);
+  // A group as wide as the row or wider is one group: its width is taken as K
+  // (the CUDA kernels index with 32-bit group widths; K + group_size could overflow).
+  group_size = std::min(group_size, std::max<int64_t>(K, 1));
   const int64_t groups = std::max<int64_t>(1, (K + group_size - 1) / group_size);
   const bool int4 = kind == quant::WeightScheme::kInt4;
   const auto f32 = wc.options().dtype(at::kFloat);
@@ -298,6 +301,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at
   const at::Tensor x2 = as_rows(x, "x");
   const int64_t M = x2.size(0), K = x2.size(1), N = w_packed.size(0);
   const int64_t kb = (K + quant::kInt4PerByte - 1) / quant::kInt4PerByte;
+  // A group as wide as the row or wider is one group: its width is taken as K
+  // (the CUDA kernels index with 32-bit group widths; K + group_size could overflow).
+  group_size = std::min(group_size, std::max<int64_t>(K, 1));
   const int64_t groups = std::max<int64_t>(1, (K + group_size - 1) / group_size);
   TORCH_CHECK_VALUE(w_packed.size(1) == kb, "w_packed must have shape [out_features, ceil(in_features / 2)] with ",
                     "in_features = x.size(-1) (", num(K), " -> ", num(kb), " bytes), got ", shape(w_packed.sizes()));

@@ -137,7 +137,11 @@ void split_rows(const quant::Int4GemmArgs& g, int64_t m0, int64_t m1, SplitRows&
     load_floats(static_cast<const char*>(g.x) + m * g.ldx * xsize, g.x_dtype, 1, g.K, row.data());
     float* lo = s.lo.data() + (m - m0) * s.bytes;
     float* hi = s.hi.data() + (m - m0) * s.bytes;
-    for (int64_t k = 0; k < g.K; ++k) (k % 2 ? hi : lo)[k / 2] = row[k];
+    for (int64_t j = 0; j < g.K / 2; ++j) {
+      lo[j] = row[2 * j];
+      hi[j] = row[2 * j + 1];
+    }
+    if (g.K % 2) lo[g.K / 2] = row[g.K - 1];
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       float sum = 0.f;
       for (int64_t k = grp * g.group_size; k < std::min(g.K, (grp + 1) * g.group_size); ++k) sum += row[k];

@@ -48,7 +48,10 @@ inline void load_floats(const void* src, DType dtype, int64_t stride, int64_t n,
   switch (dtype) {
     case DType::kFloat32: {
       const float* s = static_cast<const float*>(src);
-      if (stride == 1) { std::memcpy(dst, s, n * sizeof(float)); return; }
+      if (stride == 1) {  // n == 0 may come with a null src (an empty tensor), which memcpy must not see
+        if (n > 0) std::memcpy(dst, s, n * sizeof(float));
+        return;
+      }
       for (int64_t k = 0; k < n; ++k) dst[k] = s[k * stride];
       return;
     }
@@ -80,7 +83,10 @@ inline void store_floats(const float* src, int64_t n, void* dst, DType dtype, in
   switch (dtype) {
     case DType::kFloat32: {
       float* d = static_cast<float*>(dst);
-      if (stride == 1) { std::memcpy(d, src, n * sizeof(float)); return; }
+      if (stride == 1) {  // n == 0 may come with a null dst (an empty tensor)
+        if (n > 0) std::memcpy(d, src, n * sizeof(float));
+        return;
+      }
       for (int64_t k = 0; k < n; ++k) d[k * stride] = src[k];
       return;
     }

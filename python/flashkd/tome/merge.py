@@ -67,7 +67,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, class_token: bool =
     at position 1). Ties: the smallest B index wins a row, and equal best
     scores keep the smaller A index first (stable sort). Similarities are
     float32 (any input dtype); only scores closer than float32 rounding (seen
-    with 2-3 channel metrics) can order differently from a float64 oracle.
+    with 2-3 channel metrics, and for tokens equal to one of the other half,
+    whose cosine 1 comes out 1 - 1 ulp or 1 + 1 ulp) can order differently
+    from a float64 oracle.
     A zero metric row has NaN similarities, which never win: it is no
     token's partner and ranks after every candidate with a partner (but
     before the class token, which always ranks last); merged all the same

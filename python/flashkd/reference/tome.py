@@ -10,6 +10,9 @@ Tie rules (the kernels follow them exactly):
 - NaN similarities (a zero metric row) never win; a row without a finite
   score goes to the first B row that may receive a merge;
 - top-k pruning keeps equal scores in ascending position order.
+The scores come from one GEMM, as in ToMe; its float64 result can differ in
+the last bit for two identical rows (seen: 2.8e-17), so ties between copied
+tokens are exact here only as far as the GEMM keeps them so.
 """
 from __future__ import annotations
 

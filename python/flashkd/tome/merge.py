@@ -68,7 +68,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, class_token: bool =
     scores keep the smaller A index first (stable sort). Similarities are
     float32 (any input dtype); only scores closer than float32 rounding (seen
     with 2-3 channel metrics, and for tokens equal to one of the other half,
-    whose cosine 1 comes out 1 - 1 ulp or 1 + 1 ulp) can order differently
+    whose cosine 1 comes out a few ulp off 1 either way) can order differently
     from a float64 oracle.
     A zero metric row has NaN similarities, which never win: it is no
     token's partner and ranks after every candidate with a partner (but

@@ -22,6 +22,20 @@ constexpr int kDotRows = 4;  // weight rows per block (MR activation rows, MR <=
 
 using DotAcc = int32_t[4][kDotRows];
 
+// Dot kernels that sweep K for two activation rows at a time, so that their
+// accumulators stay in registers (the AVX2 int8 and ternary ones): a block of
+// MR <= 4 rows is one or two sweeps of Impl::run_rows<rows>(a0, a1, w, K,
+// acc0, acc1), over weight rows of type W.
+template <class Impl, typename W>
+struct TwoRowSweeps {
+  static constexpr bool kNeedsWeightSums = false;
+  template <int MR>
+  static void run(const int8_t* const* a, const W* const* w, const int32_t*, int64_t K, DotAcc& acc) {
+    Impl::template run_rows<(MR >= 2 ? 2 : 1)>(a[0], a[1], w, K, acc[0], acc[1]);
+    if constexpr (MR > 2) Impl::template run_rows<MR - 2>(a[2], a[3], w, K, acc[2], acc[3]);
+  }
+};
+
 struct ScalarDot {
   static constexpr bool kNeedsWeightSums = false;
   template <int MR>
@@ -119,15 +133,9 @@ inline int32_t tail_dot(const int8_t* a, const int8_t* w, int64_t k0, int64_t k1
 // block did not: GCC kept its 16 accumulators on the stack, a load and a store
 // per update; the int8 GEMM at 1024^3 took 12.5-13 ms that way, 10.1-10.8 ms
 // this way.) A 4-row block sweeps twice, reloading the weight rows from L1.
-struct Avx2Dot {
-  static constexpr bool kNeedsWeightSums = false;
-  template <int MR>
-  static void run(const int8_t* const* a, const int8_t* const* w, const int32_t*, int64_t K, DotAcc& acc) {
-    run_rows<(MR >= 2 ? 2 : 1)>(a[0], a[1], w, K, acc[0], acc[1]);
-    if constexpr (MR > 2) run_rows<MR - 2>(a[2], a[3], w, K, acc[2], acc[3]);
-  }
-
+struct Avx2Dot : TwoRowSweeps<Avx2Dot, int8_t> {
  private:
+  friend struct TwoRowSweeps<Avx2Dot, int8_t>;
   template <int NR>
   static void run_rows(const int8_t* a0, const int8_t* a1, const int8_t* const* w, int64_t K, int32_t* acc0,
                        int32_t* acc1) {

@@ -43,15 +43,9 @@ struct ScalarCodeDot {
 // accumulators stay in registers. Per block and weight row the 8 vpmaddubsw
 // products are summed in int16 (at most 8 * 512 in magnitude) before one
 // vpmaddwd widens them.
-struct Avx2CodeDot {
-  static constexpr bool kNeedsWeightSums = false;
-  template <int MR>
-  static void run(const int8_t* const* a, const uint8_t* const* w, const int32_t*, int64_t Kp, DotAcc& acc) {
-    run_rows<(MR >= 2 ? 2 : 1)>(a[0], a[1], w, Kp, acc[0], acc[1]);
-    if constexpr (MR > 2) run_rows<MR - 2>(a[2], a[3], w, Kp, acc[2], acc[3]);
-  }
-
+struct Avx2CodeDot : TwoRowSweeps<Avx2CodeDot, uint8_t> {
  private:
+  friend struct TwoRowSweeps<Avx2CodeDot, uint8_t>;
   template <int F>
   static __m256i field(__m256i packed, __m256i three) {
     return _mm256_and_si256(_mm256_srli_epi16(packed, 2 * F), three);

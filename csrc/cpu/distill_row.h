@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include "flashkd/distill_params.h"
+#include "row_sums.h"
 
 namespace flashkd::cpu {
 // Internal linkage, so that each instruction set's object keeps its own
@@ -46,13 +47,7 @@ inline RowSoftmax row_softmax(const float* x, int64_t n, float mul, float* e) {
     std::fill(e, e + n, 0.f);
     return {LogNorm{}, 0.f, e};
   }
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) {
-    const float v = fkd_exp(x[k] * mul - m);
-    e[k] = v;
-    sum += v;
-  }
+  const float sum = row_sum(n, [&](int64_t k) { return e[k] = fkd_exp(x[k] * mul - m); });
   return {LogNorm{m, std::log(sum)}, 1.f / sum, e};
 }
 
@@ -65,10 +60,7 @@ inline int64_t first_argmax(const float* x, int64_t n) {
 
 // -sum p * log p over p = softmax(x * mul) (the entropy), p from the kept exponentials.
 inline float row_entropy(const float* x, int64_t n, float mul, const RowSoftmax& sm) {
-  float h = 0.f;
-#pragma omp simd reduction(+ : h)
-  for (int64_t k = 0; k < n; ++k) h -= xdiff(sm.prob(k), sm.norm.log_prob(x[k] * mul), 0.f);
-  return h;
+  return -row_sum(n, [&](int64_t k) { return xdiff(sm.prob(k), sm.norm.log_prob(x[k] * mul), 0.f); });
 }
 
 // Scratch rows of one thread: the exponentials of the student at T, of the
@@ -117,32 +109,26 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
 #pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < n; ++j)
         m = fkd_max(m, taid_logit(rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), k.lambda));
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j)
-        sum += fkd_exp(taid_logit(rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), k.lambda) - m);
+      const float sum = row_sum(n, [&](int64_t j) {
+        return fkd_exp(taid_logit(rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), k.lambda) - m);
+      });
       rs.R = m == kNegInf ? LogNorm{} : LogNorm{m, std::log(sum)};
     }
     if constexpr (Math::kNeedsPass2) {
-      float c0 = 0.f, c1 = 0.f;
       float* mixture = scratch.mixture;
-#pragma omp simd reduction(+ : c0, c1)
-      for (int64_t j = 0; j < n; ++j) {
-        // Per-element temporaries, not references to the reduction variables:
-        // taking their address stops GCC from vectorizing the loop.
-        float t0 = 0.f, t1 = 0.f;
+      const Sums<2> c = row_sums<2>(n, [&](int64_t j) {
         Entry e{rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), 0.f, q.prob(j), pt.prob(j), 0.f};
         if constexpr (Math::kHasMixture) {
           e.lm = Math::log_mixture(e, k);
           mixture[j] = e.lm;
         }
-        Math::pass2(e, k, t0, t1);
-        c0 += t0;
-        c1 += t1;
-      }
-      rs.c0 = c0;
-      rs.c1 = c1;
-      divergence = c0;
+        Sums<2> terms;
+        Math::pass2(e, k, terms.v[0], terms.v[1]);
+        return terms;
+      });
+      rs.c0 = c.v[0];
+      rs.c1 = c.v[1];
+      divergence = c.v[0];
     }
   }
   if constexpr (kStats) {
@@ -163,10 +149,7 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
   if (hard) {
     float mean_z = 0.f;
     if (eps != 0.f) {
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) sum += s[j];
-      mean_z = sum / static_cast<float>(n);
+      mean_z = row_sum(n, [&](int64_t j) { return s[j]; }) / static_cast<float>(n);
     }
     const float lse = lse1.value();
     hard_loss = -(1.f - eps) * lse1.log_prob(s[label]) + eps * ((lse1.max - mean_z) + lse1.log_sum) +
@@ -178,16 +161,13 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
     // summed; the gradient (and the exponentials only it uses) is skipped.
     if constexpr (!Math::kNeedsPass2) {
       if (soft) {
-        float loss_acc = 0.f;
-#pragma omp simd reduction(+ : loss_acc)
-        for (int64_t j = 0; j < n; ++j) {
+        divergence = row_sum(n, [&](int64_t j) {
           const float lq = rs.A.log_prob(s[j] * inv_t), lp = rs.B.log_prob(t[j] * inv_t);
           const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
           float loss_term = 0.f;
           Math::grad(Entry{lq, lp, lr, q.prob(j), pt.prob(j), 0.f}, rs, k, loss_term);
-          loss_acc += loss_term;
-        }
-        divergence = loss_acc;
+          return loss_term;
+        });
       }
     }
     if (soft) out.stats[kStatDivergence] = divergence;
@@ -210,18 +190,17 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
   const float* mixture = scratch.mixture;  // a local: a pointer read in the loop stops vectorization
   float loss_acc = 0.f;
   if (soft) {
-#pragma omp simd reduction(+ : loss_acc)
-    for (int64_t j = 0; j < n; ++j) {
+    loss_acc = row_sum(n, [&](int64_t j) {
       const float lq = rs.A.log_prob(s[j] * inv_t), lp = rs.B.log_prob(t[j] * inv_t);
       const float lr = D == Divergence::kTAID ? rs.R.log_prob(taid_logit(lq, lp, k.lambda)) : 0.f;
-      float loss_term = 0.f;  // a temporary, as in pass 2, so the loop vectorizes
+      float loss_term = 0.f;
       const float lm = Math::kHasMixture ? mixture[j] : 0.f;
       const float g_div = Math::grad(Entry{lq, lp, lr, q.prob(j), pt.prob(j), lm}, rs, k, loss_term);
-      loss_acc += loss_term;
       const float g = g_soft_max * q1.prob(j) - g_uniform + g_soft * g_div;
       const float u = finite_or_max(s[j]) * cap_inv;  // 0 without a cap, even at -inf
       s[j] = g * (1.f - u * u);
-    }
+      return loss_term;
+    });
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {

@@ -1,0 +1,67 @@
+// Float sums over a row in one fixed order, whatever the instruction set.
+//
+// `#pragma omp simd reduction(+ : x)` lets the compiler choose the order: one
+// partial sum per vector lane (8 under AVX2, 16 under AVX-512), or a single
+// running sum where it does not vectorize (sanitizer builds, other compilers).
+// The float32 error of a running sum grows with the entries each partial sum
+// takes, so a 262144-entry softmax denominator was about 8e-6 off under AVX2
+// and 4e-6 under AVX-512, and the two gave different losses.
+//
+// row_sums fixes the order instead: kSumLanes interleaved partial sums (the
+// width of an AVX-512 vector of floats, two AVX2 vectors), restarted every
+// kSumBlock entries, folded pairwise, and the block totals added in turn.
+// Each partial sum then takes at most kSumBlock / kSumLanes entries and the
+// total n / kSumBlock, so the error no longer grows with the row on the scale
+// of the vocabulary, and the order is written in the source, not chosen by the
+// vectorizer.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+namespace flashkd::cpu {
+namespace {  // internal linkage: each instruction set's object builds its own
+
+constexpr int kSumLanes = 16;
+constexpr int64_t kSumBlock = 1024;
+
+// K float sums taken together by one loop (pass 2 of jsd/skl/srkl needs two).
+template <int K>
+struct Sums {
+  float v[K] = {};
+};
+
+// Sums<K> of term(j) over j in [0, n); term may also write per-entry outputs.
+template <int K, class Term>
+inline Sums<K> row_sums(int64_t n, Term term) {
+  Sums<K> total;
+  for (int64_t begin = 0; begin < n; begin += kSumBlock) {
+    const int64_t end = std::min(n, begin + kSumBlock);
+    float lanes[K][kSumLanes] = {};
+    int64_t j = begin;
+    for (; j + kSumLanes <= end; j += kSumLanes) {
+#pragma omp simd
+      for (int l = 0; l < kSumLanes; ++l) {
+        const Sums<K> t = term(j + l);
+        for (int k = 0; k < K; ++k) lanes[k][l] += t.v[k];
+      }
+    }
+    for (int l = 0; j + l < end; ++l) {  // the block's last, partial group of lanes
+      const Sums<K> t = term(j + l);
+      for (int k = 0; k < K; ++k) lanes[k][l] += t.v[k];
+    }
+    for (int width = kSumLanes / 2; width > 0; width /= 2)
+      for (int k = 0; k < K; ++k)
+        for (int l = 0; l < width; ++l) lanes[k][l] += lanes[k][l + width];
+    for (int k = 0; k < K; ++k) total.v[k] += lanes[k][0];
+  }
+  return total;
+}
+
+// The sum of term(j) over j in [0, n), in row_sums' order.
+template <class Term>
+inline float row_sum(int64_t n, Term term) {
+  return row_sums<1>(n, [&](int64_t j) { return Sums<1>{{term(j)}}; }).v[0];
+}
+
+}  // namespace
+}  // namespace flashkd::cpu

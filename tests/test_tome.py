@@ -364,3 +364,37 @@ def test_non_contiguous_inputs(device):
     torch.testing.assert_close(merge(x, "mean"), ref.merge(x, plan, "mean"))
     y = rand(2, 8, 11, device=device, seed=2).transpose(1, 2)
     assert torch.equal(unmerge(y), ref.unmerge(y, plan, 15))
+
+
+def test_cpu_results_do_not_depend_on_the_instruction_set():
+    """The CPU kernels' channel sums (the metric's norms, the gradients of
+    merge_wavg's sizes and of the fused remainder's scores) run in one fixed
+    order (csrc/cpu/row_sums.h), so the AVX2 and AVX-512 builds give the same
+    plans, outputs and gradients, bit for bit, on a ViT-S-sized layer."""
+    from flashkd.prune import topk_tokens
+
+    metric, x = rand(4, 197, 64, seed=11), rand(4, 197, 384, seed=12)
+    size = rand(4, 197, 1, seed=13).abs() + 0.5
+    scores = rand(4, 197, seed=14).softmax(-1)
+
+    def run():
+        merge, _ = tome.bipartite_soft_matching(metric, 16, class_token=True)
+        merged = grad_of(lambda t, s: tome.merge_wavg(merge, t, s), x, size)
+        kept = grad_of(lambda t, s: topk_tokens(t, s, 120, fuse_remainder=True)[0], x, scores)
+        return [*merged, *kept]
+
+    results = {}
+    try:
+        for isa in ("avx512", "avx2", "generic"):
+            try:
+                torch.ops.flashkd.cpu_isa(isa, False)
+            except (RuntimeError, ValueError):
+                continue  # not this machine's (or this build's) instruction set
+            results[isa] = run()
+    finally:
+        torch.ops.flashkd.cpu_isa("", True)
+    assert results, "no CPU instruction set could be selected"
+    (first, want), *others = results.items()
+    for isa, got in others:
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(g, w), f"result {i}: {isa} and {first} differ"

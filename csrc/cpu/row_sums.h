@@ -13,7 +13,9 @@
 // Each partial sum then takes at most kSumBlock / kSumLanes entries and the
 // total n / kSumBlock, so the error no longer grows with the row on the scale
 // of the vocabulary, and the order is written in the source, not chosen by the
-// vectorizer.
+// vectorizer. Used by the distillation rows and by the channel sums of the
+// ToMe and top-k kernels, whose results are therefore the same on every
+// instruction set.
 #pragma once
 #include <algorithm>
 #include <cstdint>

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 #include "flashkd/cpu_convert.h"
+#include "row_sums.h"
 #include "tome_kernels.h"
 
 namespace flashkd::cpu::FKD_CPU_ISA {
@@ -190,17 +191,14 @@ void tome_merge_backward(const MergePlan& p, const MergeTensors& t, int64_t begi
         float gy = 0.f;  // <g, y>
         if (t.grad_size) {
           load_floats(row_ptr(t.out, t.dtype, u, cols), t.dtype, 1, cols, y.data());
-#pragma omp simd reduction(+ : gy)
-          for (int64_t c = 0; c < cols; ++c) gy += g[c] * y[c];
+          gy = row_sum(cols, [&](int64_t c) { return g[c] * y[c]; });
         }
         for (int64_t m = -1; m < count - 1; ++m) {
           const int64_t token = token_of(m);
           const float s = t.size ? load_scalar(t.size, t.dtype, token) : 1.f;
           if (t.grad_size) {
             load_floats(row_ptr(t.x, t.dtype, token, cols), t.dtype, 1, cols, row.data());
-            float gx = 0.f;
-#pragma omp simd reduction(+ : gx)
-            for (int64_t c = 0; c < cols; ++c) gx += g[c] * row[c];
+            const float gx = row_sum(cols, [&](int64_t c) { return g[c] * row[c]; });
             store_scalar((gx - gy) / total + g_size, t.grad_size, t.dtype, token);
           }
 #pragma omp simd

@@ -8,6 +8,7 @@
 #include <numeric>
 #include <vector>
 #include "flashkd/cpu_convert.h"
+#include "row_sums.h"
 #include "tome_kernels.h"
 
 namespace flashkd::cpu::FKD_CPU_ISA {
@@ -34,9 +35,8 @@ void load_normalized(const char* batch, DType dtype, int64_t cols, int64_t row, 
   const float* x = out;
   if (dtype == DType::kFloat32) x = reinterpret_cast<const float*>(src);
   else load_floats(src, dtype, 1, cols, out);
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t c = 0; c < cols; ++c) ss += x[c] * x[c];
+  // In row_sums' fixed order, so that AVX2 and AVX-512 builds score alike.
+  const float ss = row_sum(cols, [&](int64_t c) { return x[c] * x[c]; });
   const float inv = 1.f / std::sqrt(ss);  // a zero row gives NaN scores, which are never chosen
 #pragma omp simd
   for (int64_t c = 0; c < cols; ++c) out[c] = x[c] * inv;

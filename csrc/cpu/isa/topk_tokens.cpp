@@ -6,6 +6,7 @@
 #include <numeric>
 #include <vector>
 #include "flashkd/cpu_convert.h"
+#include "row_sums.h"
 #include "tome_kernels.h"
 
 namespace flashkd::cpu::FKD_CPU_ISA {
@@ -105,9 +106,7 @@ void topk_tokens_backward(const TopkParams& p, int64_t batch_begin, int64_t batc
         const float w = scores[t] / total;
         if (p.grad_scores) {
           load_floats(row_ptr(p.x, p.dtype, b * p.tokens + t, cols), p.dtype, 1, cols, row.data());
-          float g_dot_x = 0.f;
-#pragma omp simd reduction(+ : g_dot_x)
-          for (int64_t c = 0; c < cols; ++c) g_dot_x += g_extra[c] * row[c];
+          const float g_dot_x = row_sum(cols, [&](int64_t c) { return g_extra[c] * row[c]; });
           g_score = (g_dot_x - g_dot_extra) / total;
         }
 #pragma omp simd

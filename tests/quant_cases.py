@@ -32,9 +32,11 @@ def rand_ternary(shape, g, device="cpu"):
 
 
 # The kernel choices a test runs under: on the CPU each instruction set of the
-# int8 dot product (AVX-512 VNNI or AVX2 vpmaddwd), on CUDA each int8
-# tensor-core main loop (wgmma on an H100 with the sm_90a build, mma.sync).
-KERNEL_VARIANTS = [("cpu", "avx512"), ("cpu", "avx2"), ("cuda", "wgmma"), ("cuda", "mma.sync")]
+# int8 dot product (AVX-512 VNNI or AVX2 vpmaddwd on x86-64; the portable
+# kernels elsewhere, or in an x86 build with FLASHKD_CPU_PORTABLE), on CUDA
+# each int8 tensor-core main loop (wgmma on an H100 with the sm_90a build,
+# mma.sync).
+KERNEL_VARIANTS = [("cpu", "avx512"), ("cpu", "avx2"), ("cpu", "generic"), ("cuda", "wgmma"), ("cuda", "mma.sync")]
 
 
 @pytest.fixture(params=KERNEL_VARIANTS, ids=[v for _, v in KERNEL_VARIANTS])

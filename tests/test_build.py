@@ -2,6 +2,7 @@
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +24,20 @@ def test_isa_kernels_keep_their_own_helpers():
               if re.search(r" [WV] .*flashkd::cpu::", line)
               and not re.search(r"flashkd::cpu::(avx2|avx512|generic)::", line)]
     assert not shared, "weak flashkd::cpu symbols outside the per-ISA namespaces:\n" + "\n".join(shared[:10])
+
+
+def test_fp16_bit_conversions_match_the_compilers(tmp_path):
+    """cpu_convert.h converts fp16 by bit manipulation where the compiler has no
+    half type in C++ (GCC 11 on x86-64, CPUs other than x86 and ARM): its
+    results must be the compiler's own, bit for bit (tests/cpp/fp16_convert_check.cpp)."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "fp16_convert_check"
+    subprocess.run([cxx, "-std=c++17", "-O2", f"-I{root / 'csrc' / 'include'}",
+                    str(root / "tests" / "cpp" / "fp16_convert_check.cpp"), "-o", str(exe)], check=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    if run.returncode == 77:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stdout

@@ -61,7 +61,7 @@ char* row_ptr(void* base, DType dtype, int64_t row, int64_t cols) {
   return static_cast<char*>(base) + row * cols * dtype_size(dtype);
 }
 float load_scalar(const void* base, DType dtype, int64_t i) {
-  float v;
+  float v = 0.f;  // every dtype is handled; the initializer quiets -Wmaybe-uninitialized (aarch64 GCC)
   load_floats(row_ptr(base, dtype, i, 1), dtype, 1, 1, &v);
   return v;
 }

@@ -1,5 +1,6 @@
 // Host-side conversion between storage dtypes and float32 rows. Torch-free;
-// the loops vectorize (bf16 is a shift, fp16 uses F16C via _Float16).
+// the loops vectorize (bf16 is a shift, fp16 a hardware conversion where the
+// compiler has a half type, see below).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -30,17 +31,76 @@ inline uint16_t float_to_bf16(float f) {
   return f != f ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
 }
 
+// IEEE half <-> float32 by bit manipulation: round to nearest even, NaN kept
+// NaN (quieted), subnormals exact. Used where the compiler has no half type
+// in C++; tests/cpp/fp16_convert_check.cpp checks it against one that does.
+inline float fp16_to_float_bits(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  uint32_t u;
+  if (exponent == 0x1fu) {
+    u = sign | 0x7f800000u | (mantissa << 13);  // inf, NaN (payload kept)
+  } else if (exponent != 0) {
+    u = sign | ((exponent + 112u) << 23) | (mantissa << 13);  // rebias 15 -> 127
+  } else {
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;  // subnormal: m * 2^-24, exact
+    return sign ? -magnitude : magnitude;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_fp16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t magnitude = u & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return sign | 0x7e00u | static_cast<uint16_t>((magnitude >> 13) & 0x3ffu);  // NaN
+  if (magnitude >= 0x47800000u) return sign | 0x7c00u;  // 2^16 and beyond (inf included): inf
+  if (magnitude < 0x38800000u) {
+    // Below 2^-14: a subnormal half, m * 2^-24 with m = round(|f| * 2^24), an
+    // exact scaling; m = 1024 is the smallest normal half's encoding.
+    const float m = std::nearbyint(std::fabs(f) * 16777216.0f);  // the default rounding mode: to nearest even
+    return sign | static_cast<uint16_t>(m);
+  }
+  // Normal: rebias 127 -> 15, keep 10 mantissa bits, round on the 13 dropped
+  // ones (a carry into the exponent is right, up to 65520 -> inf).
+  uint32_t h = (((magnitude >> 23) - 112u) << 10) | ((magnitude >> 13) & 0x3ffu);
+  const uint32_t dropped = magnitude & 0x1fffu;
+  h += dropped > 0x1000u || (dropped == 0x1000u && (h & 1u));
+  return sign | static_cast<uint16_t>(h);
+}
+
+// The compiler's half type, where it has one in C++: AVX2 / AVX-512 builds
+// then convert with F16C instructions in vectorized loops. GCC has _Float16
+// in C++ on x86-64 from version 12 (Clang from 15); ARM compilers have __fp16.
+#if defined(__ARM_FP16_FORMAT_IEEE)
+#define FKD_HALF_TYPE __fp16
+#elif (defined(__x86_64__) || defined(__i386__)) && \
+    ((defined(__clang__) && __clang_major__ >= 15) || (!defined(__clang__) && __GNUC__ >= 12))
+#define FKD_HALF_TYPE _Float16
+#endif
+
 inline float fp16_to_float(uint16_t h) {
-  _Float16 x;
+#if defined(FKD_HALF_TYPE)
+  FKD_HALF_TYPE x;
   std::memcpy(&x, &h, 2);
   return static_cast<float>(x);
+#else
+  return fp16_to_float_bits(h);
+#endif
 }
 
 inline uint16_t float_to_fp16(float f) {
-  const _Float16 x = static_cast<_Float16>(f);
+#if defined(FKD_HALF_TYPE)
+  const FKD_HALF_TYPE x = static_cast<FKD_HALF_TYPE>(f);
   uint16_t h;
   std::memcpy(&h, &x, 2);
   return h;
+#else
+  return float_to_fp16_bits(f);
+#endif
 }
 
 // dst[k] = float(src[k * stride]) for k < n.

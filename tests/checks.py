@@ -81,3 +81,21 @@ def device_fixture_with_cuda_kernels(select, names):
         select("", True)
 
     return device
+
+
+def results_per_cpu_isa(run):
+    """{isa: run()} for every CPU instruction set this machine and build can
+    select (AVX-512 and AVX2 on x86-64, generic elsewhere), then back to the
+    automatic choice."""
+    results = {}
+    try:
+        for isa in ("avx512", "avx2", "generic"):
+            try:
+                torch.ops.flashkd.cpu_isa(isa, False)
+            except (RuntimeError, ValueError):
+                continue  # not this machine's (or this build's) instruction set
+            results[isa] = run()
+    finally:
+        torch.ops.flashkd.cpu_isa("", True)
+    assert results, "no CPU instruction set could be selected"
+    return results

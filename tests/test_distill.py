@@ -64,7 +64,7 @@ import torch
 import flashkd
 from flashkd import reference as R
 
-from checks import DIV_KW, device_fixture_with_cuda_kernels
+from checks import DIV_KW, device_fixture_with_cuda_kernels, results_per_cpu_isa
 import memory
 
 DIVS = flashkd.DIVERGENCES
@@ -726,21 +726,13 @@ def test_long_rows_sum_in_a_fixed_order_on_the_cpu(div):
     s, t = logits((4, 262144), g, scale=3.0), logits((4, 262144), g, scale=3.0)
     kw = dict(divergence=div, temperature=2.0, labels=torch.tensor([7, 0, -100, 262143]), hard_weight=0.5,
               reduction="none", **DIV_KW[div])
-    results = {}
-    try:
-        for isa in ("avx512", "avx2", "generic"):
-            try:
-                flashkd.cpu_isa(isa)
-            except (RuntimeError, ValueError):
-                continue  # not this machine's (or this build's) instruction set
-            leaf = s.clone().requires_grad_()
-            loss = flashkd.distill_loss(leaf, t, **kw)
-            loss.sum().backward()
-            results[isa] = (loss.detach(), leaf.grad)
-    finally:
-        flashkd.cpu_isa("", True)
-    assert results, "no CPU instruction set could be selected"
-    (first, (loss, grad)), *others = results.items()
+    def run():
+        leaf = s.clone().requires_grad_()
+        loss = flashkd.distill_loss(leaf, t, **kw)
+        loss.sum().backward()
+        return loss.detach(), leaf.grad
+
+    (first, (loss, grad)), *others = results_per_cpu_isa(run).items()
     for isa, (loss_i, grad_i) in others:
         assert torch.equal(loss_i, loss) and torch.equal(grad_i, grad), f"{isa} and {first} differ"
     leaf = s.double().requires_grad_()

@@ -7,6 +7,8 @@ import torch
 import flashkd.tome as tome
 from flashkd.reference import tome as ref
 
+from checks import results_per_cpu_isa
+
 ops = torch.ops.flashkd
 FLAGS = [(False, False), (True, False), (False, True), (True, True)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -383,18 +385,7 @@ def test_cpu_results_do_not_depend_on_the_instruction_set():
         kept = grad_of(lambda t, s: topk_tokens(t, s, 120, fuse_remainder=True)[0], x, scores)
         return [*merged, *kept]
 
-    results = {}
-    try:
-        for isa in ("avx512", "avx2", "generic"):
-            try:
-                torch.ops.flashkd.cpu_isa(isa, False)
-            except (RuntimeError, ValueError):
-                continue  # not this machine's (or this build's) instruction set
-            results[isa] = run()
-    finally:
-        torch.ops.flashkd.cpu_isa("", True)
-    assert results, "no CPU instruction set could be selected"
-    (first, want), *others = results.items()
+    (first, want), *others = results_per_cpu_isa(run).items()
     for isa, got in others:
         for i, (g, w) in enumerate(zip(got, want)):
             assert torch.equal(g, w), f"result {i}: {isa} and {first} differ"

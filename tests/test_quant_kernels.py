@@ -122,9 +122,15 @@ def test_dequantizing_epilogue(mnk, kind, dtype, per_row, bias, device, kernel_v
     torch.testing.assert_close(out.cpu(), expect, rtol=rtol, atol=atol)
 
 
+# Decode shapes for the CPU int4 kernel's nibble path (even groups, fewer
+# than 8 rows): one token against four weight rows at a time, with a short
+# last pass (N = 9, 6), and two tokens.
+INT4_DECODE_SHAPES = [(1, 9, 130), (1, 6, 4100), (1, 4, 256), (2, 7, 66)]
+
+
 @pytest.mark.parametrize("dtype,bias", [("fp32", False), ("fp32", True), ("bf16", True), ("fp16", True)])
 @pytest.mark.parametrize("group_size", [1, 6, 12, 32, 128])
-@pytest.mark.parametrize("mnk", SHAPES)
+@pytest.mark.parametrize("mnk", SHAPES + INT4_DECODE_SHAPES)
 def test_int4_linear(mnk, group_size, dtype, bias, device, kernel_variant):
     m, n, k = mnk
     if group_size == 1 and k > 300:

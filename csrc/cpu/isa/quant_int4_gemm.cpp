@@ -218,8 +218,10 @@ void dot_row_even_groups(const quant::Int4GemmArgs& g, const SplitRows& s, int64
 // One activation row (M = 1, decode) against kTokenRows weight rows `rows`:
 // kTokenRows independent FMA chains where dot_row_even_groups<1> has one.
 // Measured at M = 1 on this project's AVX-512 EPYC, the two paths alternated
-// in one process (best of 100 calls): N = K = 4096 0.97 -> 0.53 ms, 8192
-// 4.54 -> 2.76 ms (AVX2 build: 1.39 -> 0.72, 6.31 -> 3.55 ms), same results
+// in one process: weights in cache (best of 100 calls), N = K = 4096
+// 0.97 -> 0.53 ms, 8192 4.54 -> 2.76 ms (AVX2 build: 1.39 -> 0.72, 6.31 ->
+// 3.55 ms); weights read from memory (12 weight sets in turn, medians),
+// N = K = 4096 1.73 -> 1.23 ms (AVX2 build: 1.56 -> 1.19 ms). Same results
 // bit for bit. (A version generic over several activation rows, MR x NR
 // chains in two-dimensional arrays, measured slower than the old path at
 // M = 4 and under AVX2; not analysed further.)

@@ -215,7 +215,8 @@ void dot_row_even_groups(const quant::Int4GemmArgs& g, const SplitRows& s, int64
 #endif
 
 #if defined(__AVX2__)
-// One activation row (M = 1, decode) against kTokenRows weight rows `rows`:
+// The split block's one activation row (M = 1, decode) against kTokenRows
+// weight rows `rows`:
 // kTokenRows independent FMA chains where dot_row_even_groups<1> has one.
 // Measured at M = 1 on this project's AVX-512 EPYC, the two paths alternated
 // in one process: weights in cache (best of 100 calls), N = K = 4096
@@ -226,8 +227,7 @@ void dot_row_even_groups(const quant::Int4GemmArgs& g, const SplitRows& s, int64
 // chains in two-dimensional arrays, measured slower than the old path at
 // M = 4 and under AVX2; not analysed further.)
 constexpr int kTokenRows = 4;
-void dot_rows_one_token(const quant::Int4GemmArgs& g, const SplitRows& s, int64_t r, const int64_t* rows,
-                        float* acc) {
+void dot_rows_one_token(const quant::Int4GemmArgs& g, const SplitRows& s, const int64_t* rows, float* acc) {
   const int64_t group_bytes = g.group_size / 2;
   const uint8_t* w[kTokenRows];
   VecF total[kTokenRows];
@@ -236,8 +236,8 @@ void dot_rows_one_token(const quant::Int4GemmArgs& g, const SplitRows& s, int64_
     w[j] = g.w + rows[j] * g.ldw_bytes;
     total[j] = vzero();
   }
-  const float* x_lo = s.lo_row(r);
-  const float* x_hi = s.hi_row(r);
+  const float* x_lo = s.lo_row(0);
+  const float* x_hi = s.hi_row(0);
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     const int64_t j0 = grp * group_bytes, j1 = std::min(s.bytes, j0 + group_bytes);
     VecF p[kTokenRows];
@@ -251,7 +251,7 @@ void dot_rows_one_token(const quant::Int4GemmArgs& g, const SplitRows& s, int64_
         p[j] = fma(hi, xh, fma(lo, xl, p[j]));
       }
     }
-    const float x_sum = s.group_sum[r * g.groups + grp];
+    const float x_sum = s.group_sum[grp];
     for (int j = 0; j < kTokenRows; ++j) {
       const float scale = g.scale[rows[j] * g.groups + grp], zero = g.zero[rows[j] * g.groups + grp];
       total[j] = fma(p[j], vset1(scale), total[j]);
@@ -269,7 +269,7 @@ void int4_gemm_one_token(const quant::Int4GemmArgs& g, const SplitRows& split, i
     int64_t rows[kTokenRows];
     for (int j = 0; j < kTokenRows; ++j) rows[j] = n + std::min(j, nr - 1);  // a short pass repeats its last row
     float acc[kTokenRows], bias[kTokenRows] = {};
-    dot_rows_one_token(g, split, 0, rows, acc);
+    dot_rows_one_token(g, split, rows, acc);
     if (g.bias) load_floats(static_cast<const char*>(g.bias) + n * xsize, g.x_dtype, 1, nr, bias);
     for (int j = 0; j < nr; ++j) acc[j] += bias[j];
     store_floats(acc, nr, static_cast<char*>(g.out) + (m * g.ldo + n) * xsize, g.x_dtype, 1);

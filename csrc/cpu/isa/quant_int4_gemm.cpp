@@ -215,8 +215,8 @@ void dot_row_even_groups(const quant::Int4GemmArgs& g, const SplitRows& s, int64
 #endif
 
 #if defined(__AVX2__)
-// The split block's one activation row (M = 1, decode) against kTokenRows
-// weight rows `rows`:
+// Activation row r of the split block (a lone token: M = 1, or the last row
+// of a block of 4k + 1) against kTokenRows weight rows `rows`:
 // kTokenRows independent FMA chains where dot_row_even_groups<1> has one.
 // Measured at M = 1 on this project's AVX-512 EPYC, the two paths alternated
 // in one process: weights in cache (best of 100 calls), N = K = 4096
@@ -227,7 +227,8 @@ void dot_row_even_groups(const quant::Int4GemmArgs& g, const SplitRows& s, int64
 // chains in two-dimensional arrays, measured slower than the old path at
 // M = 4 and under AVX2; not analysed further.)
 constexpr int kTokenRows = 4;
-void dot_rows_one_token(const quant::Int4GemmArgs& g, const SplitRows& s, const int64_t* rows, float* acc) {
+void dot_rows_one_token(const quant::Int4GemmArgs& g, const SplitRows& s, int64_t r, const int64_t* rows,
+                        float* acc) {
   const int64_t group_bytes = g.group_size / 2;
   const uint8_t* w[kTokenRows];
   VecF total[kTokenRows];
@@ -236,8 +237,8 @@ void dot_rows_one_token(const quant::Int4GemmArgs& g, const SplitRows& s, const 
     w[j] = g.w + rows[j] * g.ldw_bytes;
     total[j] = vzero();
   }
-  const float* x_lo = s.lo_row(0);
-  const float* x_hi = s.hi_row(0);
+  const float* x_lo = s.lo_row(r);
+  const float* x_hi = s.hi_row(r);
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     const int64_t j0 = grp * group_bytes, j1 = std::min(s.bytes, j0 + group_bytes);
     VecF p[kTokenRows];
@@ -251,7 +252,7 @@ void dot_rows_one_token(const quant::Int4GemmArgs& g, const SplitRows& s, const 
         p[j] = fma(hi, xh, fma(lo, xl, p[j]));
       }
     }
-    const float x_sum = s.group_sum[grp];
+    const float x_sum = s.group_sum[r * g.groups + grp];
     for (int j = 0; j < kTokenRows; ++j) {
       const float scale = g.scale[rows[j] * g.groups + grp], zero = g.zero[rows[j] * g.groups + grp];
       total[j] = fma(p[j], vset1(scale), total[j]);
@@ -261,15 +262,16 @@ void dot_rows_one_token(const quant::Int4GemmArgs& g, const SplitRows& s, const 
   for (int j = 0; j < kTokenRows; ++j) acc[j] = hsum_ps(total[j]) - zero_term[j];
 }
 
-// Output row m (the split block's only row), columns [n0, n1).
-void int4_gemm_one_token(const quant::Int4GemmArgs& g, const SplitRows& split, int64_t m, int64_t n0, int64_t n1) {
+// Output row m (row r of the split block), columns [n0, n1).
+void int4_gemm_one_token(const quant::Int4GemmArgs& g, const SplitRows& split, int64_t r, int64_t m, int64_t n0,
+                         int64_t n1) {
   const int64_t xsize = dtype_size(g.x_dtype);
   for (int64_t n = n0; n < n1; n += kTokenRows) {
     const int nr = static_cast<int>(std::min<int64_t>(kTokenRows, n1 - n));
     int64_t rows[kTokenRows];
     for (int j = 0; j < kTokenRows; ++j) rows[j] = n + std::min(j, nr - 1);  // a short pass repeats its last row
     float acc[kTokenRows], bias[kTokenRows] = {};
-    dot_rows_one_token(g, split, rows, acc);
+    dot_rows_one_token(g, split, r, rows, acc);
     if (g.bias) load_floats(static_cast<const char*>(g.bias) + n * xsize, g.x_dtype, 1, nr, bias);
     for (int j = 0; j < nr; ++j) acc[j] += bias[j];
     store_floats(acc, nr, static_cast<char*>(g.out) + (m * g.ldo + n) * xsize, g.x_dtype, 1);
@@ -279,16 +281,16 @@ void int4_gemm_one_token(const quant::Int4GemmArgs& g, const SplitRows& split, i
 void int4_gemm_even_groups(const quant::Int4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   thread_local SplitRows split;
   split_rows(g, m0, m1, split);
-  if (m1 - m0 == 1) return int4_gemm_one_token(g, split, m0, n0, n1);
+  // Rows in groups of up to four; a lone last row goes through the one-token path.
+  const int64_t grouped_end = (m1 - m0) % kRows == 1 ? m1 - 1 : m1;
   const int64_t xsize = dtype_size(g.x_dtype);
   float bias = 0.f;
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t n = n0; n < n1 && m0 < grouped_end; ++n) {
     if (g.bias) load_floats(static_cast<const char*>(g.bias) + n * xsize, g.x_dtype, 1, 1, &bias);
-    for (int64_t m = m0; m < m1; m += kRows) {
-      const int mr = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
+    for (int64_t m = m0; m < grouped_end; m += kRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kRows, grouped_end - m));  // 2, 3 or 4
       float acc[kRows];
       switch (mr) {
-        case 1: dot_row_even_groups<1>(g, split, m - m0, n, acc); break;
         case 2: dot_row_even_groups<2>(g, split, m - m0, n, acc); break;
         case 3: dot_row_even_groups<3>(g, split, m - m0, n, acc); break;
         default: dot_row_even_groups<4>(g, split, m - m0, n, acc); break;
@@ -299,6 +301,7 @@ void int4_gemm_even_groups(const quant::Int4GemmArgs& g, int64_t m0, int64_t m1,
       }
     }
   }
+  if (grouped_end < m1) int4_gemm_one_token(g, split, grouped_end - m0, grouped_end, n0, n1);
 }
 
 #endif

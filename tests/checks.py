@@ -16,6 +16,17 @@ DIV_KW = {
 }
 
 
+def scalar_objective(loss, gen):
+    """A scalar to differentiate a loss through: per-token losses weighted by
+    cotangents exactly representable in bf16/fp16 (0.5 + j/64, drawn from
+    `gen`), so that every dtype's computation sees the same ones; a 0-d loss
+    times 1.75."""
+    if loss.dim() == 0:
+        return loss * 1.75
+    cot = (0.5 + torch.randint(0, 64, loss.shape, generator=gen, dtype=torch.float64) / 64).to(loss.device)
+    return (loss * cot.to(loss.dtype)).sum()
+
+
 # float64 gradcheck is impossible (the kernels take float32/bfloat16/float16 only).
 # In float32, the analytic directional derivative <grad, v> is compared with the
 # central difference (f(x + eps v) - f(x - eps v)) / (2 eps) of the op's own

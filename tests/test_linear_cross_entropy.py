@@ -48,7 +48,7 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
-from checks import assert_compile_matches_eager, directional_check
+from checks import assert_compile_matches_eager, directional_check, scalar_objective
 
 EPS32 = 2.0 ** -24
 SLACK = 2.0
@@ -132,12 +132,7 @@ def run(impl, inp, *, dtype=None, requires=("h", "W", "b"), view=None, seed=1, *
     out = impl(h, leaves["W"], inp["y"], leaves["b"], weights=inp.get("weights"), **kw)
     loss, lse = out if kw.get("return_lse") else (out, None)
     g = torch.Generator().manual_seed(seed)
-    if loss.dim() > 0:
-        # cotangents exactly representable in bf16/fp16, so that every computation sees the same ones
-        cot = (0.5 + torch.randint(0, 64, loss.shape, generator=g, dtype=torch.float64) / 64).to(loss.device)
-        obj = (loss * cot.to(loss.dtype)).sum()
-    else:
-        obj = loss * 1.75
+    obj = scalar_objective(loss, g)
     if lse is not None:
         cot = (torch.randint(-32, 33, lse.shape, generator=g, dtype=torch.float64) / 256).to(lse.device)
         obj = obj + (lse * cot.to(lse.dtype)).sum()

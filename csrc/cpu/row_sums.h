@@ -13,12 +13,13 @@
 // Each partial sum then takes at most kSumBlock / kSumLanes entries and the
 // total n / kSumBlock, so the error no longer grows with the row on the scale
 // of the vocabulary, and the order is written in the source, not chosen by the
-// vectorizer. Used by the distillation rows and by the channel sums of the
-// ToMe and top-k kernels, whose results are therefore the same on every
-// instruction set.
+// vectorizer. Used by the distillation rows, by the channel sums of the
+// ToMe and top-k kernels and by the ternary weight scale (in float64), whose
+// results are therefore the same on every instruction set.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace flashkd::cpu {
 namespace {  // internal linkage: each instruction set's object builds its own
@@ -26,29 +27,33 @@ namespace {  // internal linkage: each instruction set's object builds its own
 constexpr int kSumLanes = 16;
 constexpr int64_t kSumBlock = 1024;
 
-// K float sums taken together by one loop (pass 2 of jsd/skl/srkl needs two).
-template <int K>
+// K sums taken together by one loop (pass 2 of jsd/skl/srkl needs two), of
+// floats, or of doubles (the ternary weight scale's mean |w|).
+template <int K, class T = float>
 struct Sums {
-  float v[K] = {};
+  T v[K] = {};
 };
 
-// Sums<K> of term(j) over j in [0, n); term may also write per-entry outputs.
+// Sums<K, T> of term(j) over j in [0, n), T as term returns it; term may also
+// write per-entry outputs.
 template <int K, class Term>
-inline Sums<K> row_sums(int64_t n, Term term) {
-  Sums<K> total;
+inline auto row_sums(int64_t n, Term term) {
+  using S = decltype(term(int64_t{0}));
+  using T = std::remove_reference_t<decltype(S{}.v[0])>;
+  S total;
   for (int64_t begin = 0; begin < n; begin += kSumBlock) {
     const int64_t end = std::min(n, begin + kSumBlock);
-    float lanes[K][kSumLanes] = {};
+    T lanes[K][kSumLanes] = {};
     int64_t j = begin;
     for (; j + kSumLanes <= end; j += kSumLanes) {
 #pragma omp simd
       for (int l = 0; l < kSumLanes; ++l) {
-        const Sums<K> t = term(j + l);
+        const S t = term(j + l);
         for (int k = 0; k < K; ++k) lanes[k][l] += t.v[k];
       }
     }
     for (int l = 0; j + l < end; ++l) {  // the block's last, partial group of lanes
-      const Sums<K> t = term(j + l);
+      const S t = term(j + l);
       for (int k = 0; k < K; ++k) lanes[k][l] += t.v[k];
     }
     for (int width = kSumLanes / 2; width > 0; width /= 2)
@@ -59,10 +64,11 @@ inline Sums<K> row_sums(int64_t n, Term term) {
   return total;
 }
 
-// The sum of term(j) over j in [0, n), in row_sums' order.
+// The sum of term(j) over j in [0, n), in row_sums' order, in the type term returns.
 template <class Term>
-inline float row_sum(int64_t n, Term term) {
-  return row_sums<1>(n, [&](int64_t j) { return Sums<1>{{term(j)}}; }).v[0];
+inline auto row_sum(int64_t n, Term term) {
+  using T = decltype(term(int64_t{0}));
+  return row_sums<1>(n, [&](int64_t j) { return Sums<1, T>{{term(j)}}; }).v[0];
 }
 
 }  // namespace

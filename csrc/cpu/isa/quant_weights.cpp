@@ -6,6 +6,7 @@
 #include <cmath>
 #include "flashkd/cpu_convert.h"
 #include "quant_kernels.h"
+#include "row_sums.h"
 
 namespace flashkd::cpu::FKD_CPU_ISA {
 namespace {
@@ -28,9 +29,9 @@ void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, in
         if (a.tensor_scale) {
           scale = *a.tensor_scale;
         } else {
-          double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t k = 0; k < K; ++k) sum += std::fabs(static_cast<double>(x[k]));
+          // |w| is exact in float64; the order of the sum is fixed (row_sums.h),
+          // so the rounded scale is the same on every instruction set.
+          const double sum = row_sum(K, [&](int64_t k) { return std::fabs(static_cast<double>(x[k])); });
           scale = quant::ternary_weight_scale(sum, K);
           a.scale[r] = scale;
         }

@@ -74,10 +74,11 @@ struct VnniDot {
 #undef FKD_A
     }
 #undef FKD_VNNI
-#define FKD_REDUCE(v, i, j) \
-  static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(v)) - 128u * static_cast<uint32_t>(w_sum[j]))
-    FKD_STORE_ALL_ROWS(FKD_REDUCE)
-#undef FKD_REDUCE
+    // Undo the offset: 128 * sum_k w[j][k] from column j of every row (int32
+    // wraps, so this is exact modulo 2^32 like the sums themselves).
+    const __m512i offset = _mm512_slli_epi32(
+        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_sum))), 7);
+    _mm512_storeu_si512(acc, _mm512_sub_epi32(FKD_BLOCK_SUMS_EPI32(), offset));
   }
 
   // sum_k w[k] for the VNNI offset correction.
@@ -107,9 +108,7 @@ struct Avx512Dot {
     }
 #undef FKD_LOAD16
 #undef FKD_MADD
-#define FKD_REDUCE(v, i, j) _mm512_reduce_add_epi32(v)
-    FKD_STORE_ALL_ROWS(FKD_REDUCE)
-#undef FKD_REDUCE
+    _mm512_storeu_si512(acc, FKD_BLOCK_SUMS_EPI32());
   }
 };
 #endif

@@ -126,9 +126,7 @@ struct VnniCodeDot {
 #undef FKD_FIELD
     }
 #undef FKD_DP
-#define FKD_REDUCE(v, i, j) _mm512_reduce_add_epi32(v)
-    FKD_STORE_ALL_ROWS(FKD_REDUCE)
-#undef FKD_REDUCE
+    _mm512_storeu_si512(acc, FKD_BLOCK_SUMS_EPI32());
   }
 };
 #endif

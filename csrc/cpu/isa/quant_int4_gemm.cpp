@@ -268,7 +268,7 @@ void int4_gemm_one_token(const quant::Int4GemmArgs& g, const SplitRows& split, i
                          int64_t n1) {
   const int64_t xsize = dtype_size(g.x_dtype);
   for (int64_t n = n0; n < n1; n += kTokenRows) {
-    prefetch_rows_ahead(g.w, g.ldw_bytes, (g.K + 1) / 2, n, n0, n1, kTokenRows);
+    prefetch_rows_ahead(g.w, g.ldw_bytes, n, n0, n1, kTokenRows);
     const int nr = static_cast<int>(std::min<int64_t>(kTokenRows, n1 - n));
     int64_t rows[kTokenRows];
     for (int j = 0; j < kTokenRows; ++j) rows[j] = n + std::min(j, nr - 1);  // a short pass repeats its last row
@@ -288,7 +288,7 @@ void int4_gemm_even_groups(const quant::Int4GemmArgs& g, int64_t m0, int64_t m1,
   const int64_t xsize = dtype_size(g.x_dtype);
   float bias = 0.f;
   for (int64_t n = n0; n < n1 && m0 < grouped_end; ++n) {
-    prefetch_rows_ahead(g.w, g.ldw_bytes, (g.K + 1) / 2, n, n0, n1, 1);
+    prefetch_rows_ahead(g.w, g.ldw_bytes, n, n0, n1, 1);
     if (g.bias) load_floats(static_cast<const char*>(g.bias) + n * xsize, g.x_dtype, 1, 1, &bias);
     for (int64_t m = m0; m < grouped_end; m += kRows) {
       const int mr = static_cast<int>(std::min<int64_t>(kRows, grouped_end - m));  // 2, 3 or 4

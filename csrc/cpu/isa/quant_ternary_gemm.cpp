@@ -214,7 +214,7 @@ void ternary_gemm(const quant::TernaryGemmArgs& g, const TernaryActivations& act
   with_code_dot([&](auto dot) {
     gemm_block<decltype(dot), uint8_t>(
         act.a, act.ld, act.ld, g.epi, act.sum, m0, m1, n0, n1, [&](int64_t n, int nr, const uint8_t** w) {
-          prefetch_rows_ahead(g.w, g.ldw_bytes, packed_bytes, n, n0, n1, kDotRows);
+          prefetch_rows_ahead(g.w, g.ldw_bytes, n, n0, n1, kDotRows);
           for (int j = 0; j < kDotRows; ++j) {
             const uint8_t* row = g.w + (n + (j < nr ? j : 0)) * g.ldw_bytes;
             if (in_place) {

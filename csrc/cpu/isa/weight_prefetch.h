@@ -38,23 +38,19 @@ inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
   }
 }
 
-// Rows [n0, n1) of a packed weight matrix (`row_bytes` used of every `ld_bytes`)
-// are read in blocks of `block_rows` rows. Called as the block at row n starts,
-// this requests the rows that lie about kPrefetchAheadBytes beyond it (at least
-// the next block), ending before n1; the first block also requests those in
-// between.
-inline void prefetch_rows_ahead(const uint8_t* w, int64_t ld_bytes, int64_t row_bytes, int64_t n, int64_t n0,
-                                int64_t n1, int64_t block_rows) {
-  // Rows of a page or more: the hardware's streams keep up. (A zero stride: one row, nothing ahead.)
-  if (row_bytes >= kPageBytes || ld_bytes <= 0) return;
-  const int64_t ahead = block_rows * std::max<int64_t>(1, kPrefetchAheadBytes / (block_rows * ld_bytes));
+// Rows [n0, n1) of a packed weight matrix, stored back to back `row_bytes`
+// apart (the glue makes the packed weights contiguous), are read in blocks of
+// `block_rows` rows. Called as the block at row n starts, this requests the
+// rows that lie about kPrefetchAheadBytes beyond it (at least the next block),
+// ending before n1; the first block also requests those in between.
+inline void prefetch_rows_ahead(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t n0, int64_t n1,
+                                int64_t block_rows) {
+  // Rows of a page or more: the hardware's streams keep up. (Empty rows: K = 0.)
+  if (row_bytes >= kPageBytes || row_bytes <= 0) return;
+  const int64_t ahead = block_rows * std::max<int64_t>(1, kPrefetchAheadBytes / (block_rows * row_bytes));
   const int64_t from = n == n0 ? n + block_rows : n + ahead;
   const int64_t to = std::min(n1, n + ahead + block_rows);
-  if (row_bytes == ld_bytes) {
-    if (from < to) prefetch_bytes(w + from * ld_bytes, (to - from) * ld_bytes);
-    return;
-  }
-  for (int64_t r = from; r < to; ++r) prefetch_bytes(w + r * ld_bytes, row_bytes);
+  if (from < to) prefetch_bytes(w + from * row_bytes, (to - from) * row_bytes);
 }
 
 }  // namespace

@@ -11,7 +11,7 @@
 namespace flashkd::cpu::FKD_CPU_ISA {
 namespace {
 
-template <Divergence D, bool kStats>
+template <Divergence D, bool kStats, bool kSoftOnly>
 void rows_impl(const DistillParams& p, int64_t begin, int64_t end) {
   const int64_t n = p.vocab;
   // The student's row (overwritten by its gradient), the teacher's, and the
@@ -39,8 +39,8 @@ void rows_impl(const DistillParams& p, int64_t begin, int64_t end) {
                         p.teacher_layout.row_offset(r) * dtype_size(p.teacher_dtype),
                     p.teacher_dtype, p.teacher_layout.col_stride, n, t);
       const float scale = weight * grad_scale * (p.row_scale ? p.row_scale[r] : 1.f);
-      const RowResult res = distill_row<D, kStats>(s, t, n, ignored ? -1 : label, p.grad != nullptr, scale, p,
-                                                   p.lse ? p.lse + r : nullptr, scratch);
+      const RowResult res = distill_row<D, kStats, kSoftOnly>(s, t, n, ignored ? -1 : label, p.grad != nullptr,
+                                                              scale, p, p.lse ? p.lse + r : nullptr, scratch);
       p.loss[r] = ignored ? 0.f : weight * res.loss;
       if constexpr (kStats) {
         std::copy(res.stats, res.stats + kNumStats, p.stats + r * kNumStats);
@@ -65,8 +65,10 @@ struct RowsLauncher {
   int64_t begin, end;
   template <Divergence D>
   void operator()() const {
-    if (p.stats) rows_impl<D, true>(p, begin, end);
-    else rows_impl<D, false>(p, begin, end);
+    const bool soft_only = p.hard_weight == 0.f && !(p.softcap > 0.f);
+    if (p.stats) rows_impl<D, true, false>(p, begin, end);  // extra passes anyway: the general form
+    else if (soft_only) rows_impl<D, false, true>(p, begin, end);
+    else rows_impl<D, false, false>(p, begin, end);
   }
 };
 

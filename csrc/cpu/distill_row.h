@@ -120,7 +120,7 @@ RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool w
     }
     if constexpr (Math::kNeedsPass2) {
       float* mixture = scratch.mixture;
-      const Sums<2> c = row_sums<2>(n, [&](int64_t j) {
+      const Sums<2> c = row_sums(n, [&](int64_t j) {
         Entry e{rs.A.log_prob(s[j] * inv_t), rs.B.log_prob(t[j] * inv_t), 0.f, q.prob(j), pt.prob(j), 0.f};
         if constexpr (Math::kHasMixture) {
           e.lm = Math::log_mixture(e, k);

@@ -19,7 +19,6 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 namespace flashkd::cpu {
 namespace {  // internal linkage: each instruction set's object builds its own
@@ -31,15 +30,19 @@ constexpr int64_t kSumBlock = 1024;
 // floats, or of doubles (the ternary weight scale's mean |w|).
 template <int K, class T = float>
 struct Sums {
+  static constexpr int kCount = K;
+  using Value = T;
   T v[K] = {};
 };
 
-// Sums<K, T> of term(j) over j in [0, n), T as term returns it; term may also
-// write per-entry outputs.
-template <int K, class Term>
+// The sums of term(j) over j in [0, n), as the Sums<K, T> that term returns
+// (how many, and of which type, follow from it); term may also write
+// per-entry outputs.
+template <class Term>
 inline auto row_sums(int64_t n, Term term) {
   using S = decltype(term(int64_t{0}));
-  using T = std::remove_reference_t<decltype(S{}.v[0])>;
+  constexpr int K = S::kCount;
+  using T = typename S::Value;
   S total;
   for (int64_t begin = 0; begin < n; begin += kSumBlock) {
     const int64_t end = std::min(n, begin + kSumBlock);
@@ -68,7 +71,7 @@ inline auto row_sums(int64_t n, Term term) {
 template <class Term>
 inline auto row_sum(int64_t n, Term term) {
   using T = decltype(term(int64_t{0}));
-  return row_sums<1>(n, [&](int64_t j) { return Sums<1, T>{{term(j)}}; }).v[0];
+  return row_sums(n, [&](int64_t j) { return Sums<1, T>{{term(j)}}; }).v[0];
 }
 
 }  // namespace

@@ -27,6 +27,23 @@ def scalar_objective(loss, gen):
     return (loss * cot.to(loss.dtype)).sum()
 
 
+def token_factors(lead, kw, soft_c, hard_c):
+    """Per token of a distillation loss with options `kw` (labels, ignore_index, weights,
+    reduction, num_items): soft_c + hard_c (hard only with a label), times the token
+    weight, 0 where ignored, over the divisor of mean; and the reduction."""
+    labels = kw.get("labels")
+    per = torch.full(tuple(lead), soft_c + (hard_c if labels is not None else 0.0), dtype=torch.float64)
+    valid = torch.ones(tuple(lead), dtype=torch.bool)
+    if labels is not None:
+        valid = labels.cpu() != kw.get("ignore_index", -100)
+        per = per * valid
+    if kw.get("weights") is not None:
+        per = per * kw["weights"].detach().cpu().double()
+    red = kw.get("reduction", "mean")
+    denom = 1.0 if red in ("none", "sum") else (kw.get("num_items") or max(int(valid.sum()), 1))
+    return per / denom, red
+
+
 # float64 gradcheck is impossible (the kernels take float32/bfloat16/float16 only).
 # In float32, the analytic directional derivative <grad, v> is compared with the
 # central difference (f(x + eps v) - f(x - eps v)) / (2 eps) of the op's own

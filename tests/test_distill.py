@@ -1325,6 +1325,8 @@ def _bad_cases(device):
         "hard_weight_no_labels": (ValueError, r"hard_weight.*labels", dict(hard_weight=0.5)),
         "negative_hard_weight": (ValueError, "hard_weight", dict(hard_weight=-1.0, labels=lab)),
         "negative_soft_weight": (ValueError, "soft_weight", dict(soft_weight=-1.0)),
+        "inf_soft_weight": (ValueError, "soft_weight must be finite", dict(soft_weight=math.inf)),
+        "nan_hard_weight": (ValueError, "hard_weight must be finite", dict(hard_weight=math.nan, labels=lab)),
         "negative_weights": (ValueError, "weights", dict(weights=-torch.ones(2, 3, device=device))),
         "weights_shape": (ValueError, "weights", dict(weights=torch.ones(3, 2, device=device))),
         "int_weights": (TypeError, "weights", dict(weights=torch.ones(2, 3, dtype=torch.long, device=device))),

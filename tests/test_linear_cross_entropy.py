@@ -574,6 +574,7 @@ def _bad(device):
         "weight_dtype": (lambda: f(h, W.bfloat16(), y), TypeError, r"weight dtype"),
         "hidden_float64": (lambda: f(h.double(), W.double(), y), TypeError,
                            r"hidden must be float32, bfloat16 or float16"),
+        "hidden_int": (lambda: f(h.long(), W, y), TypeError, r"hidden must be float32, bfloat16 or float16"),
         "bias_shape": (lambda: f(h, W, y, torch.zeros(9, device=device)), ValueError, r"bias must have shape"),
         "weights_shape": (lambda: f(h, W, y, weights=torch.ones(3, device=device)), ValueError,
                           r"weights must have shape"),

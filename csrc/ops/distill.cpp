@@ -69,7 +69,10 @@ int64_t reduction_code(c10::string_view r) {
 void set_loss_options(DistillParams& p, c10::string_view divergence, double temperature, double beta, double alpha,
                       std::optional<double> taid_lambda, double hard_weight, double soft_weight, bool t2_scaling) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", num(temperature));
-  TORCH_CHECK_VALUE(hard_weight >= 0 && soft_weight >= 0, "hard_weight and soft_weight must be >= 0");
+  TORCH_CHECK_VALUE(std::isfinite(hard_weight) && hard_weight >= 0, "hard_weight must be finite and >= 0, got ",
+                    num(hard_weight));
+  TORCH_CHECK_VALUE(std::isfinite(soft_weight) && soft_weight >= 0, "soft_weight must be finite and >= 0, got ",
+                    num(soft_weight));
   p.divergence = parse_divergence(divergence);
   p.consts = make_consts(p.divergence, beta, alpha, taid_lambda);
   p.inv_temperature = static_cast<float>(1.0 / temperature);

@@ -42,10 +42,10 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std:
   TORCH_CHECK_VALUE(weight.dim() == 2, wname, " must be 2-D (V, D), got ", weight.dim(), " dims");
   TORCH_CHECK_VALUE(weight.size(1) == hidden.size(-1), wname, " has D=", num(weight.size(1)), " but ", hname,
                     " has D=", num(hidden.size(-1)));
+  kernel_dtype(hidden, hname);  // first: an integer hidden is the error to name, not the mismatch
   TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), wname, " dtype ", weight.scalar_type(),
                    " differs from ", hname, " dtype ", hidden.scalar_type());
   TORCH_CHECK_VALUE(weight.device() == hidden.device(), wname, " must be on the device of ", hname);
-  kernel_dtype(hidden, hname);
   if (bias) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), bname, " must have shape (",
                       num(weight.size(0)), ",), got ", shape(bias->sizes()));

@@ -1,6 +1,9 @@
 """Quantized-matmul kernels against flashkd.reference.quant: integer results
 (int8 codes, int32 accumulators) bit-exact, dequantized outputs within float
 rounding, on awkward shapes, under each CPU instruction set and CUDA main loop."""
+import os
+import random
+
 import pytest
 import torch
 
@@ -142,16 +145,66 @@ def test_int4_linear(mnk, group_size, dtype, bias, device, kernel_variant):
     q, scale, zero = ref.int4_weights(w, group_size)
     b = randn(n, g, x_dtype, device) if bias else None
     out = int4_linear(x, pack(q, "w4a16").to(device), scale.to(device), zero.to(device), group_size, b)
+    check_int4(out, x, q, scale, zero, group_size, b)
+
+
+def check_int4(out, x, q, scale, zero, group_size, b):
+    """out = x @ dequantized(q)^T + b within float32 accumulation over K terms, then
+    the output dtype's rounding."""
+    (m, k), n = x.shape, q.shape[0]
     per_col = lambda t: t.repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731
     wd = ((q.double() - per_col(zero)) * per_col(scale)).double()
-    exact = x.cpu().double() @ wd.T + (b.cpu().double() if bias else 0)
-    assert out.dtype == x_dtype and out.shape == (m, n)
-    # float32 accumulation over K terms, then the output dtype's rounding.
+    exact = x.cpu().double() @ wd.T + (b.cpu().double() if b is not None else 0)
+    assert out.dtype == x.dtype and out.shape == (m, n)
     bound = 1e-6 * k * (x.cpu().double().abs() @ wd.abs().T) + 1e-6
-    if x_dtype != torch.float32:
-        bound = bound + exact.abs() * (2 ** -8 if x_dtype == torch.bfloat16 else 2 ** -11)
-    assert ((out.cpu().double() - exact).abs() <= bound).all()
+    if x.dtype != torch.float32:
+        bound = bound + exact.abs() * (2 ** -8 if x.dtype == torch.bfloat16 else 2 ** -11)
+    assert ((out.cpu().double() - exact).abs() <= bound).all(), (m, n, k, group_size)
 
+
+# Random shapes: M, N, K drawn around the kernels' block edges (M 1-7 decode,
+# 4-row and 4-column blocks, 64-byte vectors, 256-wide K chunks) from a
+# generator seeded by the case number (FLASHKD_RANDOM_CASES=N: N cases each).
+RANDOM_CASES = int(os.environ.get("FLASHKD_RANDOM_CASES", "32"))
+
+
+def random_mnk(rng):
+    m = rng.choice([rng.randint(1, 8), rng.randint(1, 40), rng.randint(1, 300)])
+    n = rng.choice([rng.randint(1, 9), rng.randint(1, 150)])
+    k = rng.choice([rng.randint(1, 70), rng.randint(1, 1100), 64 * rng.randint(1, 20) + rng.choice([0, 0, 1, 3])])
+    return m, n, k
+
+
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_random_shapes_exact(case, device, kernel_variant):
+    """quantize_activations, int8 and ternary GEMMs: bit-exact on random shapes."""
+    rng = random.Random(f"quant-{case}")
+    m, n, k = random_mnk(rng)
+    g = gen("random", case)
+    x = randn((m, k), g, DTYPES[rng.choice(list(DTYPES))], device, scale=rng.choice([0.01, 1.0, 100.0]))
+    a, s = quantize_activations(x)
+    a_ref, s_ref = ref.quantize_activations(x.cpu())
+    assert torch.equal(a.cpu(), a_ref) and torch.equal(s.cpu(), s_ref), (m, n, k)
+    w8, wt = rand_int8((n, k), g, device), rand_ternary((n, k), g, device)
+    assert torch.equal(int8_matmul(a, w8).cpu().long(), ref.int_matmul(a, w8)), (m, n, k)
+    assert torch.equal(ternary_matmul(a, pack(wt, "w1.58a8")).cpu().long(), ref.int_matmul(a, wt)), (m, n, k)
+
+
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_random_shapes_int4(case, device, kernel_variant):
+    """int4_linear on random shapes and group sizes, within float32 accumulation."""
+    rng = random.Random(f"int4-{case}")
+    m, n, k = random_mnk(rng)
+    group_size = rng.choice([rng.randint(1, 40), 32, 64, 128, k, k + 5])
+    if group_size < 8 and k > 300:
+        group_size = 32  # the oracle loops over groups
+    x_dtype = DTYPES[rng.choice(list(DTYPES))]
+    g = gen("random-int4", case)
+    x = randn((m, k), g, x_dtype, device)
+    q, scale, zero = ref.int4_weights(randn((n, k), g), group_size)
+    b = randn(n, g, x_dtype, device) if rng.random() < 0.5 else None
+    out = int4_linear(x, pack(q, "w4a16").to(device), scale.to(device), zero.to(device), group_size, b)
+    check_int4(out, x, q, scale, zero, group_size, b)
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_int4_group_wider_than_the_row(dtype, device):

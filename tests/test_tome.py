@@ -1,6 +1,8 @@
 """Token merging (flashkd.tome) against the pure-torch ToMe oracle
 (flashkd.reference.tome): plans, merged outputs, unmerge, size-weighted merging,
 source tracking, gradients, opcheck, torch.compile and bad inputs."""
+import os
+
 import pytest
 import torch
 
@@ -259,6 +261,46 @@ def test_merge_wavg_grad(device, flags, with_size):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-6)
 
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("FLASHKD_RANDOM_CASES", "24"))))
+def test_merges_random_awkward(device, seed):
+    """Random batch, token count, channel count (vector tails: 1 to 70), r,
+    flags, dtype and a strided x: merge (each mode), unmerge, merge_wavg with
+    sizes and merge_source equal the oracle's on the same plan, and merge_wavg's
+    gradients too."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    pick = lambda hi: int(torch.randint(0, hi, (1,), generator=g))  # noqa: E731
+    batch, tokens, cols = 1 + pick(4), 2 + pick(120), 1 + pick(70)
+    class_token, distill_token = bool(pick(2)), bool(pick(2))
+    dtype = DTYPES[pick(3)]
+    metric = torch.randn(batch, tokens, 8, generator=g).to(device)
+    wide = torch.randn(batch, tokens, 2 * cols, generator=g).to(device=device, dtype=dtype)
+    x = wide[..., ::2] if pick(2) else wide[..., :cols]  # channel stride 2, or a row stride > cols
+    r = 1 + pick(tokens)
+    merge, unmerge = tome.bipartite_soft_matching(metric, r, class_token=class_token, distill_token=distill_token)
+    plan = [p.to(device) for p in oracle_plan(metric, r, class_token, distill_token)]
+    if plan[1].shape[1] == 0:  # r capped to 0: the identity, as in ToMe (test_r_zero_is_identity)
+        assert merge(x) is x
+        return
+    rtol, atol = tolerance(dtype)
+    for mode in ("mean", "sum", "amax"):
+        want = ref.merge(x.double(), plan, mode, distill_token).to(dtype)
+        torch.testing.assert_close(merge(x, mode), want, rtol=rtol, atol=atol, msg=mode)
+    y = merge(x)
+    torch.testing.assert_close(unmerge(y), ref.unmerge(y, plan, tokens))
+    size = (torch.rand(batch, tokens, 1, generator=g) * 3 + 0.5).to(device)
+    ref_merge = lambda u, mode: ref.merge(u, plan, mode, distill_token)  # noqa: E731
+    got, want = tome.merge_wavg(merge, x, size), ref.merge_wavg(ref_merge, x.double(), size.double())
+    torch.testing.assert_close(got[0], want[0].to(dtype), rtol=rtol, atol=atol)
+    torch.testing.assert_close(got[1], want[1].to(dtype), rtol=rtol, atol=atol)  # sizes come back in x's dtype
+    source = tome.merge_source(merge, x)
+    eye = torch.eye(tokens, dtype=dtype, device=device).expand(batch, tokens, tokens)
+    assert torch.equal(source, ref.merge(eye, plan, "amax", distill_token))
+    if dtype == torch.float32:
+        got = grad_of(lambda t, s: tome.merge_wavg(merge, t, s), x, size)
+        want = grad_of(lambda t, s: ref.merge_wavg(ref_merge, t, s), x.double(), size.double())
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6)
 
 def test_gradcheck_linear_ops():
     """sum / mean merge and unmerge are linear: float32 gradcheck is exact enough."""

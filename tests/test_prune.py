@@ -1,6 +1,8 @@
 """Top-k token pruning (flashkd.prune.topk_tokens) against the oracle
 (flashkd.reference.tome.topk_tokens): selection, fused remainder, gradients,
 opcheck, torch.compile and bad inputs."""
+import os
+
 import pytest
 import torch
 
@@ -66,6 +68,49 @@ def test_grad(device, protect_first, fuse_remainder):
         torch.testing.assert_close(scores.grad, sr.grad.float(), rtol=1e-5, atol=1e-6)
     else:
         assert scores.grad is None
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("FLASHKD_RANDOM_CASES", "24"))))
+def test_random_awkward(device, seed):
+    """Random batch, token and channel counts (channel tails 1 to 70), keep,
+    flags, dtype, strided x and scores with ties (bf16/fp16 rounding and
+    repeated values): selection equal to the oracle's, outputs and (float32)
+    gradients to x and the scores within rounding."""
+    g = torch.Generator().manual_seed(3000 + seed)
+    pick = lambda hi: int(torch.randint(0, hi, (1,), generator=g))  # noqa: E731
+    batch, tokens, cols = 1 + pick(4), 1 + pick(250), 1 + pick(70)
+    protect_first, fuse_remainder = bool(pick(2)) and tokens >= 2, bool(pick(2))
+    keep = (2 if protect_first else 1) + pick(tokens - (1 if protect_first else 0))
+    dtype = DTYPES[pick(3)]
+    wide = torch.randn(batch, tokens, 2 * cols, generator=g).to(device=device, dtype=dtype)
+    x = wide[..., ::2] if pick(2) else wide[..., :cols]
+    scores = torch.rand(batch, tokens, generator=g)
+    if pick(2):
+        scores = (scores * 8).floor() / 8 + 0.125  # repeated values: ties broken by position
+    scores = scores.to(device=device, dtype=dtype)
+    got, index = topk_tokens(x, scores, keep, fuse_remainder=fuse_remainder, protect_first=protect_first)
+    want, want_index = ref.topk_tokens(x.double(), scores.double(), keep, fuse_remainder, protect_first)
+    assert torch.equal(index, want_index)
+    rtol, atol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}[dtype]
+    torch.testing.assert_close(got, want.to(dtype), rtol=rtol, atol=atol)
+    if dtype == torch.float32:
+        xl, sl = x.detach().clone().requires_grad_(True), scores.detach().clone().requires_grad_(True)
+        xr, sr = x.detach().double().requires_grad_(True), scores.detach().double().requires_grad_(True)
+        cot = torch.randn(got.shape, generator=g).to(device)
+        topk_tokens(xl, sl, keep, fuse_remainder=fuse_remainder, protect_first=protect_first)[0].backward(cot)
+        ref.topk_tokens(xr, sr, keep, fuse_remainder, protect_first)[0].backward(cot.double())
+        torch.testing.assert_close(xl.grad, xr.grad.float(), rtol=1e-5, atol=1e-6)
+        if fuse_remainder:
+            # d/ds_i of the fused token is (x_i - fused) . cot / S (S = the dropped
+            # tokens' score sum): float32 noise relative to |x| |cot| / S summed
+            # over the channels, however much the dot product cancels. Nothing
+            # dropped: the oracle's scores get no gradient, flashkd's zeros.
+            if sr.grad is None:
+                assert (sl.grad == 0).all()
+            else:
+                dropped = scores.double().sum(-1) - scores.double().gather(1, index).sum(-1)
+                noise = 1e-6 * (x.abs().amax() * cot[:, -1].abs().sum(-1) / dropped).amax().item()
+                torch.testing.assert_close(sl.grad, sr.grad.float(), rtol=1e-5, atol=max(1e-6, noise))
 
 
 def test_gradcheck():

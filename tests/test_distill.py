@@ -1287,6 +1287,29 @@ def test_module_equals_functional(div, device):
         flashkd.nn.DistillLoss(divergence="kl")
 
 
+MODULE_BAD_OPTIONS = [
+    ("DistillLoss", dict(temperature=0.0), "temperature"),
+    ("DistillLoss", dict(divergence="jsd", beta=2.0), "beta"),
+    ("DistillLoss", dict(num_items=-1.0), "num_items"),
+    ("DistillLoss", dict(soft_weight=math.inf), "soft_weight"),
+    ("LinearDistillLoss", dict(divergence="skl", alpha=1.0), "alpha"),
+    ("LinearDistillLoss", dict(softcap=-1.0), "softcap"),
+    ("LinearDistillLoss", dict(chunk_budget_bytes=0), "chunk_budget_bytes"),
+    ("LinearCrossEntropyLoss", dict(label_smoothing=2.0), "label_smoothing"),
+    ("LinearCrossEntropyLoss", dict(z_loss=-0.1), "z_loss"),
+]
+
+
+@pytest.mark.parametrize("module,options,name", MODULE_BAD_OPTIONS, ids=[f"{m}-{n}" for m, _, n in MODULE_BAD_OPTIONS])
+def test_module_checks_options_when_constructed(module, options, name):
+    """A bad option fails where it is set (the module runs its op once on one
+    token), naming the module and the argument, not at the first batch."""
+    with pytest.raises(ValueError, match=f"{module}: .*{name}"):
+        getattr(flashkd.nn, module)(**options)
+    # taid_lambda may come per call: not required at construction
+    getattr(flashkd.nn, module)(**({} if module == "LinearCrossEntropyLoss" else dict(divergence="taid")))
+
+
 # ----------------------------------------------------------------------------
 # Bad inputs: a clear exception that names the argument
 # ----------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import torch
 
 from . import functional as F
 from . import linear as L
-from .functional import _check_options
 
 __all__ = ["DistillLoss", "LinearDistillLoss", "LinearCrossEntropyLoss"]
 
@@ -22,6 +21,24 @@ def _options(cls_name, fn, options, tensor_args):
     return dict(options)
 
 
+def _dry_run(cls_name, options, call):
+    """Checks the options where they are set, not at the first batch: call(options,
+    vocab) runs the op once on one token of zero logits with label 0 (the op's own
+    checks: one source of truth). taid_lambda, which may come per call, is stood in for."""
+    opts = dict(options)
+    if opts.get("divergence") == "taid" and opts.get("taid_lambda") is None:
+        opts["taid_lambda"] = 0.5
+    vocab = opts.get("vocab_size")
+    if vocab is not None and not (isinstance(vocab, int) and vocab >= 1):
+        raise ValueError(f"{cls_name}: vocab_size must be an int >= 1, got {vocab!r}")
+    try:
+        with torch.no_grad():
+            call(opts, vocab or 2)  # a vocabulary of exactly vocab_size
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{cls_name}: {e}") from None
+
+
+
 class DistillLoss(torch.nn.Module):
     """Module form of :func:`flashkd.distill_loss`; accepts the same keyword options.
 
@@ -33,8 +50,8 @@ class DistillLoss(torch.nn.Module):
     def __init__(self, **options):
         super().__init__()
         self.options = _options("DistillLoss", F.distill_loss, options, self._TENSORS)
-        _check_options(self.options.get("divergence", "fkl"), self.options.get("reduction", "mean"),
-                       self.options.get("taid_lambda", 0.0))
+        _dry_run("DistillLoss", self.options, lambda o, v: F.distill_loss(
+            torch.zeros(1, v), torch.zeros(1, v), labels=torch.zeros(1, dtype=torch.long), **o))
 
     def forward(self, student_logits, teacher_logits, labels=None, weights=None, **per_call):
         return F.distill_loss(student_logits, teacher_logits, labels=labels, weights=weights,
@@ -59,8 +76,9 @@ class LinearDistillLoss(torch.nn.Module):
     def __init__(self, **options):
         super().__init__()
         self.options = _options("LinearDistillLoss", L.linear_distill_loss, options, self._TENSORS)
-        _check_options(self.options.get("divergence", "fkl"), self.options.get("reduction", "mean"),
-                       self.options.get("taid_lambda", 0.0))
+        _dry_run("LinearDistillLoss", self.options, lambda o, v: L.linear_distill_loss(
+            torch.zeros(1, 1), torch.zeros(v, 1), teacher_logits=torch.zeros(1, v),
+            labels=torch.zeros(1, dtype=torch.long), **o))
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
                 teacher_logits=None, labels=None, weights=None, student_bias=None, teacher_bias=None, **per_call):
@@ -87,7 +105,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, **options):
         super().__init__()
         self.options = _options("LinearCrossEntropyLoss", L.linear_cross_entropy, options, self._TENSORS)
-        _check_options("fkl", self.options.get("reduction", "mean"), None)
+        _dry_run("LinearCrossEntropyLoss", self.options, lambda o, v: L.linear_cross_entropy(
+            torch.zeros(1, 1), torch.zeros(2, 1), torch.zeros(1, dtype=torch.long), **o))
 
     def forward(self, hidden, weight, targets, bias=None, weights=None, **per_call):
         return L.linear_cross_entropy(hidden, weight, targets, bias, weights=weights,

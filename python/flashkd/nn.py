@@ -38,7 +38,6 @@ def _dry_run(cls_name, options, call):
         raise type(e)(f"{cls_name}: {e}") from None
 
 
-
 class DistillLoss(torch.nn.Module):
     """Module form of :func:`flashkd.distill_loss`; accepts the same keyword options.
 

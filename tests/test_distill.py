@@ -1306,6 +1306,8 @@ def test_module_checks_options_when_constructed(module, options, name):
     token), naming the module and the argument, not at the first batch."""
     with pytest.raises(ValueError, match=f"{module}: .*{name}"):
         getattr(flashkd.nn, module)(**options)
+    with torch.device("meta"), pytest.raises(ValueError, match=f"{module}: .*{name}"):
+        getattr(flashkd.nn, module)(**options)  # built under a meta-device context (large-model init)
     # taid_lambda may come per call: not required at construction
     getattr(flashkd.nn, module)(**({} if module == "LinearCrossEntropyLoss" else dict(divergence="taid")))
 

@@ -38,6 +38,11 @@ def _dry_run(cls_name, options, call):
         raise type(e)(f"{cls_name}: {e}") from None
 
 
+def _zeros(*shape, dtype=torch.float32):
+    # On the CPU whatever the default device (a meta-device context would skip the checks)
+    return torch.zeros(*shape, dtype=dtype, device="cpu")
+
+
 class DistillLoss(torch.nn.Module):
     """Module form of :func:`flashkd.distill_loss`; accepts the same keyword options.
 
@@ -50,7 +55,7 @@ class DistillLoss(torch.nn.Module):
         super().__init__()
         self.options = _options("DistillLoss", F.distill_loss, options, self._TENSORS)
         _dry_run("DistillLoss", self.options, lambda o, v: F.distill_loss(
-            torch.zeros(1, v), torch.zeros(1, v), labels=torch.zeros(1, dtype=torch.long), **o))
+            _zeros(1, v), _zeros(1, v), labels=_zeros(1, dtype=torch.long), **o))
 
     def forward(self, student_logits, teacher_logits, labels=None, weights=None, **per_call):
         return F.distill_loss(student_logits, teacher_logits, labels=labels, weights=weights,
@@ -76,8 +81,7 @@ class LinearDistillLoss(torch.nn.Module):
         super().__init__()
         self.options = _options("LinearDistillLoss", L.linear_distill_loss, options, self._TENSORS)
         _dry_run("LinearDistillLoss", self.options, lambda o, v: L.linear_distill_loss(
-            torch.zeros(1, 1), torch.zeros(v, 1), teacher_logits=torch.zeros(1, v),
-            labels=torch.zeros(1, dtype=torch.long), **o))
+            _zeros(1, 1), _zeros(v, 1), teacher_logits=_zeros(1, v), labels=_zeros(1, dtype=torch.long), **o))
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
                 teacher_logits=None, labels=None, weights=None, student_bias=None, teacher_bias=None, **per_call):
@@ -105,7 +109,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         super().__init__()
         self.options = _options("LinearCrossEntropyLoss", L.linear_cross_entropy, options, self._TENSORS)
         _dry_run("LinearCrossEntropyLoss", self.options, lambda o, v: L.linear_cross_entropy(
-            torch.zeros(1, 1), torch.zeros(2, 1), torch.zeros(1, dtype=torch.long), **o))
+            _zeros(1, 1), _zeros(2, 1), _zeros(1, dtype=torch.long), **o))
 
     def forward(self, hidden, weight, targets, bias=None, weights=None, **per_call):
         return L.linear_cross_entropy(hidden, weight, targets, bias, weights=weights,

@@ -1,5 +1,6 @@
 """Checks shared by the test modules."""
 import math
+import os
 
 import pytest
 import torch
@@ -14,6 +15,20 @@ DIV_KW = {
     "tvd": {},
     "taid": {"taid_lambda": 0.4},
 }
+
+
+# How many cases each random-draw test runs (test_random_* in every op's module):
+# FLASHKD_RANDOM_CASES=N for a longer exploration.
+RANDOM_CASES = int(os.environ.get("FLASHKD_RANDOM_CASES", "32"))
+
+
+def random_lead(rng, low_precision):
+    """Leading dims for a random linear-loss case: 1 to 3 dims of awkward sizes, or in
+    bf16/fp16 (4 | 8, 8 | 16): >= 32 tokens, where "no worse than plain torch" is not
+    decided by which logits happen to round luckily."""
+    if low_precision:
+        return (rng.choice([4, 8]), rng.choice([8, 16]))
+    return tuple(rng.choice([1, 2, 3, 5, 9]) for _ in range(rng.choice([1, 1, 2, 3])))
 
 
 def scalar_objective(loss, gen):

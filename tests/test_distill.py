@@ -65,7 +65,7 @@ import torch
 import flashkd
 from flashkd import reference as R
 
-from checks import DIV_KW, device_fixture_with_cuda_kernels, results_per_cpu_isa, token_factors
+from checks import DIV_KW, device_fixture_with_cuda_kernels, results_per_cpu_isa, token_factors, RANDOM_CASES
 import memory
 
 DIVS = flashkd.DIVERGENCES
@@ -893,9 +893,7 @@ def test_backward_scaling_rounds_once(dtype, device):
 # vocabulary and padding, temperature, labels with any ignore_index, hard and
 # soft weights, token weights, reduction and num_items, statistics, strided
 # layouts, large logits, masked classes) from a generator seeded by the case
-# number, and is judged by the same tolerance model. FLASHKD_RANDOM_CASES=N
-# draws N cases per random test instead of the default.
-RANDOM_CASES = int(os.environ.get("FLASHKD_RANDOM_CASES", "32"))
+# number, and is judged by the same tolerance model (checks.RANDOM_CASES cases).
 
 
 def draw_options(rng):

@@ -53,7 +53,7 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
-from checks import assert_compile_matches_eager, directional_check, scalar_objective
+from checks import RANDOM_CASES, assert_compile_matches_eager, directional_check, random_lead, scalar_objective
 
 EPS32 = 2.0 ** -24
 SLACK = 2.0
@@ -427,13 +427,12 @@ def test_backward_twice_raises(device):
 # ----------------------------------------------------------------------------- random option combinations
 
 # The tests above vary a few options at a time. Here each case draws all of them at once
-# from a generator seeded by the case number (FLASHKD_RANDOM_CASES=N: N cases). Where the
+# from a generator seeded by the case number (checks.RANDOM_CASES cases). Where the
 # tolerance model stops being informative the draws stop too: V >= 3 (at V = 1 the
 # cross-entropy gradient cancels to exactly 0 in float64, so float32 noise of the size of
 # the softmax has nothing to be relative to), and bf16/fp16 only with >= 32 tokens and
 # V >= 100 (on a few tokens, "gradients no worse than plain torch's" is decided by
 # which logits happen to round luckily: both round them to the dtype).
-RANDOM_CASES = int(os.environ.get("FLASHKD_RANDOM_CASES", "32"))
 
 
 @pytest.mark.parametrize("case", range(RANDOM_CASES))
@@ -441,9 +440,7 @@ def test_random_option_combinations(case, device):
     rng = random.Random(f"linear_ce-{case}")
     dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16])
     low = dtype != torch.float32
-    lead = tuple(rng.choice([1, 2, 3, 5, 9]) for _ in range(rng.choice([1, 1, 2, 3])))
-    if low:
-        lead = (rng.choice([4, 8]), rng.choice([8, 16]))
+    lead = random_lead(rng, low)
     kw = dict(lead=lead, V=rng.choice([100, 513] if low else [3, 17, 37, 100, 513]),
               D=rng.choice([24, 65] if low else [1, 3, 8, 24, 65]), dtype=dtype, bias=rng.random() < 0.4,
               scale=rng.choice([1.0, 3.0, 8.0]), ignore=rng.choice([0.0, 0.3, 1.0]), weights=rng.random() < 0.3,

@@ -53,7 +53,8 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
-from checks import DIV_KW, assert_compile_matches_eager, directional_check, scalar_objective, token_factors
+from checks import (DIV_KW, RANDOM_CASES, assert_compile_matches_eager, directional_check, random_lead,
+                    scalar_objective, token_factors)
 
 EPS32 = 2.0 ** -24
 SLACK = 2.0
@@ -490,14 +491,13 @@ def test_noncontiguous_teacher_logits(div, device):
 # teacher vocabulary, biases, labels with any ignore_index, hard/soft weights, token
 # weights, reductions, shift, vocab_size, statistics, soft cap, chunk budget, which
 # student tensors need gradients) from a generator seeded by the case number
-# (FLASHKD_RANDOM_CASES=N: N cases; 12000 passed on the CPU). In float32 anything goes,
+# (checks.RANDOM_CASES cases; 12000 passed on the CPU). In float32 anything goes,
 # vocabularies and hidden sizes of 1 and taid_lambda = 0 included (their gradients
 # cancel to ~0, held to the per-element floor of grad_terms). bf16 is drawn only with
 # >= 32 tokens, V >= 100 and hidden sizes >= 8, and not for tvd: there its logits'
 # rounding (2^-8 relative) moves the gradient by more than float32 noise, and on a few
 # tokens "no worse than plain torch" is decided by which logits round luckily (tvd's
 # gradient, a sign per element, flips where rounding moves p_j - q_j across 0).
-RANDOM_CASES = int(os.environ.get("FLASHKD_RANDOM_CASES", "32"))
 
 
 @pytest.mark.parametrize("case", range(RANDOM_CASES))
@@ -506,9 +506,7 @@ def test_random_option_combinations(case, device):
     div = rng.choice(DIVS)
     dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16] if div != "tvd" else [torch.float32])
     low = dtype != torch.float32
-    lead = tuple(rng.choice([1, 2, 3, 5, 9]) for _ in range(rng.choice([1, 1, 2, 3])))
-    if low:
-        lead = (rng.choice([4, 8]), rng.choice([8, 16]))
+    lead = random_lead(rng, low)
     V = rng.choice([100, 513] if low else [1, 2, 3, 17, 37, 100, 513])
     kw = dict(divergence=div, lead=lead, V=V, Vt=V + rng.choice([0, 0, 1, 8]),
               Ds=rng.choice([8, 24] if low else [1, 3, 8, 24]), Dt=rng.choice([16, 40] if low else [1, 5, 16, 40]),

@@ -1,16 +1,17 @@
 """Top-k token pruning (flashkd.prune.topk_tokens) against the oracle
 (flashkd.reference.tome.topk_tokens): selection, fused remainder, gradients,
 opcheck, torch.compile and bad inputs."""
-import os
-
 import pytest
 import torch
 
 from flashkd.prune import topk_tokens
 from flashkd.reference import tome as ref
 
+from checks import RANDOM_CASES
+
 ops = torch.ops.flashkd
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOLERANCE = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}
 
 
 def rand(*shape, dtype=torch.float32, device="cpu", seed=0):
@@ -34,7 +35,7 @@ def test_matches_oracle(device, tokens, keep, protect_first, fuse_remainder, dty
     got, index = topk_tokens(x, scores, keep, fuse_remainder=fuse_remainder, protect_first=protect_first)
     want, want_index = ref.topk_tokens(x.double(), scores.double(), keep, fuse_remainder, protect_first)
     assert torch.equal(index, want_index)
-    rtol, atol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}[dtype]
+    rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(got, want.to(dtype), rtol=rtol, atol=atol)
     assert torch.equal(got[:, :keep], x.gather(1, index[..., None].expand(-1, -1, 12)))
 
@@ -70,7 +71,7 @@ def test_grad(device, protect_first, fuse_remainder):
         assert scores.grad is None
 
 
-@pytest.mark.parametrize("seed", range(int(os.environ.get("FLASHKD_RANDOM_CASES", "24"))))
+@pytest.mark.parametrize("seed", range(RANDOM_CASES))
 def test_random_awkward(device, seed):
     """Random batch, token and channel counts (channel tails 1 to 70), keep,
     flags, dtype, strided x and scores with ties (bf16/fp16 rounding and
@@ -91,7 +92,7 @@ def test_random_awkward(device, seed):
     got, index = topk_tokens(x, scores, keep, fuse_remainder=fuse_remainder, protect_first=protect_first)
     want, want_index = ref.topk_tokens(x.double(), scores.double(), keep, fuse_remainder, protect_first)
     assert torch.equal(index, want_index)
-    rtol, atol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}[dtype]
+    rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(got, want.to(dtype), rtol=rtol, atol=atol)
     if dtype == torch.float32:
         xl, sl = x.detach().clone().requires_grad_(True), scores.detach().clone().requires_grad_(True)

@@ -1,7 +1,6 @@
 """Quantized-matmul kernels against flashkd.reference.quant: integer results
 (int8 codes, int32 accumulators) bit-exact, dequantized outputs within float
 rounding, on awkward shapes, under each CPU instruction set and CUDA main loop."""
-import os
 import random
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from flashkd.quant import int4_linear, int8_matmul, pack, quantize_activations, ternary_matmul, unpack
 from flashkd.reference import quant as ref
+from checks import RANDOM_CASES
 from quant_cases import DTYPES, SHAPES, gen, kernel_variant, rand_int8, rand_ternary, randn  # noqa: F401  (fixture)
 
 ops = torch.ops.flashkd
@@ -164,8 +164,7 @@ def check_int4(out, x, q, scale, zero, group_size, b):
 
 # Random shapes: M, N, K drawn around the kernels' block edges (M 1-7 decode,
 # 4-row and 4-column blocks, 64-byte vectors, 256-wide K chunks) from a
-# generator seeded by the case number (FLASHKD_RANDOM_CASES=N: N cases each).
-RANDOM_CASES = int(os.environ.get("FLASHKD_RANDOM_CASES", "32"))
+# generator seeded by the case number (checks.RANDOM_CASES cases each).
 
 
 def random_mnk(rng):

@@ -1,15 +1,13 @@
 """Token merging (flashkd.tome) against the pure-torch ToMe oracle
 (flashkd.reference.tome): plans, merged outputs, unmerge, size-weighted merging,
 source tracking, gradients, opcheck, torch.compile and bad inputs."""
-import os
-
 import pytest
 import torch
 
 import flashkd.tome as tome
 from flashkd.reference import tome as ref
 
-from checks import results_per_cpu_isa
+from checks import RANDOM_CASES, results_per_cpu_isa
 
 ops = torch.ops.flashkd
 FLAGS = [(False, False), (True, False), (False, True), (True, True)]
@@ -262,7 +260,7 @@ def test_merge_wavg_grad(device, flags, with_size):
         torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("seed", range(int(os.environ.get("FLASHKD_RANDOM_CASES", "24"))))
+@pytest.mark.parametrize("seed", range(RANDOM_CASES))
 def test_merges_random_awkward(device, seed):
     """Random batch, token count, channel count (vector tails: 1 to 70), r,
     flags, dtype and a strided x: merge (each mode), unmerge, merge_wavg with

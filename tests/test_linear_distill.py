@@ -41,7 +41,6 @@ hard_weight, token weights, mean divisor): the divergences are sums of terms of 
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import pytest
@@ -55,18 +54,8 @@ from flashkd._ops import LINEAR_LOSS_ARGS
 import memory
 from checks import (DIV_KW, RANDOM_CASES, assert_compile_matches_eager, directional_check, random_lead,
                     scalar_objective, token_factors)
+from linear_tolerance import EPS32, K_FLOOR, SLACK, UNIT, check_close, max_err, product_magnitudes
 
-EPS32 = 2.0 ** -24
-SLACK = 2.0
-K_FLOOR = 8.0
-# The per-element floor of a gradient (check_close's `terms`) is K_TERMS times the same
-# noise, plus the dtype's unit roundoff, per unit of the products' magnitudes. Calibrated
-# on the random cases: 12000 pass at 0.25, one of 6000 fails at 0.1; at 0.25 a gradient
-# scaled by 1 + 1e-4 still fails 94 of the 207 float32 cases among the first 300 (108
-# without this floor; the others have zero gradients or coarser bounds elsewhere).
-K_TERMS = 0.25
-UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-REPORT_TOL = bool(os.environ.get("FLASHKD_TEST_REPORT_TOL"))
 DIVS = flashkd.DIVERGENCES
 STAT_KEYS = ("divergence", "student_entropy", "teacher_entropy", "student_logprob", "teacher_logprob")
 
@@ -155,37 +144,6 @@ def run(impl, inp, *, dtype=None, requires=("h", "W", "b"), view=None, seed=1, *
     return loss.detach().double(), stats, grads
 
 
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def check_close(name, k, o, p, noise, min_scale=0.0, unit=0.0, terms=None, extra=0.0):
-    """min_scale: the size of the terms the result is made of, where the result itself
-    cancels to ~0 (a divergence of identical distributions is 0 up to float32 noise of
-    terms of order 1). unit: unit roundoff of the dtype the result is stored in (one
-    rounding of the largest element is always allowed). terms: per element, the sum of
-    the magnitudes of the products a gradient element is made of (grad_terms): a dot
-    product carries float32 noise, and one rounding of each product's d logits to the
-    dtype, relative to that, however much it cancels. extra: an absolute allowance (what
-    rounding the logits to bf16 moves the oracle's result by)."""
-    assert k is not None, f"{name}: kernel returned nothing"
-    assert k.shape == o.shape, f"{name}: shape {tuple(k.shape)} != {tuple(o.shape)}"
-    assert not torch.isnan(k).any(), f"{name}: NaN in the kernel's result"
-    scale = max(o.abs().max().item() if o.numel() else 0.0, min_scale)
-    bound = SLACK * max_err(p, o) + (noise + unit) * scale + extra
-    per_element = torch.zeros(o.shape, dtype=torch.float64) if terms is None else \
-        K_TERMS * (noise + unit) * terms.cpu()
-    bound = bound + per_element
-    err = (k.double().cpu() - o.double().cpu()).abs()
-    i = int(torch.argmax((err - bound).reshape(-1))) if err.numel() else 0
-    worst = (err.reshape(-1)[i].item(), bound.reshape(-1)[i].item()) if err.numel() else (0.0, 0.0)
-    if REPORT_TOL:
-        print(f"TOL {name}: kernel {worst[0]:.2e} plain {max_err(p, o):.2e} bound {worst[1]:.2e} "
-              f"ratio {worst[0] / worst[1] if worst[1] else 0.0:.3f}")
-    assert (err <= bound).all(), (f"{name}: |kernel - oracle| = {worst[0]:.3e} > bound {worst[1]:.3e} at flat "
-                                  f"index {i} (plain torch error {max_err(p, o):.3e}, scale {scale:.3e})")
-
-
 def student_input(inp, view):
     return inp["h"] if view is None else view(inp["h"])
 
@@ -250,9 +208,7 @@ def grad_terms(inp, view, kw):
     P = torch.stack(probs).amax(0)
     M = G.clone()
     M[..., :P.shape[-1]] += token_coefficients(inp, kw, view)[1].to(M.device).unsqueeze(-1) * P
-    mags = {k: None if inp[k] is None else inp[k].detach().double().abs().requires_grad_() for k in ("h", "W", "b")}
-    (R.head_logits(student_input(mags, view), mags["W"], mags["b"], torch.float64) * M).sum().backward()
-    return {k: None if t is None else t.grad for k, t in mags.items()}
+    return product_magnitudes(inp, view, M)
 
 
 def oracle_on_rounded_logits(inp, view, kw):

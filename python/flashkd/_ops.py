@@ -141,24 +141,24 @@ def _linear_backward(ctx, grad_loss, _gdh, _gdw, _gdb, grad_lse, _gstats, _gagre
     mask = (GRAD_HIDDEN if ctx.needs_input_grad[0] else 0) | (GRAD_WEIGHT if ctx.needs_input_grad[1] else 0) \
         | (GRAD_BIAS if ctx.needs_input_grad[2] else 0)
     grads = {"hidden": None, "weight": None, "bias": None}
+    with_lse = grad_lse is not None and ctx.options["return_lse"]
     if grad_loss is not None:
         if ctx.options["reduction"] == "none":
             a = dict(ctx.options, **inputs)
             a.update(reduction="sum", return_stats=False, return_lse=False, row_scale=grad_loss, num_items=None,
                      grad_mask=mask)
             _, dh, dw, db, *_ = ops.linear_loss(*(a.get(k) for k in LINEAR_LOSS_ARGS))
+        elif with_lse:  # scaled in float32: the LSE's gradient is added before the one rounding
+            dh, dw, db = (g.float() * grad_loss for g in (dhidden, dweight, dbias))
         else:  # gradients were made in forward: scale them by grad_output
             dh, dw, db = (scale_saved_grad(g, grad_loss) if g.numel() else g for g in (dhidden, dweight, dbias))
         grads.update(hidden=dh if mask & GRAD_HIDDEN else None, weight=dw if mask & GRAD_WEIGHT else None,
                      bias=db if mask & GRAD_BIAS else None)
-    if grad_lse is not None and ctx.options["return_lse"]:
+    if with_lse:
         from .linear import lse_backward
 
-        extra = lse_backward(inputs["hidden"], inputs["weight"], inputs.get("bias"), lse, grad_lse,
-                             ctx.options["softcap"], ctx.options["chunk_budget_bytes"], mask)
-        for k, g in extra.items():
-            if g is not None:
-                grads[k] = g if grads[k] is None else grads[k] + g
+        grads = lse_backward(inputs["hidden"], inputs["weight"], inputs.get("bias"), lse, grad_lse,
+                             ctx.options["softcap"], ctx.options["chunk_budget_bytes"], mask, grads)
     return (grads["hidden"], grads["weight"], grads["bias"]) + (None,) * (len(LINEAR_LOSS_ARGS) - 3)
 
 

@@ -161,17 +161,26 @@ def linear_distill_loss(
     return (loss, _stats_dict(stats, agree)) if return_stats else loss
 
 
-def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_bytes, grad_mask):
-    """Gradient of sum(grad_lse * lse) w.r.t. hidden/weight/bias, recomputing
-    the logits chunk by chunk: d lse / d z = softmax(z) (times the cap's derivative)."""
+def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_bytes, grad_mask, start):
+    """start + the gradient of sum(grad_lse * lse) w.r.t. hidden/weight/bias, recomputing
+    the logits chunk by chunk: d lse / d z = softmax(z) (times the cap's derivative).
+    start: {"hidden"|"weight"|"bias": the loss's gradient or None}; the sum is formed in
+    float32 and rounded once to each input's dtype."""
     h = hidden.reshape(-1, hidden.shape[-1])
     g = grad_lse.reshape(-1).float()
     budget = chunk_budget_bytes or ((512 << 20) if h.is_cuda else (32 << 20))
     chunk = max(1, budget // (weight.shape[0] * 4))
-    dh = torch.empty_like(h) if grad_mask & GRAD_HIDDEN else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad_mask & GRAD_WEIGHT else None
-    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) \
-        if grad_mask & GRAD_BIAS and bias is not None else None
+
+    def accumulator(name, like, wanted):
+        if not wanted:
+            return None
+        s = start.get(name)
+        return torch.zeros(like.shape, dtype=torch.float32, device=h.device) if s is None else \
+            s.reshape(like.shape).float()
+
+    dh = accumulator("hidden", h, grad_mask & GRAD_HIDDEN)
+    dw = accumulator("weight", weight, grad_mask & GRAD_WEIGHT)
+    db = accumulator("bias", bias, grad_mask & GRAD_BIAS and bias is not None)
     lse_flat = lse.reshape(-1)
     for r0 in range(0, h.shape[0], chunk):
         hc = h[r0:r0 + chunk]
@@ -183,11 +192,11 @@ def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_byte
             dz = dz * (1 - (z / softcap) ** 2)
         dz = dz.to(h.dtype)
         if dh is not None:
-            dh[r0:r0 + chunk] = dz @ weight
+            dh[r0:r0 + chunk] += (dz @ weight).float()
         if dw is not None:
             dw += (dz.T @ hc).float()
         if db is not None:
             db += dz.float().sum(0)
-    return {"hidden": None if dh is None else dh.reshape(hidden.shape),
+    return {"hidden": None if dh is None else dh.to(hidden.dtype).reshape(hidden.shape),
             "weight": None if dw is None else dw.to(weight.dtype),
             "bias": None if db is None else db.to(bias.dtype)}

@@ -123,12 +123,10 @@ def _shifted(labels, ignore_index):
     return out
 
 
-def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, softcap=None,
-                         label_smoothing=0.0, z_loss=0.0, weights=None, reduction="mean", num_items=None,
-                         shift=False, return_lse=False, chunk_budget_bytes=None):
-    """Oracle of :func:`flashkd.linear_cross_entropy`: materializes the logits."""
-    dt = _compute_dtype(hidden, weight)
-    z = head_logits(hidden, weight, bias, dt)
+def cross_entropy(logits, targets, *, ignore_index=-100, softcap=None, label_smoothing=0.0, z_loss=0.0,
+                  weights=None, reduction="mean", num_items=None, shift=False, return_lse=False):
+    """The loss of :func:`linear_cross_entropy` on given (pre-cap) logits (..., V)."""
+    z = logits
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     labels = _shifted(targets, ignore_index) if shift else targets
@@ -140,9 +138,15 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
     per_token = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse ** 2
     per_token = torch.where(valid, per_token, 0.0)
     if weights is not None:
-        per_token = per_token * weights.to(dt)
+        per_token = per_token * weights.to(z.dtype)
     loss = _reduce(per_token, valid, reduction, num_items)
     return (loss, lse) if return_lse else loss
+
+
+def linear_cross_entropy(hidden, weight, targets, bias=None, *, chunk_budget_bytes=None, **options):
+    """Oracle of :func:`flashkd.linear_cross_entropy`: materializes the logits (options
+    as :func:`cross_entropy`; chunk_budget_bytes is accepted and ignored)."""
+    return cross_entropy(head_logits(hidden, weight, bias, _compute_dtype(hidden, weight)), targets, **options)
 
 
 def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,

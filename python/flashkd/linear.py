@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ._autocast import autocast_inputs
 from ._ops import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, ops
 from .functional import _check_options, _check_tensor, _stats_dict
 
@@ -32,6 +33,9 @@ def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
     _check_tensor(hidden, "hidden")
     _check_tensor(weight, "weight")
     _check_options(divergence, reduction, taid_lambda)
+    # Under torch.autocast the heads run in its dtype, as F.linear would (_autocast.py).
+    hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias = autocast_inputs(
+        hidden.device, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
     if labels is not None:
         _check_tensor(labels, labels_name)
         if labels.is_floating_point():
@@ -90,8 +94,10 @@ def linear_cross_entropy(
       the last position of each sequence is ignored);
     - ``return_lse``: also return the per-token float32 log-sum-exp (differentiable).
 
-    hidden (..., D) and weight (V, D) in float32/bfloat16/float16 (same dtype);
-    gradients come back in the input dtypes, d(weight) accumulated in float32.
+    hidden (..., D) and weight (V, D) in float32/bfloat16/float16 (same dtype;
+    under ``torch.autocast`` both, and the bias, are cast to its dtype first, as
+    F.linear casts them); gradients come back in the input dtypes, d(weight)
+    accumulated in float32.
     ``chunk_budget_bytes`` bounds the logits held at once (default 32 MiB on
     CPU, 512 MiB on CUDA); peak extra memory is that plus the gradients.
     """
@@ -141,6 +147,8 @@ def linear_distill_loss(
     Vt >= V (the student's vocabulary): extra teacher columns are ignored.
     Student and teacher hidden sizes may differ. ``softcap`` applies to the
     student logits. Gradients flow to the student hidden, weight and bias only.
+    Under ``torch.autocast`` both heads (hidden, weight, bias) are cast to its
+    dtype first, as F.linear casts them; ``teacher_logits`` are not.
     Every other option is :func:`flashkd.distill_loss`'s.
 
     ``chunk_budget_bytes`` bounds the logits held at once: the student's chunk,

@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ops as _loaded  # noqa: F401  (loads the compiled library)
+from .._autocast import autocast_off
 from .formats import dequantize_weight, int4_dequantize, num_groups, quantize_weight
 
 ops = torch.ops.flashkd
@@ -70,7 +71,8 @@ def qat_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     q, scale, zero = quantize_weight(weight, scheme, group_size, per_tensor)
     if scheme == "w4a16":
         wd = int4_dequantize(q, scale, zero, group_size).to(x.dtype)
-        out = torch.nn.functional.linear(x, wd, None if bias is None else bias.to(x.dtype))
+        with autocast_off(x.device):  # the result's dtype is x's, as the fake says
+            out = torch.nn.functional.linear(x, wd, None if bias is None else bias.to(x.dtype))
     else:
         qa, a_scale = ops.quantize_int8_rows(x)
         out = ops.int8_linear(qa, q, a_scale, scale, bias, x.dtype)

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .._autocast import autocast_inputs
 from ._ops import ops, qat_linear
 from .formats import check_group_size, check_scheme
 
@@ -65,6 +66,7 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     check_float_input(x, "input", weight.shape[1])
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must have shape [out_features] ({weight.shape[0]}), got {list(bias.shape)}")
+    (x,) = autocast_inputs(x.device, x)  # under torch.autocast: see QuantLinear
     return qat_linear(x, weight, bias, scheme, group_size, bool(per_tensor))[0]
 
 

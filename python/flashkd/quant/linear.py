@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from .._autocast import autocast_inputs
 from ._ops import ops
 from .formats import SCHEMES, check_group_size, check_scheme, int4_weights, int8_weights, pack, ternary_weights
 from .functional import check_float_input, quant_linear
@@ -77,6 +78,11 @@ class QuantLinear(nn.Module):
     another order: equal within float rounding). The frozen form has no
     gradients. ``state_dict`` round-trips in either form (load a frozen state
     into a frozen layer).
+
+    Under ``torch.autocast`` the input is cast to the autocast dtype, and the
+    output is in that dtype, as with ``nn.Linear``; the weight is quantized from
+    its own (master) precision and the bias is added in float32, where
+    ``nn.Linear`` would round both to the autocast dtype first.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: str,
@@ -144,7 +150,8 @@ class QuantLinear(nn.Module):
                                 per_tensor=self.per_tensor)
         check_float_input(input, "input", self.in_features)
         buffers = {name: getattr(self, name) for name in FROZEN_BUFFERS[self.scheme]}
-        return frozen_linear(input, buffers, self.bias, self.scheme, self.group_size)
+        (x,) = autocast_inputs(input.device, input)
+        return frozen_linear(x, buffers, self.bias, self.scheme, self.group_size)
 
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.scheme == "w4a16" else ""

@@ -672,6 +672,27 @@ def test_workspace_training_step(N, V, D, reduction, device):
         f"(gradients {memory.nbytes([h.grad, W.grad])} B)"
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_gradients_without_autograd(mode, device):
+    """Under torch.no_grad() / inference_mode the op makes no gradients (one GEMM per
+    chunk, not three), although the parameters require grad: the call's whole peak stays
+    within the budget (d weight alone would be 8 MiB), and the loss is the same."""
+    budget = 256 << 10
+    inp = make_inputs(device, lead=(64,), V=32000, D=64, ignore=0.1)
+    h, W = inp["h"].requires_grad_(), inp["W"].requires_grad_()
+    with_grad = flashkd.linear_cross_entropy(h, W, inp["y"], chunk_budget_bytes=budget)
+
+    def call():
+        with getattr(torch, mode)():
+            return flashkd.linear_cross_entropy(h, W, inp["y"], chunk_budget_bytes=budget)
+
+    call()  # warm-up
+    m = memory.measure(call, device)
+    assert not m.result.requires_grad
+    assert torch.equal(m.result, with_grad.detach())
+    assert m.peak <= budget + memory.glue_allowance(64), f"peak {m.peak} B > budget {budget} B + allowance"
+
+
 def test_workspace_independent_of_vocab(device):
     """Same budget, 8x the vocabulary: the workspace beyond the gradients stays within the
     same bound (the logits are never materialized; only the gradient grows with V)."""

@@ -20,6 +20,10 @@ def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 
 def _grad_mask(hidden, weight, bias) -> int:
+    """Which gradients forward makes: none under torch.no_grad() / inference_mode (one
+    GEMM per chunk instead of three)."""
+    if not torch.is_grad_enabled():
+        return 0
     mask = GRAD_HIDDEN if hidden.requires_grad else 0
     mask |= GRAD_WEIGHT if weight.requires_grad else 0
     mask |= GRAD_BIAS if bias is not None and bias.requires_grad else 0

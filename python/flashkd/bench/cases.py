@@ -67,11 +67,14 @@ class Provider:
     Unsupported. ``per_shape_warmup`` marks providers that compile for each
     input shape (torch.compile, Triton kernels): when the accuracy call ran on
     a smaller input they get an untimed call at the timed shape, while for the
-    others the accuracy call is warm-up enough.
+    others the accuracy call is warm-up enough. ``per_input_warmup`` marks
+    providers that prepare something for each input set on its first call (a
+    peer's quantized copy of the weights): every set gets one untimed call.
     """
 
     build: Callable
     per_shape_warmup: bool = False
+    per_input_warmup: bool = False
 
 
 class Inputs:

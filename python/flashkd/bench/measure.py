@@ -5,6 +5,7 @@
    them), whose loss and gradients the runner compares with the oracle; it also
    warms the provider up;
 2. for providers that compile per input shape, an untimed call at the timed shape;
+   for those that prepare each input set (a peer's quantized weights), one per set;
 3. the median time of forward calls, then of forward+backward calls, rotating
    through enough input sets that they do not sit in the cache; the first timed
    forward+backward call is also the one whose peak extra memory is recorded,
@@ -95,6 +96,9 @@ def _measure(fn, provider, case, device, sets, repeats):
         warm = fn(sets[0].tensors)
         if not forward_only:
             sets[0].backward(warm)
+    if provider.per_input_warmup:
+        for inputs in sets:
+            fn(inputs.tensors)
 
     def setup(i):
         sets[i % len(sets)].clear_grads()

@@ -15,12 +15,20 @@ weight). Providers:
             int8 GEMM forced onto the sm_80 mma.sync main loop: what wgmma buys
   cublas-int8  (CUDA, w8a8-infer) torch._int_mm, cuBLAS's int8 GEMM with int32
             output and no epilogue: a reference for the int8 main loop alone
+  torchao   (w8a8-infer, w4a16-infer) torchao's inference layers, when it is
+            importable and can build them here: Int8DynamicActivationInt8Weight
+            (per-token int8 activations, per-channel int8 weights) and
+            Int4WeightOnly (groups of 128, tinygemm's packing: CUDA, bf16); each
+            input set's layer is quantized in an untimed warm-up call
 
 ``bytes_per_weight`` is the weight storage each provider reads: the packed
 buffers (scales and zeros included) for the inference form, the latent float
 weight otherwise. Errors are against float64 oracles of each provider's own
 math (flashkd.reference.quant's quantizers for flashkd, the float product for
-torch), both reduced over rows first so they cost O((M + N) K).
+torch), both reduced over rows first so they cost O((M + N) K). torchao's
+quantizers are not in the oracle: its error is against the float product, i.e.
+its quantization error, and its bytes per weight are those of its quantized
+weight tensor's storage.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ from flashkd.quant import quant_linear
 from flashkd.quant.linear import frozen_buffers, frozen_linear
 from flashkd.reference import quant as ref
 
-from ..cases import DTYPES, Inputs, Provider, Unsupported, under_kernel_choice
+from ..cases import DTYPES, Inputs, Provider, Unsupported, import_peer, under_kernel_choice
 
 NAME = "quant_linear"
 SCHEMES = ("w1.58a8", "w8a8", "w4a16")
@@ -163,8 +171,57 @@ def _cublas_int8(case, device):
     return run
 
 
+# torchao's config class and options for each variant it is compared on.
+_TORCHAO_CONFIGS = {
+    "w8a8-infer": ("Int8DynamicActivationInt8WeightConfig", {}),
+    "w4a16-infer": ("Int4WeightOnlyConfig", {"group_size": GROUP_SIZE, "int4_packing_format": "tile_packed_to_4d"}),
+}
+
+
+def _torchao_layer(case, weight, bias):
+    """An inference nn.Linear holding weight and bias, quantized by torchao for case's variant."""
+    name, options = _TORCHAO_CONFIGS[case.variant]
+    quantize_, config = import_peer("torchao", "torchao.quantization", "quantize_", name)
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    quantize_(layer.requires_grad_(False), config(**options))
+    return layer
+
+
+def _torchao(case, device):
+    if case.variant not in _TORCHAO_CONFIGS:
+        raise Unsupported("torchao is compared on w8a8-infer and w4a16-infer (no ternary layer; its "
+                          "training forms are not these)")
+    _check_plan(case, device)
+    probe = make_inputs(case, device, seed=0).tensors
+    try:  # whether torchao can build this layer here at all (int4: its CUDA packing needs bf16)
+        _torchao_layer(case, probe["weight"], probe["bias"])
+    except Unsupported:
+        raise
+    except Exception as exc:  # noqa: BLE001  (the peer's own reason, shown as the skip reason)
+        raise Unsupported(f"torchao cannot build {case.variant} here: {type(exc).__name__}: "
+                          f"{(str(exc).strip().splitlines() or [''])[0][:160]}") from None
+    layers = {}  # per input set (keyed by its weight tensor), made in the warm-up
+
+    def run(t):
+        key = id(t["weight"])
+        if key not in layers:
+            layers[key] = _torchao_layer(case, t["weight"], t["bias"])
+        return layers[key](t["x"]).sum(dtype=torch.float32)
+    return run
+
+
+def _torchao_bytes_per_weight(case, t):
+    layer = _torchao_layer(case, t["weight"], t["bias"])
+    names, _ = layer.weight.__tensor_flatten__()
+    return sum(getattr(layer.weight, n).nbytes for n in names) / layer.weight.numel()
+
+
 PROVIDERS = {"flashkd": Provider(_flashkd), "torch": Provider(_torch),
-             "flashkd-mma.sync": Provider(_flashkd_mma_sync), "cublas-int8": Provider(_cublas_int8)}
+             "flashkd-mma.sync": Provider(_flashkd_mma_sync), "cublas-int8": Provider(_cublas_int8),
+             "torchao": Provider(_torchao, per_input_warmup=True)}
 
 
 def _oracles(case, t):
@@ -191,7 +248,8 @@ def _oracles(case, t):
     quant_grads = {"x": wd.sum(0).expand(m, -1), "weight": grad_w, "bias": grad_b}
     float_grads = {"x": w.double().sum(0).expand(m, -1), "weight": grad_w, "bias": grad_b}
     quant = (q_loss.item(), quant_grads)
-    return {"flashkd": quant, "flashkd-mma.sync": quant, "torch": (float_loss.item(), float_grads)}
+    exact = (float_loss.item(), float_grads)
+    return {"flashkd": quant, "flashkd-mma.sync": quant, "torch": exact, "torchao": exact}
 
 
 def errors(case, inputs, outputs):
@@ -217,6 +275,9 @@ def errors(case, inputs, outputs):
         if worst is not None:
             rec["grad_err"], rec["grad_max_abs_err"] = worst
         packed = name.startswith("flashkd") and _inference(case)
-        rec["bytes_per_weight"] = _packed_bytes(case) / (n * k) if packed else float(size)
+        if name == "torchao":
+            rec["bytes_per_weight"] = _torchao_bytes_per_weight(case, inputs.tensors)
+        else:
+            rec["bytes_per_weight"] = _packed_bytes(case) / (n * k) if packed else float(size)
         result[name] = rec
     return result

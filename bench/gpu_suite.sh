@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # flashkd on one NVIDIA GPU, offline, in one command (9 minutes on an H100 before the tome and quant
 # ops were added; not yet run with them — expect about 15, see FLASHKD_SUITE_STEPS to split it):
-#   1. install peer wheels from .whl/ (liger-kernel, ...) into /tmp/site
+#   1. install peer wheels from .whl/ (liger-kernel, cut-cross-entropy, torchao) into /tmp/site
 #   2. build flashkd in place with its CUDA kernels
 #   3. show the GPU, torch and whether the CUDA kernels loaded
 #   4. every cuda-marked test: first those of the kernels never yet run on a GPU (the distillation

@@ -83,8 +83,9 @@ struct RowScratch {
 // 98-100 ms) and the float32 one 2-5% faster; the other divergences were
 // out of line already.
 template <Divergence D, bool kStats, bool kSoftOnly>
-__attribute__((noinline)) RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool want_grad, float grad_scale,
-                      const DistillParams& p, float* lse_out, const RowScratch& scratch) {
+__attribute__((noinline)) RowResult distill_row(float* s, const float* t, int64_t n, int64_t label, bool want_grad,
+                                                float grad_scale, const DistillParams& p, float* lse_out,
+                                                const RowScratch& scratch) {
   using Math = DivergenceMath<D>;
   const float inv_t = p.inv_temperature;
   const DivergenceConsts k = p.consts;  // a local copy: the loops store floats, which could alias p

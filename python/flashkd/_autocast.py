@@ -7,7 +7,7 @@ float32 (torch runs cross-entropy and softmax in float32 under autocast too).
 The casts are ordinary autograd ops: a float32 master weight gets a float32
 gradient.
 
-The ops bodies never see autocast: an op's result dtype must not depend on it,
+Op bodies never see autocast: an op's result dtype must not depend on it,
 or its fake (meta) implementation, which torch.compile traces, would disagree.
 """
 from __future__ import annotations

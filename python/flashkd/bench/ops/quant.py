@@ -195,11 +195,10 @@ def _torchao(case, device):
         raise Unsupported("torchao is compared on w8a8-infer and w4a16-infer (no ternary layer; its "
                           "training forms are not these)")
     _check_plan(case, device)
+    import_peer("torchao", "torchao.quantization", "quantize_")  # Unsupported where it is missing
     probe = make_inputs(case, device, seed=0).tensors
     try:  # whether torchao can build this layer here at all (int4: its CUDA packing needs bf16)
         _torchao_layer(case, probe["weight"], probe["bias"])
-    except Unsupported:
-        raise
     except Exception as exc:  # noqa: BLE001  (the peer's own reason, shown as the skip reason)
         raise Unsupported(f"torchao cannot build {case.variant} here: {type(exc).__name__}: "
                           f"{(str(exc).strip().splitlines() or [''])[0][:160]}") from None

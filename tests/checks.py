@@ -42,6 +42,14 @@ def scalar_objective(loss, gen):
     return (loss * cot.to(loss.dtype)).sum()
 
 
+def loss_options(labels, weights, kw):
+    """kw with the labels a linear loss sees (moved by `shift`: position i is scored
+    against labels[i + 1], the last position ignored) and the token weights."""
+    if labels is not None and kw.get("shift"):
+        labels = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], kw.get("ignore_index", -100))], -1)
+    return dict(kw, labels=labels, weights=weights)
+
+
 def token_factors(lead, kw, soft_c, hard_c):
     """Per token of a distillation loss with options `kw` (labels, ignore_index, weights,
     reduction, num_items): soft_c + hard_c (hard only with a label), times the token

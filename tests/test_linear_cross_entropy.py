@@ -59,8 +59,8 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
-from checks import (RANDOM_CASES, assert_compile_matches_eager, directional_check, random_lead, scalar_objective,
-                    token_factors)
+from checks import (RANDOM_CASES, assert_compile_matches_eager, directional_check, loss_options, random_lead,
+                    scalar_objective, token_factors)
 from linear_tolerance import EPS32, K_FLOOR, SLACK, UNIT, check_close, max_err, product_magnitudes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -187,10 +187,7 @@ def grad_terms(inp, view, kw, seed=1):
     objective(loss, lse, seed).backward()
     capped = z.detach() if kw.get("softcap") is None else kw["softcap"] * torch.tanh(z.detach() / kw["softcap"])
     lead = tuple(z.shape[:-1])
-    y = inp["y"]
-    if kw.get("shift"):
-        y = torch.cat([y[..., 1:], torch.full_like(y[..., :1], kw.get("ignore_index", -100))], -1)
-    per_token, red = token_factors(lead, dict(kw, labels=y, weights=inp.get("weights")), 0.0, 1.0)
+    per_token, red = token_factors(lead, loss_options(inp["y"], inp.get("weights"), kw), 0.0, 1.0)
     probe_loss = torch.zeros(lead if red == "none" else (), dtype=torch.float64, requires_grad=True)
     probe_lse = torch.zeros(lead, dtype=torch.float64, requires_grad=True) if kw.get("return_lse") else None
     objective(probe_loss, probe_lse, seed).backward()

@@ -52,8 +52,8 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
-from checks import (DIV_KW, RANDOM_CASES, assert_compile_matches_eager, directional_check, random_lead,
-                    scalar_objective, token_factors)
+from checks import (DIV_KW, RANDOM_CASES, assert_compile_matches_eager, directional_check, loss_options,
+                    random_lead, scalar_objective, token_factors)
 from linear_tolerance import EPS32, K_FLOOR, SLACK, UNIT, check_close, max_err, product_magnitudes
 
 DIVS = flashkd.DIVERGENCES
@@ -165,21 +165,13 @@ def oracle_from_logits(zs, zt, inp, kw, seed=1):
     return loss.detach(), stats, zs
 
 
-def loss_options(inp, kw):
-    """kw with the labels (moved by shift) and token weights the loss sees."""
-    labels = inp["y"]
-    if labels is not None and kw.get("shift"):
-        labels = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], kw.get("ignore_index", -100))], -1)
-    return dict(kw, labels=labels, weights=inp["weights"])
-
-
 def token_coefficients(inp, kw, view=None, seed=1):
     """Per token, what multiplies a divergence or cross-entropy term of order 1: in the
     loss (soft_weight (T^2) + hard_weight, token weight, mean divisor), and in the
     gradient of `run`'s objective (the same with soft_weight (T^2) / T, times the
     objective's cotangent)."""
     lead = tuple(student_input(inp, view).shape[:-1])
-    opts = loss_options(inp, kw)
+    opts = loss_options(inp["y"], inp["weights"], kw)
     T = kw.get("temperature", 1.0)
     soft = kw.get("soft_weight", 1.0) * (T * T if kw.get("t2_scaling") else 1.0)
     hard = kw.get("hard_weight", 0.0)

@@ -3,6 +3,8 @@ clarity, not speed; the tests compare the kernels against them. One module per
 op family, re-exported here: ``flashkd.reference.distill_loss`` etc."""
 from . import quant  # noqa: F401  (flashkd.reference.quant: quantized matmuls)
 from . import tome  # noqa: F401  (flashkd.reference.tome: token merging and pruning)
-from .losses import cross_entropy, distill_loss, divergence, linear_cross_entropy, linear_distill_loss, head_logits, taid_logit
+from .losses import (cross_entropy, distill_loss, divergence, head_logits, linear_cross_entropy, linear_distill_loss,
+                     taid_logit)
 
-__all__ = ["cross_entropy", "distill_loss", "divergence", "linear_cross_entropy", "linear_distill_loss", "taid_logit", "head_logits"]
+__all__ = ["cross_entropy", "distill_loss", "divergence", "linear_cross_entropy", "linear_distill_loss", "taid_logit",
+           "head_logits"]

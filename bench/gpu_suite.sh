@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
-# flashkd on one NVIDIA GPU, offline, in one command (9 minutes on an H100 before the tome and quant
-# ops were added; not yet run with them — expect about 15, see FLASHKD_SUITE_STEPS to split it):
+# flashkd on one NVIDIA GPU, offline, in one command:
 #   1. install peer wheels from .whl/ (liger-kernel, cut-cross-entropy, torchao) into /tmp/site
-#   2. build flashkd in place with its CUDA kernels
+#   2. take the library that bench/prepare_gpu_lease.sh built on a CPU machine (.gpu/), where it was
+#      built from this tree's sources for this torch and this GPU, or else build flashkd in place
+#      with its CUDA kernels (2-4 minutes)
 #   3. show the GPU, torch and whether the CUDA kernels loaded
-#   4. every cuda-marked test: first those of the kernels never yet run on a GPU (the distillation
-#      cluster kernel, the int8 wgmma main loop), each on its own; if one fails, the later steps
-#      run on the kernel it would replace
+#   4. every cuda-marked test (on 4 pytest-xdist workers where xdist is installed): first those of
+#      the kernels never yet run on a GPU (the distillation cluster kernel, the int8 wgmma main
+#      loop), each on its own; if one fails, the later steps run on the kernel it would replace
 #   5. compute-sanitizer memcheck, then racecheck, on a reduced set of cuda tests
 #   6. the benchmark: bench/results/<date>-<gpu>.json and a markdown summary .md
 #   7. only when asked (FLASHKD_SUITE_STEPS=profile): Nsight Compute on the distillation kernels
 #      (bench/profile_distill.py), into profile.log
 # Every step is logged with its time; a failing step is recorded and the later
 # steps that can still run do (tests and benchmark need the build). The exit
-# status is non-zero when any step failed. When $OUT is set (the device tool),
-# the logs are written there and the results copied there: 8 flat files.
+# status is non-zero when any step failed or was cut for time. When $OUT is set
+# (the device tool), the logs are written there and the results copied there: 8 flat files.
+#
+# A lease (15 minutes of device time, at most 10 a call): prepare on the CPU machine first
+# (bash bench/prepare_gpu_lease.sh: the library, the peer wheels), then two calls on one warm
+# machine, each carrying .gpu and .whl: FLASHKD_SUITE_STEPS="tests sanitizer", then
+# FLASHKD_SUITE_STEPS=bench. Each call ends within FLASHKD_SUITE_BUDGET seconds: a step gets at most
+# what is left of it, a step with too little left is not run (and the summary says so), and the
+# summary is always written.
 #
 # Environment:
 #   FLASHKD_SUITE_STEPS       which of steps 4-7 to run (default "tests sanitizer bench"); steps 1-3 always
-#                             run (a rebuild of an unchanged tree takes seconds), so a lease with a
-#                             10-minute limit per call can split the suite over two calls, e.g.
-#                             "tests sanitizer" then "bench"
+#                             run (seconds with a prepared library or an unchanged in-place build)
+#   FLASHKD_SUITE_BUDGET      seconds this call may take in all (default 570, under the device tool's 600)
 #   FLASHKD_SANITIZER_TESTS   test files for step 5 (default: distill, tome, prune, quant kernels)
 #   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default: about 110 tests of edge shapes,
 #                             ties, exact integer results and gradients)
@@ -28,11 +35,14 @@
 #                             distill_loss fkl/jsd, both linear ops, tome_merge, vit_tome, quant_linear at their GPU targets)
 #   FLASHKD_CUDA_ARCHS        architectures to build (default: this GPU's own, e.g. 90a-real on Hopper,
 #                             which halves the build time against the wheel's sm_80 + sm_90a)
+#   FLASHKD_TEST_WORKERS      pytest-xdist workers for step 4 (default 4; 0 runs the tests in one process)
 #   FLASHKD_COMMIT            commit to record when the checkout has no .git
-#   *_TIMEOUT                 seconds: FLASHKD_NEW_KERNEL_TIMEOUT (150 per new kernel's tests),
-#                             FLASHKD_TEST_TIMEOUT (240), FLASHKD_SANITIZER_TIMEOUT (240 per tool),
-#                             FLASHKD_BENCH_TIMEOUT (480; the JSON is written after every case, so a
-#                             benchmark cut short still leaves its finished cases), FLASHKD_PROFILE_TIMEOUT (300)
+#   *_TIMEOUT                 seconds, each cut to what is left of the budget: FLASHKD_NEW_KERNEL_TIMEOUT
+#                             (150 per new kernel's tests), FLASHKD_TEST_TIMEOUT (240), FLASHKD_CASE_TIMEOUT
+#                             (120 per test, where pytest-timeout is installed: a hung kernel costs one
+#                             test), FLASHKD_SANITIZER_TIMEOUT (240 per tool), FLASHKD_BENCH_TIMEOUT (480; the
+#                             JSON is written after every case, so a benchmark cut short still leaves its
+#                             finished cases), FLASHKD_PROFILE_TIMEOUT (300)
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -62,6 +72,23 @@ step() {
     SUMMARY+=("$name: exit $rc, $((SECONDS - start)) s")
     return "$rc"
 }
+# limited NAME LOGFILE SECONDS COMMAND...: step under `timeout`, its limit cut to what is left of
+# the call's budget (less a reserve for the summary); with under 20 s left the step is not run,
+# counts as failed, and returns 125.
+BUDGET=${FLASHKD_SUITE_BUDGET:-570}
+RESERVE=20
+limited() {
+    local name=$1 file=$2 want=$3 left
+    shift 3
+    left=$((BUDGET - SECONDS - RESERVE))
+    if [ "$left" -lt 20 ]; then
+        log "== $name: not run, $left s left of the call's $BUDGET s budget"
+        FAILED+=("$name (not run: out of time)")
+        SUMMARY+=("$name: not run (out of time)")
+        return 125
+    fi
+    step "$name" "$file" timeout "$((want < left ? want : left))" "$@"
+}
 
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr 'A-Z' 'a-z' | tr -s ' ' '-')
 STAMP=$(date -u +%Y-%m-%d-%H%M)
@@ -81,7 +108,7 @@ else
     log "== wheels: none in .whl/"
 fi
 
-# 2. build
+# 2. the library: prepared on a CPU machine where it fits, else built here
 BUILT=0
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '.')
 case "$CAP" in
@@ -90,8 +117,44 @@ case "$CAP" in
     *) OWN_ARCH=$CAP-real ;;
 esac
 export FLASHKD_CUDA_ARCHS=${FLASHKD_CUDA_ARCHS:-$OWN_ARCH}
-step build - env FLASHKD_CUDA=ON MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 \
-    python3 -m pip install --no-build-isolation --no-deps -e . && BUILT=1
+# use_prepared: puts .gpu/_C.abi3.so (bench/prepare_gpu_lease.sh) beside the tree's Python code if
+# it was built from these sources, for this torch and this GPU, and loads from there; prints why not
+# otherwise. (Run in a subshell: the caller puts python/ on PYTHONPATH.)
+use_prepared() {
+    local PREBUILT_TORCH PREBUILT_ARCHS PREBUILT_SOURCE PREBUILT_DATE torch source
+    if [ ! -f .gpu/prebuilt.env ] || [ ! -f .gpu/_C.abi3.so ]; then echo "none in .gpu/"; return 1; fi
+    # shellcheck disable=SC1091
+    source .gpu/prebuilt.env
+    torch=$(python3 -c 'import torch; print(torch.__version__)')
+    source=$(bash bench/source_hash.sh)
+    if [ "$PREBUILT_TORCH" != "$torch" ]; then echo "built for torch $PREBUILT_TORCH, not $torch"; return 1; fi
+    if [ "$PREBUILT_SOURCE" != "$source" ]; then echo "built from other sources than this tree's"; return 1; fi
+    if [[ ";$PREBUILT_ARCHS;" != *";$FLASHKD_CUDA_ARCHS;"* ]]; then
+        echo "built for $PREBUILT_ARCHS, not $FLASHKD_CUDA_ARCHS"; return 1
+    fi
+    # an in-place build of an earlier call on this machine would be imported instead
+    python3 -m pip uninstall -y -q flashkd >/dev/null 2>&1
+    cp .gpu/_C.abi3.so python/flashkd/_C.abi3.so
+    if ! PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH} python3 -c "
+import flashkd; assert flashkd.__file__.startswith('$PWD/python/'), flashkd.__file__
+assert flashkd.has_cuda_kernels()"; then
+        rm -f python/flashkd/_C.abi3.so
+        echo "does not load"; return 1
+    fi
+    echo "built $PREBUILT_DATE for torch $PREBUILT_TORCH, $PREBUILT_ARCHS, sources $source"
+}
+if PREPARED=$(use_prepared); then
+    LIBRARY="prepared on a CPU machine ($PREPARED)"
+    export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+    BUILT=1
+else
+    LIBRARY="built here (prepared library: $PREPARED)"
+    log "== prepared library not used: $PREPARED"
+    rm -f python/flashkd/_C.abi3.so
+    step build - env FLASHKD_CUDA=ON MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+        python3 -m pip install --no-build-isolation --no-deps -e . && BUILT=1
+fi
+log "== library: $LIBRARY"
 
 # 3. device
 nvidia-smi
@@ -107,7 +170,7 @@ STEPS=" ${FLASHKD_SUITE_STEPS:-tests sanitizer bench} "
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # pytest's closing line, e.g. "830 passed, 2 skipped in 95.1s"
-summary_line() { grep -E '(passed|failed|skipped|deselected|errors?|no tests ran).* in [0-9.]+s' "$1" | tail -n1; }
+summary_line() { grep -sE '(passed|failed|skipped|deselected|errors?|no tests ran).* in [0-9.]+s' "$1" | tail -n1; }
 
 # 4. tests. The kernels never yet run on a GPU (the distillation cluster kernel, the int8 wgmma
 # main loop) go first, each in its own pytest run with its own time limit: a failure or a hang
@@ -129,11 +192,23 @@ if ! wanted tests; then
     fi
 elif [ $BUILT = 1 ]; then
     mkdir -p build && : > "$FALLBACK_FILE"
+    # Several test processes share the GPU, so the CPU-bound part (compiles, opchecks, the float64
+    # oracle) runs on several of the machine's 16 cores; a hung test is ended alone (pytest-timeout
+    # ends its process, xdist starts another).
+    PYTEST_RUN=(python3 -m pytest -m cuda -q -p no:cacheprovider)
+    if [ "${FLASHKD_TEST_WORKERS:-4}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
+        PYTEST_RUN+=(-n "${FLASHKD_TEST_WORKERS:-4}")
+        if python3 -c "import pytest_timeout" 2>/dev/null; then
+            PYTEST_RUN+=(--timeout "${FLASHKD_CASE_TIMEOUT:-120}" --timeout-method thread)
+        fi
+    fi
     NEW_TESTS=""
     for spec in "${NEW_KERNELS[@]}"; do
         IFS=: read -r id file fallback <<< "$spec"
-        if ! step "tests-$id" "$WORK/pytest-$id.log" timeout "${FLASHKD_NEW_KERNEL_TIMEOUT:-150}" \
-            python3 -m pytest -m cuda -q -p no:cacheprovider "$file" -k "$id"; then
+        limited "tests-$id" "$WORK/pytest-$id.log" "${FLASHKD_NEW_KERNEL_TIMEOUT:-150}" \
+            "${PYTEST_RUN[@]}" "$file" -k "$id"
+        rc=$?
+        if [ "$rc" -ne 0 ] && [ "$rc" -ne 125 ]; then
             export "${fallback?}"
             FALLBACKS+=("$id failed: later steps ran with $fallback")
             printf '# %s\nexport %s\n' "${FALLBACKS[-1]}" "$fallback" >> "$FALLBACK_FILE"
@@ -141,9 +216,8 @@ elif [ $BUILT = 1 ]; then
         fi
         NEW_TESTS+="; $id: $(summary_line "$WORK/pytest-$id.log")"
     done
-    step tests "$WORK/pytest.log" timeout "${FLASHKD_TEST_TIMEOUT:-240}" \
-        python3 -m pytest -m cuda -q -p no:cacheprovider -k "not cuda-cluster and not wgmma" \
-        --junitxml="$WORK/pytest-junit.xml"
+    limited tests "$WORK/pytest.log" "${FLASHKD_TEST_TIMEOUT:-240}" \
+        "${PYTEST_RUN[@]}" -k "not cuda-cluster and not wgmma" --junitxml="$WORK/pytest-junit.xml"
     TESTS="the rest: $(summary_line "$WORK/pytest.log")$NEW_TESTS"
 fi
 
@@ -161,9 +235,8 @@ elif ! command -v compute-sanitizer >/dev/null; then
 else
     for tool in memcheck racecheck; do
         # shellcheck disable=SC2086  (SAN_TESTS is a list of paths)
-        step "$tool" "$WORK/$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-            timeout "${FLASHKD_SANITIZER_TIMEOUT:-240}" \
-            compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
+        limited "$tool" "$WORK/$tool.log" "${FLASHKD_SANITIZER_TIMEOUT:-240}" \
+            env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
             python3 -m pytest -m cuda -q -x -p no:cacheprovider $SAN_TESTS -k "$SAN_SUBSET"
         SANITIZER+=("$tool ($SAN_TESTS -k \"$SAN_SUBSET\"): $(summary_line "$WORK/$tool.log"); $(grep -m1 \
             'ERROR SUMMARY' "$WORK/$tool.log" || echo 'no ERROR SUMMARY line')")
@@ -174,7 +247,7 @@ fi
 BENCH_ARGS=${FLASHKD_BENCH_ARGS-}
 if [ $BUILT = 1 ] && wanted bench; then
     # shellcheck disable=SC2086  (BENCH_ARGS is a list of words)
-    step bench - timeout "${FLASHKD_BENCH_TIMEOUT:-480}" python3 -m flashkd.bench \
+    limited bench - "${FLASHKD_BENCH_TIMEOUT:-480}" python3 -m flashkd.bench \
         --device cuda --json "$RESULT.json" --plot "$WORK/bench.png" $BENCH_ARGS
 fi
 
@@ -182,7 +255,7 @@ fi
 PROFILE="not run (FLASHKD_SUITE_STEPS)"
 if [ $BUILT = 1 ] && wanted profile; then
     if command -v ncu >/dev/null; then
-        step profile "$WORK/profile.log" timeout "${FLASHKD_PROFILE_TIMEOUT:-300}" \
+        limited profile "$WORK/profile.log" "${FLASHKD_PROFILE_TIMEOUT:-300}" \
             ncu --profile-from-start off --kernel-name regex:distill --section SpeedOfLight \
             --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats \
             --section Occupancy --section LaunchStats python3 bench/profile_distill.py
@@ -198,6 +271,7 @@ fi
     echo "- device: ${GPU:-unknown}; $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | sed 's/^/driver /')"
     echo "- torch: $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)"
     echo "- commit: $FLASHKD_COMMIT"
+    echo "- library: $LIBRARY"
     echo "- tests (pytest -m cuda): ${TESTS:-no summary line}"
     for line in "${FALLBACKS[@]}"; do echo "- FALLBACK: $line"; done
     for line in "${SANITIZER[@]}"; do echo "- $line"; done

@@ -119,7 +119,8 @@ esac
 export FLASHKD_CUDA_ARCHS=${FLASHKD_CUDA_ARCHS:-$OWN_ARCH}
 # use_prepared: puts .gpu/_C.abi3.so (bench/prepare_gpu_lease.sh) beside the tree's Python code if
 # it was built from these sources, for this torch and this GPU, and loads from there; prints why not
-# otherwise. (Run in a subshell: the caller puts python/ on PYTHONPATH.)
+# otherwise. (Run in a subshell: the caller exports TREE_PYTHONPATH when it is used.)
+TREE_PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 use_prepared() {
     local PREBUILT_TORCH PREBUILT_ARCHS PREBUILT_SOURCE PREBUILT_DATE torch source
     if [ ! -f .gpu/prebuilt.env ] || [ ! -f .gpu/_C.abi3.so ]; then echo "none in .gpu/"; return 1; fi
@@ -135,7 +136,7 @@ use_prepared() {
     # an in-place build of an earlier call on this machine would be imported instead
     python3 -m pip uninstall -y -q flashkd >/dev/null 2>&1
     cp .gpu/_C.abi3.so python/flashkd/_C.abi3.so
-    if ! PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH} python3 -c "
+    if ! PYTHONPATH=$TREE_PYTHONPATH python3 -c "
 import flashkd; assert flashkd.__file__.startswith('$PWD/python/'), flashkd.__file__
 assert flashkd.has_cuda_kernels()"; then
         rm -f python/flashkd/_C.abi3.so
@@ -145,7 +146,7 @@ assert flashkd.has_cuda_kernels()"; then
 }
 if PREPARED=$(use_prepared); then
     LIBRARY="prepared on a CPU machine ($PREPARED)"
-    export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=$TREE_PYTHONPATH
     BUILT=1
 else
     LIBRARY="built here (prepared library: $PREPARED)"

@@ -10,6 +10,7 @@ from flashkd.bench import measure as M
 from flashkd.bench.__main__ import main
 from flashkd.bench.cases import Case, Provider
 from flashkd.bench.ops import quant
+from flashkd.bench.timing import Budget
 
 
 def test_quant_run_writes_json_and_plan_skips_are_no_failure(tmp_path, capsys):
@@ -50,7 +51,58 @@ def test_per_input_warmup_prepares_every_set_before_timing(monkeypatch):
     case = Case("quant_linear", "w8a8-infer", "4x64x64", "fp32")
     device = torch.device("cpu")
     sets = M.input_sets(case, device, cache_bytes=1 << 20)  # 1 MiB of cache: several sets
-    record, _ = M.measure(case, "prepared", device, sets, repeats=2 * len(sets))
+    record, _ = M.measure(case, "prepared", device, sets, Budget(reps=2 * len(sets)))
     assert record["status"] == "ok" and len(sets) > 1
     assert set(first_call_timed) == {id(s.tensors["weight"]) for s in sets}
     assert not any(first_call_timed.values()), "an input set was first used inside a timed call"
+
+
+def test_bare_cpu_run_measures_every_op_once_at_overview_shapes():
+    """A bare CPU run (the README's main job) covers every op family, one fp32
+    shape each, and leaves the compiling providers out."""
+    from flashkd.bench.__main__ import DEFAULT_SKIP
+    from flashkd.bench.ops import OPS
+    from flashkd.bench.selection import select_cases
+
+    cases = select_cases(None, None, "cpu")
+    assert {c.op for c in cases} == set(OPS)
+    for name, mod in OPS.items():
+        shapes = {c.shape + ":" + c.dtype for c in cases if c.op == name}
+        assert shapes == set(mod.SHAPE_SETS["overview"]) and all(s.endswith(":fp32") for s in shapes)
+    assert "torch.compile" in DEFAULT_SKIP["cpu"].split(",")
+
+
+def test_a_call_that_ignores_the_variant_is_measured_once(tmp_path):
+    """quant's float baseline makes the same call whatever the scheme: the run
+    measures it for the first scheme and reuses that record for the others,
+    while flashkd is measured per scheme; the default skip names its reason."""
+    out = tmp_path / "quant.json"
+    rc = main(["--device", "cpu", "--ops", "quant_linear:w8a8,quant_linear:w4a16,quant_linear:w8a8-infer",
+               "--shapes", "16x64x200:fp32", "--providers", "flashkd,torch,torchao",
+               "--repeats", "2", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    rows = {(r["variant"], r["provider"]): r for r in data["records"]}
+    first = rows[("w8a8", "torch")]
+    assert first["status"] == "ok" and "same_as" not in first
+    reused = rows[("w4a16", "torch")]
+    assert reused["same_as"] == "quant_linear:w8a8 16x64x200:fp32"
+    assert reused["fwd_bwd_ms"] == first["fwd_bwd_ms"]
+    # The inference form's baseline is a forward-only call: measured afresh.
+    infer = rows[("w8a8-infer", "torch")]
+    assert "same_as" not in infer and infer["fwd_bwd_ms"] is None
+    assert rows[("w4a16", "flashkd")]["fwd_bwd_ms"] != rows[("w8a8", "flashkd")]["fwd_bwd_ms"]
+    assert data["meta"]["budget"] == {"reps": 2, "cpu_seconds": 3.0}
+
+
+def test_default_skip_says_why_and_seconds_must_be_positive(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "tome.json"
+    assert main(["--device", "cpu", "--ops", "tome_merge:r16", "--shapes", "b2t17c8m4:fp32",
+                 "--providers", "torch.compile", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["status"] == "skipped: left out of a CPU run by default (--skip '' runs it)"
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--seconds", "0"])
+    assert "--seconds must be positive" in capsys.readouterr().err

@@ -5,17 +5,26 @@ optionally write JSON and a plot. Exits 1 when a flashkd measurement failed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from . import machine, report
+from . import machine, report, timing
 from .ops import OPS
 from .progress import Progress
 from .runner import run
 from .selection import select_cases
 
-# What --skip leaves out by default: on a GPU, torch.compile of the fused linear
-# ops, whose compiles would take a bare run past its ~3 minute budget.
-DEFAULT_SKIP = {"cpu": "", "cuda": "linear_ce:torch.compile,linear_distill:torch.compile"}
+# What --skip leaves out by default, so that a bare run stays short: on a CPU
+# every provider that compiles (torch.compile; cut-cross-entropy's CPU
+# implementation and liger's chunked linear JSD are torch.compile'd too), since
+# one compile there takes 20-95 s, longer than the rest of the ~1 minute run;
+# on a GPU, torch.compile of the fused linear ops, whose compiles would take a
+# bare run past its ~3 minutes.
+DEFAULT_SKIP = {"cpu": "torch.compile,linear_ce:cce,linear_distill:liger",
+                "cuda": "linear_ce:torch.compile,linear_distill:torch.compile"}
+# The overview (a bare CPU run) spends half a second timing each measurement, so
+# that the run stays about a minute: a first look, noisier than the 3 s default.
+OVERVIEW_SECONDS = 0.5
 
 
 def _parser():
@@ -23,17 +32,29 @@ def _parser():
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--ops", help="comma list of op or op:variant, e.g. distill_loss:fkl,distill_loss:jsd "
                                  "(default: each op's default variants for the device)")
-    p.add_argument("--shapes", help="comma list of named sets (quick, accept, cpu, gpu, gpu-target) or shapes like "
-                                    "4096x32000:fp32, each op reading its own (default: accept on CPU, "
-                                    "gpu-target on CUDA)")
+    p.add_argument("--shapes", help="comma list of named sets (overview, quick, accept, cpu, gpu, gpu-target) "
+                                    "or shapes like 4096x32000:fp32, each op reading its own (default: overview "
+                                    "on CPU, gpu-target on CUDA)")
     p.add_argument("--providers", help="comma list (default: all of each op's providers)")
     p.add_argument("--skip", help="comma list of providers or op:provider pairs not to run, shown as skipped "
-                                  f"(default: none on CPU, {DEFAULT_SKIP['cuda']} on CUDA; --skip '' runs all)")
+                                  f"(default: {DEFAULT_SKIP['cpu']} on CPU, {DEFAULT_SKIP['cuda']} on CUDA; "
+                                  "--skip '' runs all)")
     p.add_argument("--repeats", type=int, help="timed calls per measurement (default: adaptive, see timing.py)")
+    p.add_argument("--seconds", type=float,
+                   help=f"on a CPU, time calls until this many seconds are spent, forward and forward+backward "
+                        f"each (default: {OVERVIEW_SECONDS} for the overview, i.e. without --shapes, "
+                        f"{timing.CPU_BUDGET_S} otherwise)")
     p.add_argument("--json", metavar="PATH", help="write the records and run metadata as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of forward+backward times (needs matplotlib)")
     p.add_argument("--list", action="store_true", help="list ops, variants, shape sets and providers, then exit")
     return p
+
+
+def _budget(args, device):
+    seconds = args.seconds
+    if seconds is None:
+        seconds = OVERVIEW_SECONDS if device.type == "cpu" and args.shapes is None else timing.CPU_BUDGET_S
+    return timing.Budget(reps=args.repeats, cpu_seconds=seconds)
 
 
 def _list():
@@ -43,9 +64,9 @@ def _list():
             print(f"  shapes {set_name}: {', '.join(shapes)}")
 
 
-def _skip_set(spec):
-    """--skip's entries, each a provider of some op or an op:provider pair."""
-    skip = {item.strip() for item in spec.split(",") if item.strip()}
+def _skip_reasons(spec, reason):
+    """{entry: reason} for --skip's entries, each a provider of some op or an op:provider pair."""
+    skip = {item.strip(): reason for item in spec.split(",") if item.strip()}
     for item in skip:
         op, _, provider = item.rpartition(":")
         candidates = [OPS[op]] if op in OPS else [] if op else list(OPS.values())
@@ -59,6 +80,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.seconds is not None and not args.seconds > 0:
+        parser.error("--seconds must be positive")
     if args.list:
         _list()
         return 0
@@ -72,17 +95,23 @@ def main(argv=None):
     unknown = [p for p in providers if p not in known]
     if unknown:
         raise SystemExit(f"error: unknown provider(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    skip = _skip_set(DEFAULT_SKIP[device.type] if args.skip is None else args.skip)
+    if args.skip is not None:
+        skip = _skip_reasons(args.skip, "--skip")
+    else:
+        skip = _skip_reasons(DEFAULT_SKIP[device.type],
+                             f"left out of a {device.type.upper()} run by default (--skip '' runs it)")
 
     bandwidth = machine.copy_bandwidth(device)
     meta = machine.describe(device, bandwidth)
     meta["argv"] = sys.argv[1:] if argv is None else list(argv)
     meta["skip"] = sorted(skip)
+    budget = _budget(args, device)
+    meta["budget"] = dataclasses.asdict(budget)
     print(report.header(meta), flush=True)
     progress = Progress(sum(len([p for p in providers if p in OPS[c.op].PROVIDERS]) for c in cases))
     records = []
     for case_records in run(cases, providers, device, bandwidth, machine.cache_bytes(device), progress,
-                            args.repeats, skip):
+                            budget, skip):
         records += case_records
         if args.json:  # after every case, so a run cut short keeps what it measured
             report.write_json(args.json, meta, records)

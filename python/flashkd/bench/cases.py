@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
@@ -70,11 +70,15 @@ class Provider:
     others the accuracy call is warm-up enough. ``per_input_warmup`` marks
     providers that prepare something for each input set on its first call (a
     peer's quantized copy of the weights): every set gets one untimed call.
+    ``same_call(case, device)``, where given, is a key shared by cases on which
+    the provider makes the very same call (quant's float baseline ignores the
+    scheme): a run measures the first such case and reuses its record.
     """
 
     build: Callable
     per_shape_warmup: bool = False
     per_input_warmup: bool = False
+    same_call: Optional[Callable[["Case", torch.device], Hashable]] = None
 
 
 class Inputs:

@@ -15,7 +15,7 @@ import torch
 import flashkd
 
 from .memory import cpu_method
-from .timing import time_calls
+from .timing import Budget, time_calls
 
 _COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
 _CPU_CACHE_FALLBACK = 32 << 20
@@ -50,7 +50,8 @@ def copy_bandwidth(device):
     n = _COPY_BYTES[device.type] // 4
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src).copy_(src)
-    timing = time_calls(lambda i: dst.copy_(src), lambda i: None, device, reps=None if device.type == "cuda" else 5)
+    timing = time_calls(lambda i: dst.copy_(src), lambda i: None, device,
+                        Budget(reps=None if device.type == "cuda" else 5))
     return 2 * src.nbytes / (timing.median_ms / 1e3)
 
 

@@ -25,7 +25,7 @@ import torch
 from .cases import Unsupported
 from .memory import PeakMemory
 from .ops import OPS
-from .timing import time_calls
+from .timing import Budget, time_calls
 
 # Elements of [N, V] the float64 oracle evaluates: all of them on a GPU (which
 # also checks large offsets), a row subset on a CPU, where the oracle of one
@@ -62,7 +62,7 @@ def build(case, provider_name, device):
         return None, f"skipped: {exc}"
 
 
-def measure(case, provider_name, device, sets, repeats=None):
+def measure(case, provider_name, device, sets, budget=Budget()):
     """Returns (record, outputs): outputs = (loss, {leaf name: gradient on the
     CPU}) of the accuracy call (the loss a float, or the output tensor on the
     CPU for ops with a grad_output), or None when the provider did not run."""
@@ -70,7 +70,7 @@ def measure(case, provider_name, device, sets, repeats=None):
     if skipped:
         return {"status": skipped}, None
     try:
-        return _measure(fn, OPS[case.op].PROVIDERS[provider_name], case, device, sets, repeats)
+        return _measure(fn, OPS[case.op].PROVIDERS[provider_name], case, device, sets, budget)
     except Exception as exc:  # noqa: BLE001  (a provider's failure is reported, not raised)
         status = _status(exc)
     # Outside the except block, so the traceback no longer pins the failed call's tensors.
@@ -82,7 +82,7 @@ def measure(case, provider_name, device, sets, repeats=None):
     return {"status": status}, None
 
 
-def _measure(fn, provider, case, device, sets, repeats):
+def _measure(fn, provider, case, device, sets, budget):
     acc = accuracy_inputs(case, sets, device)
     acc.clear_grads()
     loss = fn(acc.tensors)
@@ -111,8 +111,8 @@ def _measure(fn, provider, case, device, sets, repeats):
         inputs.backward(fn(inputs.tensors))
 
     peak = PeakMemory(device)
-    fwd = time_calls(forward, setup, device, reps=repeats, first=peak if forward_only else None)
-    fwd_bwd = None if forward_only else time_calls(forward_backward, setup, device, reps=repeats, first=peak)
+    fwd = time_calls(forward, setup, device, budget, first=peak if forward_only else None)
+    fwd_bwd = None if forward_only else time_calls(forward_backward, setup, device, budget, first=peak)
     for inputs in sets:
         inputs.clear_grads()
     grad_bytes = sum(sets[0].tensors[name].nbytes for name in sets[0].grad_names)  # a grad matches its leaf

@@ -16,6 +16,7 @@ import torch
 
 from .measure import accuracy_inputs, build, input_sets, measure
 from .ops import OPS
+from .timing import Budget
 from .worker import measure_in_child
 
 EAGER, COMPILED = "torch", "torch.compile"
@@ -26,9 +27,11 @@ def compared_ms(rec):
     return rec["fwd_bwd_ms"] if rec.get("fwd_bwd_ms") is not None else rec["fwd_ms"]
 
 
-def run(cases, providers, device, bandwidth, cache_bytes, progress, repeats=None, skip=()):
-    """Yields each case's records as soon as the case is done. ``skip`` holds
-    providers ("torch.compile") and op:provider pairs not to run."""
+def run(cases, providers, device, bandwidth, cache_bytes, progress, budget=Budget(), skip=None):
+    """Yields each case's records as soon as the case is done. ``skip`` maps
+    providers ("torch.compile") and op:provider pairs not to run to the reason
+    shown in their place."""
+    measured = {}  # same_call key -> (record, outputs) of the case that measured it
     with tempfile.TemporaryDirectory(prefix="flashkd-bench-") as workdir:
         for case in cases:
             names = [p for p in providers if p in OPS[case.op].PROVIDERS]
@@ -36,7 +39,15 @@ def run(cases, providers, device, bandwidth, cache_bytes, progress, repeats=None
             sets = None if device.type == "cpu" else input_sets(case, device, cache_bytes)
             for name in names:
                 progress.step(f"{case.label} {name}")
-                results[name] = _measure_one(case, name, device, sets, cache_bytes, repeats, workdir, skip)
+                same_call = OPS[case.op].PROVIDERS[name].same_call
+                key = same_call and (case.op, name, same_call(case, device))
+                if key in measured:
+                    results[name] = measured[key]
+                    continue
+                results[name] = _measure_one(case, name, device, sets, cache_bytes, budget, workdir, skip)
+                if key:
+                    rec, outputs = results[name]
+                    measured[key] = ({**rec, "same_as": case.label}, outputs)
                 status = results[name][0]["status"]
                 if status != "ok":
                     progress.note(f"{case.label} {name}: {status}")
@@ -48,15 +59,16 @@ def run(cases, providers, device, bandwidth, cache_bytes, progress, repeats=None
             yield records
 
 
-def _measure_one(case, name, device, sets, cache_bytes, repeats, workdir, skip):
-    if name in skip or f"{case.op}:{name}" in skip:
-        return {"status": "skipped: --skip"}, None
+def _measure_one(case, name, device, sets, cache_bytes, budget, workdir, skip):
+    reason = (skip or {}).get(name) or (skip or {}).get(f"{case.op}:{name}")
+    if reason:
+        return {"status": f"skipped: {reason}"}, None
     if sets is not None:
-        return measure(case, name, device, sets, repeats)
+        return measure(case, name, device, sets, budget)
     _, skipped = build(case, name, device)  # a provider that cannot run here needs no child
     if skipped:
         return {"status": skipped}, None
-    return measure_in_child(case, name, repeats, cache_bytes, workdir)
+    return measure_in_child(case, name, budget, cache_bytes, workdir)
 
 
 def _records(case, results, device, bandwidth, sets):

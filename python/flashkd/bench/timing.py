@@ -4,6 +4,7 @@ CUDA: a few untimed warm-up calls, then CUDA events around each call and one
 synchronize at the end; the number of calls adapts to their cost. CPU: the wall
 clock around each call, repeated until a time budget is spent (at least once:
 some eager baselines take tens of seconds per call); the caller warms up.
+A ``Budget`` says how many calls: a fixed count, or the CPU's time budget.
 
 ``setup(i)`` runs untimed before call i (dropping the last gradient, say, whose
 freeing is not the call's work), and a call's result is dropped after its clock
@@ -16,6 +17,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -24,6 +26,15 @@ CPU_MAX_REPS = 20
 CUDA_WARMUP = 3
 CUDA_BUDGET_S = 0.3
 CUDA_MIN_REPS, CUDA_MAX_REPS = 10, 100
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Timed calls per measurement: ``reps`` fixes their number; otherwise a CPU
+    times calls until ``cpu_seconds`` are spent (at most CPU_MAX_REPS) and a
+    GPU adapts the count to the call's cost."""
+    reps: Optional[int] = None
+    cpu_seconds: float = CPU_BUDGET_S
 
 
 @dataclass
@@ -38,15 +49,15 @@ class Timing:
         return cls(statistics.median(times_ms), min(times_ms), max(times_ms), len(times_ms))
 
 
-def time_calls(fn, setup, device, *, reps=None, first=None):
-    """Time ``fn(i)`` for i = 0, 1, ...; ``reps`` fixes the number of timed calls."""
+def time_calls(fn, setup, device, budget=Budget(), *, first=None):
+    """Time ``fn(i)`` for i = 0, 1, ... as ``budget`` says."""
     first = first or nullcontext()
     if device.type == "cuda":
-        return _time_cuda(fn, setup, reps, first)
-    return _time_cpu(fn, setup, reps, first)
+        return _time_cuda(fn, setup, budget.reps, first)
+    return _time_cpu(fn, setup, budget.reps, budget.cpu_seconds, first)
 
 
-def _time_cpu(fn, setup, reps, first):
+def _time_cpu(fn, setup, reps, seconds, first):
     times = []
     start = time.perf_counter()
     i = 0
@@ -58,7 +69,7 @@ def _time_cpu(fn, setup, reps, first):
             times.append((time.perf_counter() - t0) * 1e3)
         del out
         i += 1
-        done = i >= reps if reps else (i >= CPU_MAX_REPS or time.perf_counter() - start >= CPU_BUDGET_S)
+        done = i >= reps if reps else (i >= CPU_MAX_REPS or time.perf_counter() - start >= seconds)
         if done:
             return Timing.of(times)
 

@@ -11,7 +11,7 @@ each call, to several times the live memory (measured: 99 -> 285 MiB for
 linear_ce at the acceptance shape). Pinned, every block of 128 KiB or more is
 mapped and returned on free, and the resident set follows live tensors, as
 ``torch.cuda.max_memory_allocated`` does on a GPU. SPEC is JSON (case,
-provider, repeats, cache_bytes, out); the child saves the accuracy outputs to
+provider, budget, cache_bytes, out); the child saves the accuracy outputs to
 ``out`` with torch.save and prints its record as the last line of stdout.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,11 +29,11 @@ RESULT_PREFIX = "flashkd-bench-record "
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
 
 
-def measure_in_child(case, provider, repeats, cache_bytes, workdir):
+def measure_in_child(case, provider, budget, cache_bytes, workdir):
     """Parent side: (record, outputs) as ``measure.measure`` returns them."""
     out = Path(workdir) / f"{provider}.pt"
     out.unlink(missing_ok=True)
-    spec = {"case": case.to_dict(), "provider": provider, "repeats": repeats,
+    spec = {"case": case.to_dict(), "provider": provider, "budget": asdict(budget),
             "cache_bytes": cache_bytes, "out": str(out)}
     proc = subprocess.run([sys.executable, "-m", "flashkd.bench.worker", json.dumps(spec)],
                           capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
@@ -49,11 +50,12 @@ def measure_in_child(case, provider, repeats, cache_bytes, workdir):
 def main():
     from .cases import Case
     from .measure import input_sets, measure
+    from .timing import Budget
 
     spec = json.loads(sys.argv[1])
     case, device = Case(**spec["case"]), torch.device("cpu")
     sets = input_sets(case, device, spec["cache_bytes"])
-    record, outputs = measure(case, spec["provider"], device, sets, spec["repeats"])
+    record, outputs = measure(case, spec["provider"], device, sets, Budget(**spec["budget"]))
     if outputs is not None:
         torch.save(outputs, spec["out"])
     print(RESULT_PREFIX + json.dumps(record), flush=True)

@@ -7,7 +7,9 @@ An op module defines:
   VARIANTS             selectable variants, e.g. the divergences
   DEFAULT_VARIANTS     {device type: variants a bare run measures; none leaves the op out}
   SHAPE_SETS           {set name: shape specs}; every op has the same set names
-                       (quick, accept, cpu, gpu, gpu-target) so one --shapes serves all
+                       (overview, quick, accept, cpu, gpu, gpu-target) so one --shapes
+                       serves all; overview is a bare CPU run's (each op once, fp32,
+                       about a minute in all), accept the issues' CPU acceptance shapes
   DEFAULT_SHAPES       {device type: set name a bare run measures}
   parse_shape(spec)    "4096x32000:fp32" -> (shape, dtype) strings; ValueError if malformed
   make_inputs(case, device, seed) -> cases.Inputs   random, never zeros

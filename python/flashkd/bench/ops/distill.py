@@ -27,12 +27,13 @@ VARIANTS = ("fkl", "jsd", "rkl", "tvd")
 DEFAULT_VARIANTS = {"cpu": ("fkl", "jsd"), "cuda": ("fkl", "jsd")}
 SHAPE_SETS = {
     "quick": ("256x8192:fp32", "256x8192:bf16"),
+    "overview": ("1024x32000:fp32",),
     "accept": ("4096x32000:fp32",),  # the CPU acceptance shape
     "cpu": ("4096x32000:fp32", "4096x32000:bf16", "1024x128256:fp32"),
     "gpu": ("8192x32000:bf16", "8192x128256:bf16", "8192x256000:bf16"),
     "gpu-target": ("8192x128256:bf16",),  # the GPU target
 }
-DEFAULT_SHAPES = {"cpu": "accept", "cuda": "gpu-target"}
+DEFAULT_SHAPES = {"cpu": "overview", "cuda": "gpu-target"}
 
 # Rows of float64 oracle evaluated at once: bounds its memory at any shape.
 _ORACLE_CHUNK_ELEMENTS = 1 << 25

@@ -36,13 +36,14 @@ DEFAULT_VARIANTS = {"cpu": ("r16",), "cuda": ("r16",)}
 SHAPE_SETS = {
     "quick": ("b4t197c384m64:fp32",),
     # the CPU shape: ViT-S/16 (ToMe's 64-wide metric), and a full-width metric
+    "overview": ("b8t197c384m64:fp32",),
     "accept": ("b32t197c384m64:fp32", "b32t197c384:fp32"),
     "cpu": ("b32t197c384m64:fp32", "b32t197c384:fp32", "b32t197c384m64:bf16"),
     "gpu": ("b256t197c768m64:fp32", "b256t197c768m64:bf16", "b256t197c768m64:fp16", "b256t197c768:bf16"),
     # the GPU shape: ViT-B/16 (ToMe's 64-wide metric), and a full-width metric
     "gpu-target": ("b256t197c768m64:fp32", "b256t197c768m64:bf16", "b256t197c768:bf16"),
 }
-DEFAULT_SHAPES = {"cpu": "accept", "cuda": "gpu-target"}
+DEFAULT_SHAPES = {"cpu": "overview", "cuda": "gpu-target"}
 
 _SHAPE = re.compile(r"^b(\d+)t(\d+)c(\d+)(?:m(\d+))?$")
 

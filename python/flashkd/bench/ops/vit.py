@@ -39,12 +39,13 @@ VARIANTS = tuple(VIT_PRESETS)
 DEFAULT_VARIANTS = {"cpu": ("vit-s16",), "cuda": ("vit-b16",)}
 SHAPE_SETS = {
     "quick": ("b2r16:fp32",),
+    "overview": ("b2r16:fp32",),
     "accept": ("b8r16:fp32",),  # ViT-S/16 on a CPU at a small batch
     "cpu": ("b8r16:fp32", "b8r8:fp32", "b8r16:bf16"),
     "gpu": ("b256r16:fp32", "b256r16:fp16", "b256r16:bf16", "b256r8:fp16"),
     "gpu-target": ("b256r16:fp16",),  # the target: ViT-B/16, r = 16, ToMe's fp16 setting
 }
-DEFAULT_SHAPES = {"cpu": "accept", "cuda": "gpu-target"}
+DEFAULT_SHAPES = {"cpu": "overview", "cuda": "gpu-target"}
 
 _SHAPE = re.compile(r"^b(\d+)r(\d+)$")
 # Images the float64 oracle model runs at once: bounds its activation memory.

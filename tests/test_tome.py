@@ -260,6 +260,21 @@ def test_merge_wavg_grad(device, flags, with_size):
         torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-6)
 
 
+def test_merge_wavg_size_requires_grad_only_through_size(device):
+    """The merged sizes depend on the sizes alone: with x requiring grad and
+    sizes that do not (or none, ToMe's first layer) they are a constant, as in
+    ToMe, so that log(size) as an attention mask keeps SDPA on its fused
+    kernel; sizes that require grad give sizes that do."""
+    x, merge, _, _ = merge_inputs(device, 15, (True, False), torch.float32, r=5)
+    x.requires_grad_(True)
+    size = torch.rand(2, 15, 1, generator=torch.Generator().manual_seed(2)).to(device) + 0.5
+    for given in (None, size):
+        out, size_out = tome.merge_wavg(merge, x, given)
+        assert out.requires_grad and not size_out.requires_grad
+    out, size_out = tome.merge_wavg(merge, x, size.clone().requires_grad_(True))
+    assert size_out.requires_grad
+
+
 @pytest.mark.parametrize("seed", range(RANDOM_CASES))
 def test_merges_random_awkward(device, seed):
     """Random batch, token count, channel count (vector tails: 1 to 70), r,

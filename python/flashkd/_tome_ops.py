@@ -79,6 +79,13 @@ def _wavg_setup(ctx, inputs, output):
     ctx.has_size = size is not None
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, size, output[0], output[1], unm_idx, src_idx, dst_idx)
+    if size is None or not size.requires_grad:
+        # size_out = merge(size, "sum") depends on size alone: without a size
+        # that requires grad it is a constant, as in ToMe, and must not require
+        # grad because x does (an attention bias log(size_out) that requires
+        # grad sends scaled_dot_product_attention from its fused CPU kernel to
+        # the math path).
+        ctx.mark_non_differentiable(output[1])
 
 
 def _wavg_backward(ctx, grad_out, grad_size_out):

@@ -31,12 +31,33 @@ def rand_ternary(shape, g, device="cpu"):
     return torch.randint(-1, 2, shape, generator=g, dtype=torch.int8).to(device)
 
 
-# The kernel choices a test runs under: on the CPU each instruction set of the
-# int8 dot product (AVX-512 VNNI or AVX2 vpmaddwd on x86-64; the portable
-# kernels elsewhere, or in an x86 build with FLASHKD_CPU_PORTABLE), on CUDA
-# each int8 tensor-core main loop (wgmma on an H100 with the sm_90a build,
-# mma.sync).
-KERNEL_VARIANTS = [("cpu", "avx512"), ("cpu", "avx2"), ("cpu", "generic"), ("cuda", "wgmma"), ("cuda", "mma.sync")]
+# The kernel choices a test runs under: on the CPU each instruction set of
+# flashkd's int8 dot-product kernels (AVX-512 VNNI or AVX2 vpmaddwd on x86-64;
+# the portable kernels elsewhere, or in an x86 build with FLASHKD_CPU_PORTABLE),
+# run for every M, and oneDNN's int32 main loop with flashkd's epilogue (what
+# the CPU runs from 32 rows on), also run for every M; on CUDA each int8
+# tensor-core main loop (wgmma on an H100 with the sm_90a build, mma.sync).
+KERNEL_VARIANTS = [("cpu", "avx512"), ("cpu", "avx2"), ("cpu", "generic"), ("cpu", "onednn"), ("cuda", "wgmma"),
+                   ("cuda", "mma.sync")]
+
+
+def _select_cpu(name):
+    """The CPU choice `name`: an instruction set of flashkd's kernels, or oneDNN."""
+    ops = torch.ops.flashkd
+    if name == "onednn":
+        ops.quant_cpu_gemm("onednn")
+        return
+    ops.quant_cpu_gemm("flashkd")
+    try:
+        ops.cpu_isa(name)
+    except (RuntimeError, ValueError):
+        ops.quant_cpu_gemm("", True)
+        raise
+
+
+def _reset_cpu():
+    torch.ops.flashkd.cpu_isa("", True)
+    torch.ops.flashkd.quant_cpu_gemm("", True)
 
 
 @pytest.fixture(params=KERNEL_VARIANTS, ids=[v for _, v in KERNEL_VARIANTS])
@@ -47,7 +68,8 @@ def kernel_variant(request):
     kind, name = request.param
     if kind != device:
         pytest.skip(f"{name} is a {kind} kernel choice")
-    select = torch.ops.flashkd.cpu_isa if kind == "cpu" else torch.ops.flashkd.quant_cuda_mainloop
+    select, reset = ((_select_cpu, _reset_cpu) if kind == "cpu" else
+                     (torch.ops.flashkd.quant_cuda_mainloop, lambda: torch.ops.flashkd.quant_cuda_mainloop("", True)))
     try:
         select(name)
     except (RuntimeError, ValueError) as e:
@@ -55,8 +77,9 @@ def kernel_variant(request):
     if kind == "cpu":
         from flashkd.quant import cpu_int8_kernel
 
-        assert cpu_int8_kernel().startswith(name)
+        assert torch.ops.flashkd.quant_cpu_gemm() == ("onednn" if name == "onednn" else "flashkd")
+        assert name == "onednn" or cpu_int8_kernel().startswith(name)
     else:
         assert torch.ops.flashkd.quant_cuda_mainloop() == name
     yield name
-    select("", True)
+    reset()

@@ -125,6 +125,41 @@ def test_dequantizing_epilogue(mnk, kind, dtype, per_row, bias, device, kernel_v
     torch.testing.assert_close(out.cpu(), expect, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("kind", ["int8", "ternary"])
+@pytest.mark.parametrize("mnk", [(1, 5, 33), (32, 70, 131), (65, 200, 260), (300, 130, 64), (33, 130, 70000)])
+def test_cpu_main_loops_give_the_same_bits(mnk, kind):
+    """oneDNN's int32 GEMM (from 32 rows on) and flashkd's dot-product kernels
+    share the epilogue: int32 accumulators and every output dtype come out bit
+    for bit the same. At K = 70000 oneDNN runs in panels of 64 columns (8 MiB
+    of decoded weights each), 130 = 64 + 64 + 2."""
+    ops.quant_cpu_gemm("onednn")  # skips nothing: without oneDNN this raises, and the test should fail
+    ops.quant_cpu_gemm("", True)
+    m, n, k = mnk
+    g = gen("loops", mnk, kind)
+    a = rand_int8((m, k), g)
+    wq = rand_int8((n, k), g) if kind == "int8" else rand_ternary((n, k), g)
+    w = wq if kind == "int8" else pack(wq, "w1.58a8")
+    gemm = ops.int8_linear if kind == "int8" else ops.ternary_linear
+    a_scale, w_scale = torch.rand(m, generator=g).add_(0.01), torch.rand(n, generator=g).add_(0.01)
+    try:
+        for out_dtype in DTYPES.values():
+            bias = randn(n, g, out_dtype)
+            outs = {}
+            for choice in ("flashkd", "onednn"):
+                ops.quant_cpu_gemm(choice)
+                outs[choice] = (gemm(a, w), gemm(a, w, a_scale, w_scale, bias, out_dtype))
+            assert torch.equal(outs["flashkd"][0], outs["onednn"][0])
+            assert torch.equal(outs["flashkd"][1], outs["onednn"][1])
+    finally:
+        ops.quant_cpu_gemm("", True)
+
+
+def test_cpu_main_loop_choice_is_checked():
+    with pytest.raises(ValueError, match="CPU int8 GEMM must be auto, onednn or flashkd"):
+        ops.quant_cpu_gemm("mkl")
+    assert ops.quant_cpu_gemm("", True) == "auto"
+
+
 # Decode shapes for the CPU int4 kernel's nibble path (even groups, fewer
 # than 8 rows): one token against four weight rows at a time, with a short
 # last pass (N = 9, 6), and two tokens.

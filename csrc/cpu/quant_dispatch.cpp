@@ -34,6 +34,15 @@ void int4_dequantize_rows(const quant::Int4GemmArgs& a, int64_t n0, int64_t n1, 
   FKD_CPU_DISPATCH(int4_dequantize_rows, a, n0, n1, out);
 }
 
+void int32_epilogue(const quant::GemmEpilogue& e, const int32_t* acc, int64_t ldacc, int64_t m0, int64_t m1,
+                    int64_t n0, int64_t n1) {
+  FKD_CPU_DISPATCH(int32_epilogue, e, acc, ldacc, m0, m1, n0, n1);
+}
+
+void ternary_unpack_rows(const quant::TernaryGemmArgs& a, int64_t n0, int64_t n1, int8_t* out) {
+  FKD_CPU_DISPATCH(ternary_unpack_rows, a, n0, n1, out);
+}
+
 const char* int8_dot_kind() {
 #if defined(FKD_HAVE_X86_ISAS)
   if (current_isa() == Isa::kAvx512) {

@@ -31,6 +31,9 @@ inline int64_t ternary_activation_width(int64_t K) { return (K + kTernaryBlock -
                     int64_t n0, int64_t n1);                                                         \
   void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  \
   void int4_dequantize_rows(const quant::Int4GemmArgs& a, int64_t n0, int64_t n1, float* out);   \
+  void int32_epilogue(const quant::GemmEpilogue& e, const int32_t* acc, int64_t ldacc, int64_t m0,  \
+                      int64_t m1, int64_t n0, int64_t n1);                                          \
+  void ternary_unpack_rows(const quant::TernaryGemmArgs& a, int64_t n0, int64_t n1, int8_t* out);    \
   }
 
 FKD_DECLARE_QUANT_KERNELS(avx2)
@@ -54,6 +57,15 @@ void int4_gemm(const quant::Int4GemmArgs& a, int64_t m0, int64_t m1, int64_t n0,
 // Weight rows [n0, n1) of an int4 GEMM dequantized, (q - zero) * scale, into
 // out (row-major, K floats a row): the prefill path hands them to BLAS.
 void int4_dequantize_rows(const quant::Int4GemmArgs& a, int64_t n0, int64_t n1, float* out);
+// The epilogue of output rows [m0, m1) x columns [n0, n1) from int32
+// accumulators made elsewhere (oneDNN's GEMM): acc[m * ldacc + (n - n0)]
+// holds output (m, n), a panel of columns from n0. The same bits as the
+// GEMMs' own epilogue.
+void int32_epilogue(const quant::GemmEpilogue& e, const int32_t* acc, int64_t ldacc, int64_t m0, int64_t m1,
+                    int64_t n0, int64_t n1);
+// Weight rows [n0, n1) of a ternary GEMM decoded to int8 {-1, 0, 1} into out
+// (row-major, K a row): the prefill path hands them to oneDNN's int8 GEMM.
+void ternary_unpack_rows(const quant::TernaryGemmArgs& a, int64_t n0, int64_t n1, int8_t* out);
 
 // Which int8 dot product the int8 GEMM uses: "avx512-vnni", "avx512", "avx2"
 // or "generic" (for the benchmark report and tests). The ternary GEMM runs

@@ -17,28 +17,40 @@ namespace {
 
 using quant::GemmEpilogue;
 
-// Writes rows [m, m + mr) x columns [n, n + nr) of the block's results.
-void store_block(const GemmEpilogue& e, int64_t m, int mr, int64_t n, int nr, const DotAcc& acc) {
+// Output row m, columns [n, n + nr), of the int32 accumulators acc[0..nr):
+// each scaled, biased and rounded once to the output dtype (or stored as is
+// for an int32 output). `bias` holds the row's nr bias values as floats (zeros
+// without a bias). Both epilogues below end here, so a block's results are the
+// same bits whichever GEMM made its accumulators.
+inline void store_row(const GemmEpilogue& e, int64_t m, int64_t n, int nr, const int32_t* acc, const float* bias) {
   if (e.out_int32) {
-    for (int i = 0; i < mr; ++i)
-      for (int j = 0; j < nr; ++j) e.out_int32[(m + i) * e.ldo + n + j] = acc[i][j];
+    for (int j = 0; j < nr; ++j) e.out_int32[m * e.ldo + n + j] = acc[j];
     return;
   }
-  float bias[kDotRows] = {0.f, 0.f, 0.f, 0.f};
-  if (e.bias)
-    load_floats(static_cast<const char*>(e.bias) + n * dtype_size(e.bias_dtype), e.bias_dtype, 1, nr, bias);
-  float w_scale[kDotRows];
-  for (int j = 0; j < nr; ++j) w_scale[j] = e.w_scale_per_row ? e.w_scale[n + j] : e.w_scale[0];
-  const int64_t osize = dtype_size(e.out_dtype);
-  for (int i = 0; i < mr; ++i) {
-    const float a_scale = e.a_scale[m + i];
-    float row[kDotRows];
-    for (int j = 0; j < nr; ++j) {
-      const float scaled = static_cast<float>(acc[i][j]) * a_scale * w_scale[j];
-      row[j] = e.bias ? scaled + bias[j] : scaled;
-    }
-    store_floats(row, nr, static_cast<char*>(e.out) + ((m + i) * e.ldo + n) * osize, e.out_dtype, 1);
+  constexpr int kMaxCols = 64;
+  float row[kMaxCols];
+  const float a_scale = e.a_scale[m];
+  if (e.w_scale_per_row) {  // branches outside the loops, which then vectorize
+    for (int j = 0; j < nr; ++j) row[j] = static_cast<float>(acc[j]) * a_scale * e.w_scale[n + j];
+  } else {
+    for (int j = 0; j < nr; ++j) row[j] = static_cast<float>(acc[j]) * a_scale * e.w_scale[0];
   }
+  if (e.bias)
+    for (int j = 0; j < nr; ++j) row[j] += bias[j];
+  store_floats(row, nr, static_cast<char*>(e.out) + (m * e.ldo + n) * dtype_size(e.out_dtype), e.out_dtype, 1);
+}
+
+// Columns [n, n + nr) of the bias as floats in out (zeros without a bias).
+inline void load_bias(const GemmEpilogue& e, int64_t n, int nr, float* out) {
+  if (e.bias) load_floats(static_cast<const char*>(e.bias) + n * dtype_size(e.bias_dtype), e.bias_dtype, 1, nr, out);
+  else std::fill(out, out + nr, 0.f);
+}
+
+// Writes rows [m, m + mr) x columns [n, n + nr) of the block's results.
+void store_block(const GemmEpilogue& e, int64_t m, int mr, int64_t n, int nr, const DotAcc& acc) {
+  float bias[kDotRows];
+  load_bias(e, n, nr, bias);
+  for (int i = 0; i < mr; ++i) store_row(e, m + i, n, nr, acc[i], bias);
 }
 
 // `weight_rows(n, nr, rows)` fills rows[0..4) with weight rows n..n+nr-1 as

@@ -229,3 +229,20 @@ void ternary_gemm(const quant::TernaryGemmArgs& g, const TernaryActivations& act
 }
 
 }  // namespace flashkd::cpu::FKD_CPU_ISA
+
+namespace flashkd::cpu::FKD_CPU_ISA {
+
+void ternary_unpack_rows(const quant::TernaryGemmArgs& g, int64_t n0, int64_t n1, int8_t* out) {
+  const int64_t full = g.K / quant::kTernaryPerByte;  // bytes whose four codes are all inside K
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* src = g.w + n * g.ldw_bytes;
+    int8_t* dst = out + (n - n0) * g.K;
+    for (int64_t b = 0; b < full; ++b)  // vectorized: four shifts and masks per packed vector
+      for (int i = 0; i < quant::kTernaryPerByte; ++i)
+        dst[b * quant::kTernaryPerByte + i] = static_cast<int8_t>(quant::ternary_value(src[b], i));
+    for (int64_t k = full * quant::kTernaryPerByte; k < g.K; ++k)
+      dst[k] = static_cast<int8_t>(quant::ternary_value(src[full], static_cast<int>(k - full * quant::kTernaryPerByte)));
+  }
+}
+
+}  // namespace flashkd::cpu::FKD_CPU_ISA

@@ -13,6 +13,9 @@ weight). Providers:
             CPU set, bf16 on the GPU sets): the float baseline the ratios use
   flashkd-mma.sync  (CUDA, where flashkd picks wgmma) the same layer with the
             int8 GEMM forced onto the sm_80 mma.sync main loop: what wgmma buys
+  flashkd-dot  (CPU, from 32 rows, where flashkd runs the int32 main loop in
+            oneDNN) the same layer on flashkd's own int8 dot-product kernels:
+            what oneDNN buys
   cublas-int8  (CUDA, w8a8-infer) torch._int_mm, cuBLAS's int8 GEMM with int32
             output and no epilogue: a reference for the int8 main loop alone
   torchao   (w8a8-infer, w4a16-infer) torchao's inference layers, when it is
@@ -167,6 +170,16 @@ def _flashkd_mma_sync(case, device):
     return under_kernel_choice(_flashkd(case, device), torch.ops.flashkd.quant_cuda_mainloop, "mma.sync")
 
 
+def _flashkd_dot(case, device):
+    if device.type != "cpu":
+        raise Unsupported("a CPU main-loop choice")
+    if _scheme(case) == "w4a16":
+        raise Unsupported("no int8 GEMM in this variant (int4 weights meet float activations)")
+    if _dims(case)[0] < 32 or torch.ops.flashkd.quant_cpu_gemm() != "auto":
+        raise Unsupported("flashkd runs its own kernels here already (fewer than 32 rows, or a forced choice)")
+    return under_kernel_choice(_flashkd(case, device), torch.ops.flashkd.quant_cpu_gemm, "flashkd")
+
+
 def _cublas_int8(case, device):
     if device.type != "cuda" or case.variant != "w8a8-infer":
         raise Unsupported("a CUDA reference for the w8a8 GEMM")
@@ -227,7 +240,8 @@ def _torchao_bytes_per_weight(case, t):
 
 PROVIDERS = {"flashkd": Provider(_flashkd),
              "torch": Provider(_torch, same_call=_same_float_call),
-             "flashkd-mma.sync": Provider(_flashkd_mma_sync), "cublas-int8": Provider(_cublas_int8),
+             "flashkd-mma.sync": Provider(_flashkd_mma_sync), "flashkd-dot": Provider(_flashkd_dot),
+             "cublas-int8": Provider(_cublas_int8),
              "torchao": Provider(_torchao, per_input_warmup=True)}
 
 
@@ -256,7 +270,7 @@ def _oracles(case, t):
     float_grads = {"x": w.double().sum(0).expand(m, -1), "weight": grad_w, "bias": grad_b}
     quant = (q_loss.item(), quant_grads)
     exact = (float_loss.item(), float_grads)
-    return {"flashkd": quant, "flashkd-mma.sync": quant, "torch": exact, "torchao": exact}
+    return {"flashkd": quant, "flashkd-mma.sync": quant, "flashkd-dot": quant, "torch": exact, "torchao": exact}
 
 
 def errors(case, inputs, outputs):

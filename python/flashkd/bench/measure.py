@@ -6,14 +6,16 @@
    warms the provider up;
 2. for providers that compile per input shape, an untimed call at the timed shape;
    for those that prepare each input set (a peer's quantized weights), one per set;
-3. the median time of forward calls, then of forward+backward calls, rotating
-   through enough input sets that they do not sit in the cache; the first timed
-   forward+backward call is also the one whose peak extra memory is recorded,
-   and its workspace: that peak minus the gradients it returns.
+3. one untimed forward+backward call whose peak extra memory is recorded, and
+   its workspace: that peak minus the gradients it returns;
+4. ``before_timing()``, where given (the CPU worker's change of allocator
+   regime, see worker.py);
+5. the median time of forward calls, then of forward+backward calls, rotating
+   through enough input sets that they do not sit in the cache.
 
 A provider whose result does not require grad (an inference-only op) is
 measured forward only: no backward, ``fwd_bwd_*`` fields None, and the peak
-memory taken on the first timed forward call.
+memory taken on a forward call.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def build(case, provider_name, device):
         return None, f"skipped: {exc}"
 
 
-def measure(case, provider_name, device, sets, budget=Budget()):
+def measure(case, provider_name, device, sets, budget=Budget(), before_timing=None):
     """Returns (record, outputs): outputs = (loss, {leaf name: gradient on the
     CPU}) of the accuracy call (the loss a float, or the output tensor on the
     CPU for ops with a grad_output), or None when the provider did not run."""
@@ -70,7 +72,7 @@ def measure(case, provider_name, device, sets, budget=Budget()):
     if skipped:
         return {"status": skipped}, None
     try:
-        return _measure(fn, OPS[case.op].PROVIDERS[provider_name], case, device, sets, budget)
+        return _measure(fn, OPS[case.op].PROVIDERS[provider_name], case, device, sets, budget, before_timing)
     except Exception as exc:  # noqa: BLE001  (a provider's failure is reported, not raised)
         status = _status(exc)
     # Outside the except block, so the traceback no longer pins the failed call's tensors.
@@ -82,7 +84,7 @@ def measure(case, provider_name, device, sets, budget=Budget()):
     return {"status": status}, None
 
 
-def _measure(fn, provider, case, device, sets, budget):
+def _measure(fn, provider, case, device, sets, budget, before_timing):
     acc = accuracy_inputs(case, sets, device)
     acc.clear_grads()
     loss = fn(acc.tensors)
@@ -110,9 +112,13 @@ def _measure(fn, provider, case, device, sets, budget):
         inputs = sets[i % len(sets)]
         inputs.backward(fn(inputs.tensors))
 
-    peak = PeakMemory(device)
-    fwd = time_calls(forward, setup, device, budget, first=peak if forward_only else None)
-    fwd_bwd = None if forward_only else time_calls(forward_backward, setup, device, budget, first=peak)
+    setup(0)
+    with PeakMemory(device) as peak:
+        (forward if forward_only else forward_backward)(0)
+    if before_timing:
+        before_timing()
+    fwd = time_calls(forward, setup, device, budget)
+    fwd_bwd = None if forward_only else time_calls(forward_backward, setup, device, budget)
     for inputs in sets:
         inputs.clear_grads()
     grad_bytes = sum(sets[0].tensors[name].nbytes for name in sets[0].grad_names)  # a grad matches its leaf

@@ -33,6 +33,24 @@ def _trim_c_heap():
         pass
 
 
+# mallopt parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def reuse_heap_blocks():
+    """Puts glibc's malloc in the state a long-running process reaches: its
+    dynamic mmap threshold rises, as blocks are freed, to its 64-bit ceiling of
+    32 MiB (and the trim threshold to twice that), after which blocks up to
+    32 MiB come from the heap and are reused, while larger ones are still
+    mapped afresh, and page-faulted in, by every call. A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
 def _reset_rss_peak():
     try:
         with open("/proc/self/clear_refs", "w") as f:

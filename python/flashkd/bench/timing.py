@@ -8,14 +8,12 @@ A ``Budget`` says how many calls: a fixed count, or the CPU's time budget.
 
 ``setup(i)`` runs untimed before call i (dropping the last gradient, say, whose
 freeing is not the call's work), and a call's result is dropped after its clock
-stops, for the same reason. ``first`` is a context manager entered around the
-first timed call only, outside its clock (the peak-memory probe).
+stops, for the same reason.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,24 +47,22 @@ class Timing:
         return cls(statistics.median(times_ms), min(times_ms), max(times_ms), len(times_ms))
 
 
-def time_calls(fn, setup, device, budget=Budget(), *, first=None):
+def time_calls(fn, setup, device, budget=Budget()):
     """Time ``fn(i)`` for i = 0, 1, ... as ``budget`` says."""
-    first = first or nullcontext()
     if device.type == "cuda":
-        return _time_cuda(fn, setup, budget.reps, first)
-    return _time_cpu(fn, setup, budget.reps, budget.cpu_seconds, first)
+        return _time_cuda(fn, setup, budget.reps)
+    return _time_cpu(fn, setup, budget.reps, budget.cpu_seconds)
 
 
-def _time_cpu(fn, setup, reps, seconds, first):
+def _time_cpu(fn, setup, reps, seconds):
     times = []
     start = time.perf_counter()
     i = 0
     while True:
         setup(i)
-        with (first if i == 0 else nullcontext()):
-            t0 = time.perf_counter()
-            out = fn(i)
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        out = fn(i)
+        times.append((time.perf_counter() - t0) * 1e3)
         del out
         i += 1
         done = i >= reps if reps else (i >= CPU_MAX_REPS or time.perf_counter() - start >= seconds)
@@ -74,7 +70,7 @@ def _time_cpu(fn, setup, reps, seconds, first):
             return Timing.of(times)
 
 
-def _time_cuda(fn, setup, reps, first):
+def _time_cuda(fn, setup, reps):
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     for i in range(CUDA_WARMUP):
@@ -88,10 +84,9 @@ def _time_cuda(fn, setup, reps, first):
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for i, (b, e) in enumerate(events):
         setup(i)
-        with (first if i == 0 else nullcontext()):
-            b.record()
-            out = fn(i)
-            e.record()
+        b.record()
+        out = fn(i)
+        e.record()
         del out
     torch.cuda.synchronize()
     return Timing.of([b.elapsed_time(e) for b, e in events])

@@ -171,21 +171,23 @@ const char* cpu_gemm_name(CpuGemm g) {
   return g == CpuGemm::kOneDnn ? "onednn" : g == CpuGemm::kFlashkd ? "flashkd" : "auto";
 }
 
-// Only x86 builds use oneDNN automatically: elsewhere the int8 GEMM it would
+// Whether this torch has oneDNN and it is enabled (torch.backends.mkldnn):
+// without it _int_mm falls back to plain loops.
+bool onednn_enabled() { return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn(); }
+
+// Only x86 builds pick oneDNN by themselves: elsewhere the int8 GEMM it would
 // run has not been measured against flashkd's portable kernels.
-bool onednn_usable() {
 #if defined(FKD_HAVE_X86_ISAS)
-  return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+constexpr bool kAutoOneDnn = true;
 #else
-  return false;
+constexpr bool kAutoOneDnn = false;
 #endif
-}
 
 CpuGemm parse_cpu_gemm(const std::string& name) {
   if (name.empty() || name == "auto") return CpuGemm::kAuto;
   if (name == "flashkd") return CpuGemm::kFlashkd;
   TORCH_CHECK_VALUE(name == "onednn", "CPU int8 GEMM must be auto, onednn or flashkd, got '", name, "'");
-  TORCH_CHECK_VALUE(at::hasMKLDNN() && at::globalContext().userEnabledMkldnn(),
+  TORCH_CHECK_VALUE(onednn_enabled(),
                     "CPU int8 GEMM 'onednn': this torch has no oneDNN, or it is disabled (torch.backends.mkldnn)");
   return CpuGemm::kOneDnn;
 }
@@ -203,7 +205,7 @@ bool run_on_onednn(int64_t M, int64_t K) {
   switch (cpu_gemm_choice().load()) {
     case CpuGemm::kOneDnn: return true;
     case CpuGemm::kFlashkd: return false;
-    default: return M >= kOneDnnRows && onednn_usable();
+    default: return kAutoOneDnn && M >= kOneDnnRows && onednn_enabled();
   }
 }
 

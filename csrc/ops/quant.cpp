@@ -192,11 +192,13 @@ CpuGemm parse_cpu_gemm(const std::string& name) {
   return CpuGemm::kOneDnn;
 }
 
+CpuGemm environment_cpu_gemm() {
+  const char* env = std::getenv("FLASHKD_CPU_INT8_GEMM");
+  return parse_cpu_gemm(env ? env : "");
+}
+
 std::atomic<CpuGemm>& cpu_gemm_choice() {
-  static std::atomic<CpuGemm> choice{[] {
-    const char* env = std::getenv("FLASHKD_CPU_INT8_GEMM");
-    return parse_cpu_gemm(env ? env : "");
-  }()};
+  static std::atomic<CpuGemm> choice{environment_cpu_gemm()};
   return choice;
 }
 
@@ -453,8 +455,7 @@ std::string quant_cpu_gemm(c10::string_view force, bool reset) {
   if (!force.empty()) {
     cpu_gemm_choice() = parse_cpu_gemm(std::string(force));
   } else if (reset) {
-    const char* env = std::getenv("FLASHKD_CPU_INT8_GEMM");
-    cpu_gemm_choice() = parse_cpu_gemm(env ? env : "");
+    cpu_gemm_choice() = environment_cpu_gemm();
   }
   return cpu_gemm_name(cpu_gemm_choice().load());
 }

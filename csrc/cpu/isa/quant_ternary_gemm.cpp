@@ -228,10 +228,6 @@ void ternary_gemm(const quant::TernaryGemmArgs& g, const TernaryActivations& act
   });
 }
 
-}  // namespace flashkd::cpu::FKD_CPU_ISA
-
-namespace flashkd::cpu::FKD_CPU_ISA {
-
 void ternary_unpack_rows(const quant::TernaryGemmArgs& g, int64_t n0, int64_t n1, int8_t* out) {
   const int64_t full = g.K / quant::kTernaryPerByte;  // bytes whose four codes are all inside K
   for (int64_t n = n0; n < n1; ++n) {

@@ -31,6 +31,7 @@ def run(cases, providers, device, bandwidth, cache_bytes, progress, budget=Budge
     """Yields each case's records as soon as the case is done. ``skip`` maps
     providers ("torch.compile") and op:provider pairs not to run to the reason
     shown in their place."""
+    skip = skip or {}
     measured = {}  # same_call key -> (record, outputs) of the case that measured it
     with tempfile.TemporaryDirectory(prefix="flashkd-bench-") as workdir:
         for case in cases:
@@ -60,7 +61,7 @@ def run(cases, providers, device, bandwidth, cache_bytes, progress, budget=Budge
 
 
 def _measure_one(case, name, device, sets, cache_bytes, budget, workdir, skip):
-    reason = (skip or {}).get(name) or (skip or {}).get(f"{case.op}:{name}")
+    reason = skip.get(name) or skip.get(f"{case.op}:{name}")
     if reason:
         return {"status": f"skipped: {reason}"}, None
     if sets is not None:

@@ -50,14 +50,9 @@ void quantize_weight_rows(const quant::WeightQuantArgs& a, int64_t row_begin, in
           const int64_t k0 = g * a.group_size, k1 = std::min(K, k0 + a.group_size);
           float scale = 1.f, zero = 0.f;  // an empty group (K = 0)
           if (k1 > k0) {
-            float lo = x[k0], hi = x[k0];
-#pragma omp simd reduction(min : lo) reduction(max : hi)
-            for (int64_t k = k0; k < k1; ++k) {
-              lo = std::min(lo, x[k]);
-              hi = std::max(hi, x[k]);
-            }
-            scale = quant::int4_weight_scale(lo, hi);
-            zero = quant::int4_zero(lo, scale);
+            const MinMax range = min_max(x + k0, k1 - k0);
+            scale = quant::int4_weight_scale(range.lo, range.hi);
+            zero = quant::int4_zero(range.lo, scale);
           }
           a.scale[r * a.groups + g] = scale;
           a.zero[r * a.groups + g] = zero;

@@ -884,6 +884,29 @@ def test_backward_scaling_rounds_once(dtype, device):
         assert mismatch == 0, f"{reduction}: {mismatch} of {expected.numel()} gradient elements differ"
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_scale_rows_long_and_strided_rows(dtype, device):
+    """The backward's in-place scaling on rows longer than the CPU's conversion
+    chunk (2048), with a partial last chunk, per-row and scalar factors (some
+    exactly 1, which skip their row), on a column-strided view: every element
+    is the float32 product rounded once, and the elements between the view's
+    columns are left alone."""
+    dt = DTYPES[dtype]
+    g = gen("scale_rows", dtype)
+    rows, V = 6, 2 * 2048 + 77
+    base = torch.randn(rows, 2 * V, generator=g).to(dt).to(device)
+    view = base[:, ::2]
+    per_row = torch.rand(rows, generator=g).to(device) * 3
+    per_row[2] = 1.0
+    for factor in (per_row, torch.tensor(0.37, device=device)):
+        before = base.clone()
+        torch.ops.flashkd.scale_rows_(view, factor)
+        f = factor[:, None] if factor.dim() else factor
+        expected = (before[:, ::2].float() * f).to(dt)
+        assert torch.equal(view, expected)
+        assert torch.equal(base[:, 1::2], before[:, 1::2])
+
+
 # ----------------------------------------------------------------------------
 # Random option combinations
 # ----------------------------------------------------------------------------

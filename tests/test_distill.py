@@ -748,8 +748,10 @@ ROW_SPLIT_CASES = {
     "bf16-fp32-V32000-N70": (70, 32000, "bf16", "fp32", None),
     "fp16-V2048-N512": (512, 2048, "fp16", "fp16", None),
     # At cluster size 8: the last block's slice ends in a 5-column tail read
-    # from global memory; straddles vocab_size; lies wholly past it.
-    "bf16-V128253-N40": (40, 128253, "bf16", "bf16", None),
+    # from global memory (one row: more rows of 128253 bf16 would not start
+    # on 16-byte boundaries, and would stream); straddles vocab_size; lies
+    # wholly past it.
+    "bf16-V128253-N1": (1, 128253, "bf16", "bf16", None),
     "bf16-V128256-vocab127999-N40": (40, 128256, "bf16", "bf16", 127999),
     "bf16-V128256-vocab100000-N40": (40, 128256, "bf16", "bf16", 100000),
 }
@@ -765,6 +767,8 @@ def test_row_split_shapes(case, div, device):
               weights=make_weights((n,), g, device), temperature=1.5, reduction="none", return_stats=True,
               vocab_size=vocab_size, **DIV_KW[div])
     r = run_all(s, t, **kw)
+    if device != "cpu" and torch.ops.flashkd.distill_cuda_kernel()[0] == "cluster":
+        assert torch.ops.flashkd.distill_cuda_kernel()[1] == "cluster", "the case streamed: it tests nothing more"
     check_run(r, s, t, kw, dtype=DTYPES[sdt])
     # Written in place, the gradient is the same, bit for bit.
     student = s.clone().requires_grad_(True) * 1.0
@@ -1113,6 +1117,26 @@ def test_extreme_logits(div, device):
     # with its own spread, so the rows without such entries are held as tightly
     # as anywhere else.
     check_run(r, s, t, kw, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("beta, gap", [(0.5, 103.5), (1 - 1e-8, 86.0)])
+def test_jsd_mixture_underflow(beta, gap, device):
+    """An entry whose mixture beta p + (1 - beta) q rounds to 0 while q does
+    not: q = exp(-103.5) is the subnormal 2^-149 on CUDA (its exp keeps
+    subnormals; the CPU's flushes it to 0), and 1 - beta = 1e-8 does it with a
+    normal q = exp(-86) on any device. The entry's true terms are below
+    float32's resolution: the loss and gradient stay finite and match the
+    oracle's (they were inf and NaN)."""
+    s = torch.tensor([[0.0, -gap]], device=device, requires_grad=True)
+    t = torch.tensor([[0.0, -200.0]], device=device)
+    loss = flashkd.distill_loss(s, t, divergence="jsd", beta=beta)
+    loss.backward()
+    s64 = s.detach().cpu().double().requires_grad_(True)
+    expected = R.distill_loss(s64, t.cpu().double(), divergence="jsd", beta=beta)
+    expected.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    torch.testing.assert_close(loss.detach().cpu().double(), expected.detach(), rtol=0, atol=1e-20)
+    torch.testing.assert_close(s.grad.cpu().double(), s64.grad, rtol=0, atol=1e-20)
 
 
 @pytest.mark.parametrize("div", DIVS)

@@ -88,8 +88,11 @@ struct DivergenceMath<Divergence::kRKL> : NoMixture {
 // log m is taken of the mixture itself, from p and q: one log where
 // logaddexp costs an exp and a log1p. Both weights are
 // positive, so lq - lm <= -log(1-beta) and lp - lm <= -log(beta) stay
-// bounded; where p and q both underflow m is 0, and every term using log m
-// is multiplied by p or q = 0 (xdiff and the q > 0 guard make that 0).
+// bounded. m underflows to 0 where w_p p and w_q q both round to 0, which
+// happens with p or q still above 0: a subnormal q = 2^-149 at beta = 0.5
+// (CUDA's exp keeps subnormals), or a normal q with 1 - beta below ~1e-7.
+// Such an entry's terms are below float32's resolution (p and q times a
+// bounded log ratio), so it adds nothing: log m = -inf would make them inf.
 template <>
 struct DivergenceMath<Divergence::kJSD> {
   static constexpr bool kNeedsPass2 = true;
@@ -98,12 +101,13 @@ struct DivergenceMath<Divergence::kJSD> {
     return fkd_log(k.w_p * e.p + k.w_q * e.q);
   }
   FKD_HD static void pass2(const Entry& e, const DivergenceConsts& k, float& c0, float& c1) {
-    const float kq = xdiff(e.q, e.lq, e.lm);
-    c0 += k.w_p * xdiff(e.p, e.lp, e.lm) + k.w_q * kq;
+    const bool mixed = e.lm > kNegInf;
+    const float kq = mixed ? xdiff(e.q, e.lq, e.lm) : 0.f;
+    c0 += mixed ? k.w_p * xdiff(e.p, e.lp, e.lm) + k.w_q * kq : 0.f;
     c1 += kq;
   }
   FKD_HD static float grad(const Entry& e, const RowScalars& s, const DivergenceConsts& k, float&) {
-    return e.q > 0.f ? k.w_q * e.q * (e.lq - e.lm - s.c1) : 0.f;
+    return (e.q > 0.f && e.lm > kNegInf) ? k.w_q * e.q * (e.lq - e.lm - s.c1) : 0.f;
   }
 };
 

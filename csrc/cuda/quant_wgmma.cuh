@@ -203,7 +203,10 @@ inline const char* launch(const int8_t* a, int64_t lda, const int8_t* w, int64_t
   // Over 48 KiB of dynamic shared memory needs the opt-in (per device, so every time).
   const cudaError_t err =
       cudaFuncSetAttribute(int8_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // reported here: must not resurface as a later launch's error
+    return cudaGetErrorString(err);
+  }
   int8_wgmma_kernel<<<static_cast<unsigned>(tiles), kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
       a, lda, w, ldw, M, N, K, epi);
   return last_error();

@@ -66,4 +66,9 @@ void distill_rows(const DistillParams& p, int64_t begin, int64_t end) {
   FKD_CPU_DISPATCH(distill_rows, p, begin, end);
 }
 
+void scale_rows(void* grad, DType dtype, const RowLayout& layout, int64_t begin, int64_t end, int64_t cols,
+                const float* factor, bool per_row) {
+  FKD_CPU_DISPATCH(scale_rows, grad, dtype, layout, begin, end, cols, factor, per_row);
+}
+
 }  // namespace flashkd::cpu

@@ -9,6 +9,8 @@ namespace flashkd::cpu {
 #define FKD_DECLARE_CPU_KERNELS(isa) \
   namespace isa {                    \
   void distill_rows(const DistillParams& p, int64_t begin, int64_t end); \
+  void scale_rows(void* grad, DType dtype, const RowLayout& layout, int64_t begin, int64_t end, int64_t cols, \
+                  const float* factor, bool per_row); \
   }
 
 FKD_DECLARE_CPU_KERNELS(avx2)

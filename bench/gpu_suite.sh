@@ -9,13 +9,16 @@
 #      the kernels never yet run on a GPU (the distillation cluster kernel, the int8 wgmma main
 #      loop), each on its own; if one fails, the later steps run on the kernel it would replace
 #   5. compute-sanitizer memcheck, then racecheck, on a reduced set of cuda tests
-#   6. the benchmark: bench/results/<date>-<gpu>.json and a markdown summary .md
+#   6. the benchmark: bench/results/<date>-<gpu>.json (in $OUT where set) and a markdown summary .md
 #   7. only when asked (FLASHKD_SUITE_STEPS=profile): Nsight Compute on the distillation kernels
 #      (bench/profile_distill.py), into profile.log
 # Every step is logged with its time; a failing step is recorded and the later
 # steps that can still run do (tests and benchmark need the build). The exit
 # status is non-zero when any step failed or was cut for time. When $OUT is set
-# (the device tool), the logs are written there and the results copied there: 8 flat files.
+# (the device tool), the logs and the results are written straight there (a run cut short keeps
+# them), flat; the device tool returns at most 8 files of at most 16 MiB, so at the end the step
+# logs go into one archive where there are more (all steps in one call), and a log still over
+# 15 MiB is compressed.
 #
 # A lease (15 minutes of device time, at most 10 a call): prepare on the CPU machine first
 # (bash bench/prepare_gpu_lease.sh: the library, the peer wheels), then two calls on one warm
@@ -29,15 +32,19 @@
 #                             run (seconds with a prepared library or an unchanged in-place build)
 #   FLASHKD_SUITE_BUDGET      seconds this call may take in all (default 570, under the device tool's 600)
 #   FLASHKD_SANITIZER_TESTS   test files for step 5 (default: distill, tome, prune, quant kernels)
-#   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default: about 110 tests of edge shapes,
-#                             ties, exact integer results and gradients)
+#   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default: 311 cuda tests of edge shapes,
+#                             ties, exact integer results and gradients, 215 of them run on an H100;
+#                             the rest are the quant tests' CPU kernel choices, skipped)
 #   FLASHKD_BENCH_ARGS        arguments for python3 -m flashkd.bench (default: none, i.e. the GPU default:
 #                             distill_loss fkl/jsd, both linear ops, tome_merge, vit_tome, quant_linear at their GPU targets)
 #   FLASHKD_CUDA_ARCHS        architectures to build (default: this GPU's own, e.g. 90a-real on Hopper,
 #                             which halves the build time against the wheel's sm_80 + sm_90a)
 #   FLASHKD_TEST_WORKERS      pytest-xdist workers for step 4 (default 4; 0 runs the tests in one process)
 #   FLASHKD_COMMIT            commit to record when the checkout has no .git
-#   *_TIMEOUT                 seconds, each cut to what is left of the budget: FLASHKD_NEW_KERNEL_TIMEOUT
+#   *_TIMEOUT                 seconds, each cut to what is left of the budget (a step over its limit
+#                             gets SIGINT, so pytest still writes its summary, then SIGKILL 10 s
+#                             later): FLASHKD_BUILD_TIMEOUT (480, only without a prepared library),
+#                             FLASHKD_NEW_KERNEL_TIMEOUT
 #                             (150 per new kernel's tests), FLASHKD_TEST_TIMEOUT (240), FLASHKD_CASE_TIMEOUT
 #                             (120 per test, where pytest-timeout is installed: a hung kernel costs one
 #                             test), FLASHKD_SANITIZER_TIMEOUT (240 per tool), FLASHKD_BENCH_TIMEOUT (480; the
@@ -45,11 +52,14 @@
 #                             finished cases), FLASHKD_PROFILE_TIMEOUT (300)
 set -u
 export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
+# compute-sanitizer and ncu, where the toolkit's bin/ is not on PATH
+if [ -d /usr/local/cuda/bin ]; then PATH=$PATH:/usr/local/cuda/bin; fi
 
 # Logs go straight to $OUT when set, so a run cut short still returns them.
 WORK=${OUT:-$(mktemp -d /tmp/flashkd-suite.XXXXXX)}
 exec > >(tee -a "$WORK/suite.log") 2>&1
+TEE_PID=$!
 
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 FAILED=()
@@ -74,9 +84,10 @@ step() {
 }
 # limited NAME LOGFILE SECONDS COMMAND...: step under `timeout`, its limit cut to what is left of
 # the call's budget (less a reserve for the summary); with under 20 s left the step is not run,
-# counts as failed, and returns 125.
+# counts as failed, and returns 125. At its limit the step's process group gets SIGINT (pytest
+# then still prints its summary line and writes its junit XML), and SIGKILL 10 s later.
 BUDGET=${FLASHKD_SUITE_BUDGET:-570}
-RESERVE=20
+RESERVE=30
 limited() {
     local name=$1 file=$2 want=$3 left
     shift 3
@@ -87,12 +98,15 @@ limited() {
         SUMMARY+=("$name: not run (out of time)")
         return 125
     fi
-    step "$name" "$file" timeout "$((want < left ? want : left))" "$@"
+    step "$name" "$file" timeout -s INT -k 10 "$((want < left ? want : left))" "$@"
 }
 
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr 'A-Z' 'a-z' | tr -s ' ' '-')
+# (nvidia-smi under a time limit throughout: it can hang on a GPU a kernel left wedged)
+GPU=$(timeout 30 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 \
+      | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9._\n' '-')
 STAMP=$(date -u +%Y-%m-%d-%H%M)
-RESULT=bench/results/$STAMP-${GPU:-unknown-gpu}
+# straight into $OUT where set: the JSON, written after every case, then survives a call cut short
+RESULT=${OUT:-bench/results}/$STAMP-${GPU:-unknown-gpu}
 export FLASHKD_COMMIT=${FLASHKD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 mkdir -p bench/results
 log "flashkd GPU suite: commit $FLASHKD_COMMIT, results $RESULT.{json,md}, logs $WORK"
@@ -110,7 +124,7 @@ fi
 
 # 2. the library: prepared on a CPU machine where it fits, else built here
 BUILT=0
-CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '.')
+CAP=$(timeout 30 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '.')
 case "$CAP" in
     90) OWN_ARCH=90a-real ;;
     "") OWN_ARCH="80-real;90a-real" ;;
@@ -152,14 +166,15 @@ else
     LIBRARY="built here (prepared library: $PREPARED)"
     log "== prepared library not used: $PREPARED"
     rm -f python/flashkd/_C.abi3.so
-    step build - env FLASHKD_CUDA=ON MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+    limited build - "${FLASHKD_BUILD_TIMEOUT:-480}" env FLASHKD_CUDA=ON MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 \
         python3 -m pip install --no-build-isolation --no-deps -e . && BUILT=1
+    if [ $BUILT = 0 ]; then LIBRARY="none: the build here failed (prepared library: $PREPARED)"; fi
 fi
 log "== library: $LIBRARY"
 
 # 3. device
-nvidia-smi
-step device - python3 -c "
+timeout 30 nvidia-smi
+limited device - 120 python3 -c "
 import torch, flashkd
 print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name())
 print('flashkd CUDA kernels:', flashkd.has_cuda_kernels())
@@ -197,8 +212,11 @@ elif [ $BUILT = 1 ]; then
     # oracle) runs on several of the machine's 16 cores; a hung test is ended alone (pytest-timeout
     # ends its process, xdist starts another).
     PYTEST_RUN=(python3 -m pytest -m cuda -q -p no:cacheprovider)
-    if [ "${FLASHKD_TEST_WORKERS:-4}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
-        PYTEST_RUN+=(-n "${FLASHKD_TEST_WORKERS:-4}")
+    WORKERS=${FLASHKD_TEST_WORKERS:-4}
+    if [ "$WORKERS" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
+        # each worker's torch would start an OpenMP thread per core (4 x 16 on 16 cores): share them
+        THREADS=$(( $(nproc) / WORKERS )); if [ "$THREADS" -lt 1 ]; then THREADS=1; fi
+        PYTEST_RUN=(env OMP_NUM_THREADS="${OMP_NUM_THREADS:-$THREADS}" "${PYTEST_RUN[@]}" -n "$WORKERS")
         if python3 -c "import pytest_timeout" 2>/dev/null; then
             PYTEST_RUN+=(--timeout "${FLASHKD_CASE_TIMEOUT:-120}" --timeout-method thread)
         fi
@@ -230,24 +248,24 @@ for line in "${FALLBACKS[@]}"; do SAN_SUBSET="($SAN_SUBSET) and not ${line%% fai
 if ! wanted sanitizer; then
     SANITIZER+=("compute-sanitizer: not run (FLASHKD_SUITE_STEPS)")
 elif [ $BUILT = 0 ]; then
-    SANITIZER+=("not run (no build)")
+    SANITIZER+=("compute-sanitizer: not run (no build)")
 elif ! command -v compute-sanitizer >/dev/null; then
     SANITIZER+=("not run: compute-sanitizer is not on PATH")
 else
     for tool in memcheck racecheck; do
-        # shellcheck disable=SC2086  (SAN_TESTS is a list of paths)
+        # shellcheck disable=SC2086 # SAN_TESTS is a list of paths
         limited "$tool" "$WORK/$tool.log" "${FLASHKD_SANITIZER_TIMEOUT:-240}" \
             env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
             python3 -m pytest -m cuda -q -x -p no:cacheprovider $SAN_TESTS -k "$SAN_SUBSET"
-        SANITIZER+=("$tool ($SAN_TESTS -k \"$SAN_SUBSET\"): $(summary_line "$WORK/$tool.log"); $(grep -m1 \
-            'ERROR SUMMARY' "$WORK/$tool.log" || echo 'no ERROR SUMMARY line')")
+        SANITIZER+=("$tool ($SAN_TESTS -k \"$SAN_SUBSET\"): $(summary_line "$WORK/$tool.log"); $(grep -s -m1 -E \
+            '(ERROR|RACECHECK) SUMMARY' "$WORK/$tool.log" || echo 'no ERROR SUMMARY line')")
     done
 fi
 
 # 6. benchmark
 BENCH_ARGS=${FLASHKD_BENCH_ARGS-}
 if [ $BUILT = 1 ] && wanted bench; then
-    # shellcheck disable=SC2086  (BENCH_ARGS is a list of words)
+    # shellcheck disable=SC2086 # BENCH_ARGS is a list of words
     limited bench - "${FLASHKD_BENCH_TIMEOUT:-480}" python3 -m flashkd.bench \
         --device cuda --json "$RESULT.json" --plot "$WORK/bench.png" $BENCH_ARGS
 fi
@@ -269,7 +287,7 @@ fi
 {
     echo "# flashkd GPU suite, $STAMP"
     echo
-    echo "- device: ${GPU:-unknown}; $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | sed 's/^/driver /')"
+    echo "- device: ${GPU:-unknown}; $(timeout 30 nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | sed 's/^/driver /')"
     echo "- torch: $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)"
     echo "- commit: $FLASHKD_COMMIT"
     echo "- library: $LIBRARY"
@@ -288,14 +306,26 @@ fi
 } > "$RESULT.md"
 log "summary written to $RESULT.md"
 
-if [ -n "${OUT:-}" ]; then
-    for f in "$RESULT.json" "$RESULT.md"; do
-        if [ -f "$f" ]; then cp "$f" "$OUT/"; fi
-    done
-fi
-
+# finish STATUS: lets tee write the log's last lines, fits $OUT to what the device tool returns
+# (at most 8 files, each at most 16 MiB), and exits with STATUS.
+finish() {
+    local f logs=()
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null
+    if [ -n "${OUT:-}" ] && cd "$OUT"; then
+        if [ "$(find . -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+            for f in pytest-*.log pytest.log pytest-junit.xml memcheck.log racecheck.log profile.log; do
+                if [ -f "$f" ]; then logs+=("$f"); fi
+            done
+            tar --remove-files -czf step-logs.tar.gz "${logs[@]}"
+        fi
+        find . -maxdepth 1 -type f -size +15M ! -name '*.gz' -exec gzip {} +
+    fi
+    exit "$1"
+}
 if [ ${#FAILED[@]} -gt 0 ]; then
     log "FAILED: ${FAILED[*]}"
-    exit 1
+    finish 1
 fi
 log "all steps passed"
+finish 0

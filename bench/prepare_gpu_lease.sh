@@ -21,7 +21,8 @@ TORCH_VERSION=${FLASHKD_GPU_TORCH:-2.11.0}
 # the GPU machine's Python where this machine has it: on PATH, or installed by pyenv but not selected
 PYTHON=${FLASHKD_GPU_PYTHON:-}
 for candidate in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 python3; do
-    if [ -z "$PYTHON" ] && "$candidate" -c "import venv" 2>/dev/null; then PYTHON=$candidate; fi
+    # (ensurepip too: Debian's and Ubuntu's pythons import venv but cannot make one without python3-venv)
+    if [ -z "$PYTHON" ] && "$candidate" -c "import venv, ensurepip" 2>/dev/null; then PYTHON=$candidate; fi
 done
 PY_VERSION=$("$PYTHON" -c "import sys; print('%d.%d' % sys.version_info[:2])")
 ARCHS=${FLASHKD_CUDA_ARCHS:-90a-real}
@@ -76,7 +77,7 @@ log "3. .gpu/_C.abi3.so ($(du -h .gpu/_C.abi3.so | cut -f1)) and .gpu/prebuilt.e
 # 4. peer wheels for the GPU machine (Python 3.12, x86-64), their dependencies already there
 log "4. peer wheels: $PEERS"
 rm -f .whl/*.whl
-# shellcheck disable=SC2086  (PEERS is a list of requirements)
+# shellcheck disable=SC2086 # PEERS is a list of requirements
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl $PEERS
@@ -87,5 +88,8 @@ cat <<'EOF'
   1. run(command='FLASHKD_SUITE_STEPS="tests sanitizer" bash bench/gpu_suite.sh', carry=[".gpu", ".whl"], timeout_s=600)
   2. at once, with L = status's budget_left_s:
      run(command='FLASHKD_SUITE_BUDGET=<L - 40> FLASHKD_SUITE_STEPS=bench bash bench/gpu_suite.sh', carry=[".gpu", ".whl"], timeout_s=<L - 20>)
-  3. give_back; commit bench/results/ from the calls' files; update the README status table.
+     If call 1's summary has FALLBACK lines and status says the machine is no longer warm, a fresh
+     machine has lost build/gpu-suite-fallbacks.env: begin call 2's command with those exports.
+  3. give_back; commit bench/results/ from the calls' files (the JSON and .md are in them; the step
+     logs, where more than 8 files were written, in step-logs.tar.gz); update the README status table.
 EOF

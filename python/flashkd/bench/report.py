@@ -5,6 +5,7 @@ file (the record of a run: bench/results/ holds only these), and a PNG.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,8 +86,13 @@ LEGEND = (
 
 
 def write_json(path, meta, records):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    """Rewritten after every case: through a temporary file and a rename, so
+    that a run killed mid-write (a time limit) leaves the last whole file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def write_plot(path, meta, records):

@@ -183,6 +183,20 @@ def test_int4_linear(mnk, group_size, dtype, bias, device, kernel_variant):
     check_int4(out, x, q, scale, zero, group_size, b)
 
 
+@pytest.mark.parametrize("dtype,bias", [("fp32", False), ("fp32", True), ("bf16", True)])
+def test_int4_linear_weight_panels(dtype, bias, device):
+    """From 256 rows the CPU dequantizes the weights in panels of 2^20 floats
+    for ATen's GEMM (a float32 output straight into its columns): at K = 8192
+    panels of 128 rows, N = 300 gives three, the last partial."""
+    m, n, k = 256, 300, 8192
+    g = gen("int4_panels", dtype, bias)
+    x = randn((m, k), g, DTYPES[dtype], device)
+    q, scale, zero = ref.int4_weights(randn((n, k), g), 128)
+    b = randn(n, g, DTYPES[dtype], device) if bias else None
+    out = int4_linear(x, pack(q, "w4a16").to(device), scale.to(device), zero.to(device), 128, b)
+    check_int4(out, x, q, scale, zero, 128, b)
+
+
 def check_int4(out, x, q, scale, zero, group_size, b):
     """out = x @ dequantized(q)^T + b within float32 accumulation over K terms, then
     the output dtype's rounding."""

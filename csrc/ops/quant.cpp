@@ -123,28 +123,33 @@ at::Tensor setup_epilogue(GemmEpilogue& epi, const at::Tensor& a, int64_t M, int
 constexpr int64_t kBlasRows = 256;
 
 // out (M, N) = x2 (M, K) @ dequantized(W)^T + bias: weight panels of about
-// 4 MiB of float32 are dequantized in parallel and multiplied in float32;
-// bias is added in float32 before the one rounding to x's dtype, as the
-// kernels do.
+// 4 MiB of float32 are dequantized in parallel and multiplied in float32,
+// bias included in float32 before the one rounding to x's dtype, as the
+// kernels do. A float32 output takes each panel's product in place (its
+// columns are a strided view BLAS writes directly, bias included): at
+// M = N = K = 1024 the separate product, bias pass and copy cost 0.2-0.3 ms
+// (0.92x -> 1.00x of float32 nn.Linear on the 2-core Xeon).
 at::Tensor int4_linear_blas(const quant::Int4GemmArgs& args, const at::Tensor& x2, const at::Tensor& bias,
                             at::Tensor out) {
   const int64_t M = args.M, N = args.N, K = args.K;
   const at::Tensor xf = x2.to(at::kFloat);
   const at::Tensor out2 = out.view({M, N});
+  const bool in_place = out.scalar_type() == at::kFloat;
   const int64_t panel = std::min(N, std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(K, 1)));
   // Both buffers are reused by every panel; the last, narrower panel views
   // their leading elements (contiguous), so mm_out needs no copy.
   at::Tensor w_panel = at::empty({panel * K}, xf.options());
-  at::Tensor y_panel = at::empty({M * panel}, xf.options());
+  at::Tensor y_panel = in_place ? at::Tensor() : at::empty({M * panel}, xf.options());
   const at::Tensor bias_f = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
   for (int64_t n0 = 0; n0 < N; n0 += panel) {
     const int64_t nb = std::min(panel, N - n0);
     float* w = w_panel.data_ptr<float>();
     at::parallel_for(n0, n0 + nb, 8, [&](int64_t b, int64_t e) { cpu::int4_dequantize_rows(args, b, e, w + (b - n0) * K); });
-    at::Tensor y = y_panel.narrow(0, 0, M * nb).view({M, nb});
-    at::mm_out(y, xf, w_panel.narrow(0, 0, nb * K).view({nb, K}).t());
-    if (bias_f.defined()) y.add_(bias_f.narrow(0, n0, nb));
-    out2.narrow(1, n0, nb).copy_(y);
+    const at::Tensor wt = w_panel.narrow(0, 0, nb * K).view({nb, K}).t();
+    at::Tensor y = in_place ? out2.narrow(1, n0, nb) : y_panel.narrow(0, 0, M * nb).view({M, nb});
+    if (bias_f.defined()) at::addmm_out(y, bias_f.narrow(0, n0, nb), xf, wt);
+    else at::mm_out(y, xf, wt);
+    if (!in_place) out2.narrow(1, n0, nb).copy_(y);
   }
   return out;
 }

@@ -207,6 +207,8 @@ def _torchao_layer(case, weight, bias):
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
     quantize_(layer.requires_grad_(False), config(**options))
+    if type(layer.weight) is torch.nn.Parameter:  # left float: Int4WeightOnlyConfig only logs, e.g. K % 128
+        raise ValueError(f"{name} left the weight unquantized at this shape")
     return layer
 
 

@@ -111,3 +111,37 @@ def test_default_skip_says_why_and_seconds_must_be_positive(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--seconds", "0"])
     assert "--seconds must be positive" in capsys.readouterr().err
+
+
+def test_a_failing_build_oracle_or_input_set_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A provider whose build raises (not Unsupported), an oracle check that
+    raises and input sets that cannot be made (out of memory on a GPU) each
+    become a record that says why; the other measurements and cases stand."""
+    from flashkd.bench import runner
+    from flashkd.bench.progress import Progress
+
+    def broken(case, device):
+        raise RuntimeError("peer API changed")
+
+    def oracle(case, inputs, outputs):
+        raise MemoryError("oracle too large")
+
+    monkeypatch.setitem(quant.PROVIDERS, "broken", Provider(broken))
+    monkeypatch.setattr(quant, "errors", oracle)
+    out = tmp_path / "quant.json"
+    rc = main(["--device", "cpu", "--ops", "quant_linear:w8a8-infer", "--shapes", "16x64x200:fp32",
+               "--providers", "flashkd,broken", "--repeats", "2", "--json", str(out)])
+    assert rc == 0  # flashkd itself was measured
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["records"]}
+    assert rows["broken"]["status"] == "failed: RuntimeError: peer API changed"
+    assert rows["flashkd"]["status"] == "ok" and rows["flashkd"]["fwd_ms"] > 0
+    assert rows["flashkd"]["accuracy"] == "failed: MemoryError: oracle too large"
+
+    def no_inputs(case, device, cache_bytes):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(runner, "input_sets", no_inputs)
+    cases = [Case("quant_linear", "w8a8-infer", "16x64x200", "fp32")] * 2
+    device = torch.device("meta")  # any device but the CPU makes its input sets in this process
+    records = list(runner.run(cases, ["flashkd", "torch"], device, 1e9, 1 << 20, Progress(4)))
+    assert [[r["status"] for r in case] for case in records] == [["out of memory"] * 2] * 2

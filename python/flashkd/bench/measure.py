@@ -49,7 +49,7 @@ def accuracy_inputs(case, sets, device):
     return sets[0] if limit is None else OPS[case.op].accuracy_inputs(sets[0], limit)
 
 
-def _status(exc):
+def failure_status(exc):
     if isinstance(exc, torch.OutOfMemoryError):
         return "out of memory"
     first_line = (str(exc).strip().splitlines() or [""])[0]
@@ -57,11 +57,14 @@ def _status(exc):
 
 
 def build(case, provider_name, device):
-    """(fn, None), or (None, "skipped: why") when the provider cannot run here."""
+    """(fn, None), or (None, "skipped: why") when the provider cannot run here,
+    or (None, "failed: why") when building it raised."""
     try:
         return OPS[case.op].PROVIDERS[provider_name].build(case, device), None
     except Unsupported as exc:
         return None, f"skipped: {exc}"
+    except Exception as exc:  # noqa: BLE001  (a provider that cannot even be built is reported, not raised)
+        return None, failure_status(exc)
 
 
 def measure(case, provider_name, device, sets, budget=Budget(), before_timing=None):
@@ -74,7 +77,7 @@ def measure(case, provider_name, device, sets, budget=Budget(), before_timing=No
     try:
         return _measure(fn, OPS[case.op].PROVIDERS[provider_name], case, device, sets, budget, before_timing)
     except Exception as exc:  # noqa: BLE001  (a provider's failure is reported, not raised)
-        status = _status(exc)
+        status = failure_status(exc)
     # Outside the except block, so the traceback no longer pins the failed call's tensors.
     for inputs in sets:
         inputs.clear_grads()

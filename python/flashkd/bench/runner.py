@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from .measure import accuracy_inputs, build, input_sets, measure
+from .measure import accuracy_inputs, build, failure_status, input_sets, measure
 from .ops import OPS
 from .timing import Budget
 from .worker import measure_in_child
@@ -37,7 +37,15 @@ def run(cases, providers, device, bandwidth, cache_bytes, progress, budget=Budge
         for case in cases:
             names = [p for p in providers if p in OPS[case.op].PROVIDERS]
             results = {}
-            sets = None if device.type == "cpu" else input_sets(case, device, cache_bytes)
+            try:
+                sets, inputs_failed = None if device.type == "cpu" else input_sets(case, device, cache_bytes), None
+            except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the case fails, the run goes on)
+                sets, inputs_failed = None, failure_status(exc)
+            if inputs_failed:  # (out of the except block: its traceback no longer pins the tensors)
+                progress.note(f"{case.label}: inputs: {inputs_failed}")
+                _release(device)
+                yield [{**case.to_dict(), "provider": name, "status": inputs_failed} for name in names]
+                continue
             for name in names:
                 progress.step(f"{case.label} {name}")
                 same_call = OPS[case.op].PROVIDERS[name].same_call
@@ -53,11 +61,18 @@ def run(cases, providers, device, bandwidth, cache_bytes, progress, budget=Budge
                 if status != "ok":
                     progress.note(f"{case.label} {name}: {status}")
             records = _records(case, results, device, bandwidth, sets)
+            oracle_failed = next((r["accuracy"] for r in records if "accuracy" in r), None)
+            if oracle_failed:
+                progress.note(f"{case.label}: oracle check {oracle_failed}")
             del sets
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _release(device)
             yield records
+
+
+def _release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _measure_one(case, name, device, sets, cache_bytes, budget, workdir, skip):
@@ -77,8 +92,11 @@ def _records(case, results, device, bandwidth, sets):
     outputs = {name: out for name, (_, out) in results.items() if out is not None}
     errors = {}
     if outputs:
-        sets = sets or [mod.make_inputs(case, device, seed=0)]
-        errors = mod.errors(case, accuracy_inputs(case, sets, device), outputs)
+        try:
+            sets = sets or [mod.make_inputs(case, device, seed=0)]
+            errors = mod.errors(case, accuracy_inputs(case, sets, device), outputs)
+        except Exception as exc:  # noqa: BLE001  (the timings stand; the error columns stay empty, and say why)
+            errors = {name: {"accuracy": failure_status(exc)} for name in results}
     ok = {name: rec for name, (rec, _) in results.items() if rec["status"] == "ok"}
     floor_ms = mod.floor_bytes(case) / bandwidth * 1e3
     floor_provider = getattr(mod, "FLOOR_PROVIDER", None)

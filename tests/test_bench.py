@@ -145,3 +145,42 @@ def test_a_failing_build_oracle_or_input_set_is_recorded_and_the_run_goes_on(tmp
     device = torch.device("meta")  # any device but the CPU makes its input sets in this process
     records = list(runner.run(cases, ["flashkd", "torch"], device, 1e9, 1 << 20, Progress(4)))
     assert [[r["status"] for r in case] for case in records] == [["out of memory"] * 2] * 2
+
+
+def test_cuda_timing_queues_the_timed_calls_behind_a_gpu_sleep(monkeypatch):
+    """The CUDA path of time_calls, with torch.cuda's events, sleep and
+    synchronize faked (no GPU needed): one calibration sleep, then one sleep
+    queued before the first timed call, as long as queueing the calls takes
+    (capped), and a median of the per-call event pairs."""
+    from flashkd.bench import timing
+
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            self.t = len(log)
+            log.append("event")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 2.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)))
+    monkeypatch.setattr(timing, "_sleep_cycles_per_ms", None)
+    calls = []
+    result = timing.time_calls(lambda i: calls.append(i), lambda i: None, torch.device("cuda"),
+                               timing.Budget(reps=5))
+    assert result.median_ms == 2.0 and result.reps == 5
+    assert calls == [0, 1, 2] + [0, 1, 2, 3, 4]  # warm-up, then the timed calls
+    sleeps = [i for i, entry in enumerate(log) if entry != "event"]
+    assert log[sleeps[0]] == ("sleep", 1_000_000)  # calibration: 1e6 cycles in 2 ms
+    cycles = log[sleeps[1]][1]
+    assert 0 <= cycles <= timing.CUDA_MAX_SLEEP_MS * 5e5
+    assert log[sleeps[1] + 1:].count("event") == 10  # every timed event pair comes after it

@@ -1,7 +1,11 @@
 """Median time of repeated calls.
 
 CUDA: a few untimed warm-up calls, then CUDA events around each call and one
-synchronize at the end; the number of calls adapts to their cost. CPU: the wall
+synchronize at the end; the number of calls adapts to their cost. The timed
+calls are queued behind a GPU sleep about as long as queueing them takes, so
+that their kernels run back to back: otherwise a call of a few microseconds
+(a one-token GEMV) would be timed at Python's launch rate, its kernels
+waiting on the CPU between the events. CPU: the wall
 clock around each call, repeated until a time budget is spent (at least once:
 some eager baselines take tens of seconds per call); the caller warms up.
 A ``Budget`` says how many calls: a fixed count, or the CPU's time budget.
@@ -24,6 +28,7 @@ CPU_MAX_REPS = 20
 CUDA_WARMUP = 3
 CUDA_BUDGET_S = 0.3
 CUDA_MIN_REPS, CUDA_MAX_REPS = 10, 100
+CUDA_MAX_SLEEP_MS = 100.0
 
 
 @dataclass(frozen=True)
@@ -73,15 +78,18 @@ def _time_cpu(fn, setup, reps, seconds):
 def _time_cuda(fn, setup, reps):
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
+    start = time.perf_counter()
     for i in range(CUDA_WARMUP):
         setup(i)
         fn(i)
+    queue_ms = (time.perf_counter() - start) * 1e3 / CUDA_WARMUP  # the CPU's time to queue a call
     end.record()
     torch.cuda.synchronize()
     if not reps:
         per_call_ms = begin.elapsed_time(end) / CUDA_WARMUP
         reps = int(min(CUDA_MAX_REPS, max(CUDA_MIN_REPS, CUDA_BUDGET_S * 1e3 / max(per_call_ms, 1e-3))))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    _keep_gpu_busy(min(CUDA_MAX_SLEEP_MS, 1.5 * reps * queue_ms))
     for i, (b, e) in enumerate(events):
         setup(i)
         b.record()
@@ -90,3 +98,20 @@ def _time_cuda(fn, setup, reps):
         del out
     torch.cuda.synchronize()
     return Timing.of([b.elapsed_time(e) for b, e in events])
+
+
+_sleep_cycles_per_ms = None
+
+
+def _keep_gpu_busy(ms):
+    """Queues a GPU spin of about ``ms`` (torch.cuda._sleep counts clock
+    cycles: their rate is measured once)."""
+    global _sleep_cycles_per_ms
+    if _sleep_cycles_per_ms is None:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        torch.cuda._sleep(1_000_000)
+        end.record()
+        end.synchronize()
+        _sleep_cycles_per_ms = 1e6 / max(begin.elapsed_time(end), 1e-3)
+    torch.cuda._sleep(int(ms * _sleep_cycles_per_ms))

@@ -236,8 +236,17 @@ def _torchao(case, device):
 
 def _torchao_bytes_per_weight(case, t):
     layer = _torchao_layer(case, t["weight"], t["bias"])
-    names, _ = layer.weight.__tensor_flatten__()
-    return sum(getattr(layer.weight, n).nbytes for n in names) / layer.weight.numel()
+    return _stored_bytes(layer.weight) / layer.weight.numel()
+
+
+def _stored_bytes(t):
+    """Bytes of the plain tensors a tensor subclass holds, through nested
+    subclasses (some torchao versions wrap the quantized tensor once more)."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None:
+        return t.nbytes
+    names, _ = flatten()
+    return sum(_stored_bytes(getattr(t, name)) for name in names)
 
 
 PROVIDERS = {"flashkd": Provider(_flashkd),

@@ -130,11 +130,15 @@ def _packed_bytes(case):
 
 
 def floor_bytes(case):
-    """x read and the output written once, plus the weight as the flashkd form stores it."""
+    """Inference forms (timed forward only): x read and the output written
+    once, plus the weight as the flashkd form stores it. Training forms (timed
+    forward+backward): the forward's x, W and output, then the backward's
+    grad_out, x and W read and grad_x and grad_W written."""
     m, n, k = _dims(case)
     size = DTYPES[case.dtype].itemsize
-    weight = _packed_bytes(case) if _inference(case) else n * k * size
-    return int(m * k * size + m * n * size + weight)
+    if _inference(case):
+        return int((m * k + m * n) * size + _packed_bytes(case))
+    return int((m * k + n * k + m * n) * size + (m * n + 2 * m * k + 2 * n * k) * size)
 
 
 def _flashkd(case, device):

@@ -122,6 +122,14 @@ at::Tensor setup_epilogue(GemmEpilogue& epi, const at::Tensor& a, int64_t M, int
 // 1.23 ms at M = 64, 1.87 vs 1.91 ms at 128, 14.7 vs 11.5 ms at 1024.
 constexpr int64_t kBlasRows = 256;
 
+// Output columns (weight rows) per panel of the CPU paths that hand weight
+// panels to ATen's GEMMs: as many as fit `budget` bytes at `bytes_per_column`
+// each, a multiple of `multiple` and at least that, at most N.
+int64_t panel_columns(int64_t N, int64_t bytes_per_column, int64_t budget, int64_t multiple) {
+  const int64_t fit = budget / std::max<int64_t>(bytes_per_column, 1) / multiple * multiple;
+  return std::min(N, std::max(multiple, fit));
+}
+
 // out (M, N) = x2 (M, K) @ dequantized(W)^T + bias: weight panels of about
 // 4 MiB of float32 are dequantized in parallel and multiplied in float32,
 // bias included in float32 before the one rounding to x's dtype, as the
@@ -135,7 +143,7 @@ at::Tensor int4_linear_blas(const quant::Int4GemmArgs& args, const at::Tensor& x
   const at::Tensor xf = x2.to(at::kFloat);
   const at::Tensor out2 = out.view({M, N});
   const bool in_place = out.scalar_type() == at::kFloat;
-  const int64_t panel = std::min(N, std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(K, 1)));
+  const int64_t panel = panel_columns(N, K * int64_t{sizeof(float)}, int64_t{4} << 20, 16);
   // Both buffers are reused by every panel; the last, narrower panel views
   // their leading elements (contiguous), so mm_out needs no copy.
   at::Tensor w_panel = at::empty({panel * K}, xf.options());
@@ -223,7 +231,7 @@ template <class WeightRows>
 void onednn_gemm(const quant::GemmEpilogue& epi, const at::Tensor& a2, int64_t N, WeightRows&& weight_rows) {
   const int64_t M = a2.size(0), K = a2.size(1);
   const int64_t per_column = std::max<int64_t>(4 * M, K);  // accumulators or decoded weights
-  const int64_t panel = std::min(N, std::max<int64_t>(64, kPanelBytes / per_column / 64 * 64));
+  const int64_t panel = panel_columns(N, per_column, kPanelBytes, 64);
   at::Tensor acc_buffer = at::empty({M * panel}, a2.options().dtype(at::kInt));
   for (int64_t n0 = 0; n0 < N; n0 += panel) {
     const int64_t n1 = std::min(N, n0 + panel);

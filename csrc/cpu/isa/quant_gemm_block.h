@@ -17,7 +17,10 @@ namespace {
 
 using quant::GemmEpilogue;
 
-// Output row m, columns [n, n + nr), of the int32 accumulators acc[0..nr):
+// The widest row store_row takes (its float staging row is on the stack).
+constexpr int kEpilogueCols = 64;
+
+// Output row m, columns [n, n + nr <= n + kEpilogueCols), of the int32 accumulators acc[0..nr):
 // each scaled, biased and rounded once to the output dtype (or stored as is
 // for an int32 output). `bias` holds the row's nr bias values as floats (zeros
 // without a bias). Both epilogues below end here, so a block's results are the
@@ -27,8 +30,7 @@ inline void store_row(const GemmEpilogue& e, int64_t m, int64_t n, int nr, const
     for (int j = 0; j < nr; ++j) e.out_int32[m * e.ldo + n + j] = acc[j];
     return;
   }
-  constexpr int kMaxCols = 64;
-  float row[kMaxCols];
+  float row[kEpilogueCols];
   const float a_scale = e.a_scale[m];
   if (e.w_scale_per_row) {  // branches outside the loops, which then vectorize
     for (int j = 0; j < nr; ++j) row[j] = static_cast<float>(acc[j]) * a_scale * e.w_scale[n + j];

@@ -36,10 +36,9 @@ void int8_gemm(const quant::Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
 
 void int32_epilogue(const quant::GemmEpilogue& e, const int32_t* acc, int64_t ldacc, int64_t m0, int64_t m1,
                     int64_t n0, int64_t n1) {
-  constexpr int kCols = 64;  // store_row's widest row
-  float bias[kCols];
-  for (int64_t n = n0; n < n1; n += kCols) {
-    const int nr = static_cast<int>(std::min<int64_t>(kCols, n1 - n));
+  float bias[kEpilogueCols];
+  for (int64_t n = n0; n < n1; n += kEpilogueCols) {
+    const int nr = static_cast<int>(std::min<int64_t>(kEpilogueCols, n1 - n));
     load_bias(e, n, nr, bias);
     for (int64_t m = m0; m < m1; ++m) store_row(e, m, n, nr, acc + m * ldacc + (n - n0), bias);
   }

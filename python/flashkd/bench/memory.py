@@ -26,11 +26,16 @@ def _status_kib(field):
         return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
 
 
-def _trim_c_heap():
+def _glibc_malloc(function, *args):
+    """Calls one of glibc's malloc tuning functions; a no-op with another C library."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        getattr(ctypes.CDLL(ctypes.util.find_library("c")), function)(*args)
     except (OSError, AttributeError, TypeError):  # not glibc
         pass
+
+
+def _trim_c_heap():
+    _glibc_malloc("malloc_trim", 0)
 
 
 # mallopt parameters (glibc's malloc.h).
@@ -43,12 +48,8 @@ def reuse_heap_blocks():
     32 MiB (and the trim threshold to twice that), after which blocks up to
     32 MiB come from the heap and are reused, while larger ones are still
     mapped afresh, and page-faulted in, by every call. A no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-    except (OSError, AttributeError, TypeError):  # not glibc
-        pass
+    _glibc_malloc("mallopt", _M_MMAP_THRESHOLD, 32 << 20)
+    _glibc_malloc("mallopt", _M_TRIM_THRESHOLD, 64 << 20)
 
 
 def _reset_rss_peak():

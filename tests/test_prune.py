@@ -71,6 +71,31 @@ def test_grad(device, protect_first, fuse_remainder):
         assert scores.grad is None
 
 
+@pytest.mark.parametrize("fuse_remainder", [False, True])
+def test_many_tokens(device, fuse_remainder):
+    """More tokens than a block's shared memory could rank (the CUDA kernel
+    once refused more than 12000), a count that is no multiple of a rank tile,
+    NaN and tied scores: selection, outputs and gradients equal the oracle's."""
+    tokens, cols, keep = 12_289, 3, 4_101
+    x = rand(2, tokens, cols, device=device).requires_grad_(True)
+    scores = torch.rand(2, tokens, generator=torch.Generator().manual_seed(2))
+    scores[:, 100:600] = 0.5  # ties broken by position
+    scores[0, 7_000] = float("nan")  # ranked above everything
+    scores = scores.to(device).requires_grad_(True)
+    xr, sr = x.detach().double().requires_grad_(True), scores.detach().double().requires_grad_(True)
+    got, index = topk_tokens(x, scores, keep, fuse_remainder=fuse_remainder)
+    want, want_index = ref.topk_tokens(xr, sr, keep, fuse_remainder, True)
+    assert torch.equal(index, want_index)
+    assert index[0, 1].item() == 7_000
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    cot = rand(*got.shape, device=device, seed=4)
+    got.backward(cot)
+    want.backward(cot.double())
+    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=1e-5, atol=1e-6)
+    if fuse_remainder:
+        torch.testing.assert_close(scores.grad, sr.grad.float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", range(RANDOM_CASES))
 def test_random_awkward(device, seed):
     """Random batch, token and channel counts (channel tails 1 to 70), keep,

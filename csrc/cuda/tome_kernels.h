@@ -18,8 +18,11 @@ const char* tome_merge(const MergePlan& plan, const MergeTensors& t, void* strea
 const char* tome_merge_backward(const MergePlan& plan, const MergeTensors& t, void* stream);
 // One block per output token.
 const char* tome_unmerge(const MergePlan& plan, const void* x, DType dtype, int64_t cols, void* out, void* stream);
-// One block per batch.
-const char* topk_tokens(const TopkParams& p, void* stream);
-const char* topk_tokens_backward(const TopkParams& p, void* stream);
+// Bytes of device scratch the top-k kernels need (each token's output slot).
+size_t topk_scratch_bytes(const TopkParams& p);
+// Token ranks over a (batch x token tiles) grid, then one block per output
+// row (forward) or per input row (backward).
+const char* topk_tokens(const TopkParams& p, void* scratch, void* stream);
+const char* topk_tokens_backward(const TopkParams& p, void* scratch, void* stream);
 
 }  // namespace flashkd::cuda

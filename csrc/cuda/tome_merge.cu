@@ -176,13 +176,7 @@ __global__ void unmerge_kernel(MergePlan p, const T* x, int64_t cols, T* out) {
         if (p.src[b * p.r + k] == i) source = p.n_unm + p.dst[b * p.r + k];
     }
     __syncthreads();
-    const T* in = x + (b * n_out + source) * cols;
-    T* o = out + u * cols;
-    for (int64_t c = int64_t(threadIdx.x) * kVec; c < cols; c += int64_t(blockDim.x) * kVec) {
-      float v[kVec];
-      load8(in, c, 1, cols, vec_ok(in, 1), v);
-      store8(o, c, 1, cols, vec_ok(o, 1), v);
-    }
+    copy_row(out + u * cols, x + (b * n_out + source) * cols, cols);
   }
 }
 

@@ -1,8 +1,11 @@
-// Top-k token pruning on the GPU, one block per batch. Each token's rank is
-// counted directly (O(T^2) comparisons, cheap for ViT token counts; the order
-// is descending score, NaN first, ties by position), ranks live in dynamic
-// shared memory, and the kept rows, the fused remainder and the backward are
-// written from them.
+// Top-k token pruning on the GPU. The order is descending score, NaN first,
+// ties by position (the CPU's and the oracle's). Forward: every token counts
+// the tokens ranked above it (O(T^2) comparisons spread over the whole grid,
+// the batch's scores streamed through shared memory), which gives its output
+// slot; kept rows are gathered one block per row; the fused remainder is
+// summed per column tile. Backward: the slots are rebuilt from the index, then
+// one block per input row writes its gradient. The slots live in device
+// scratch, so the token count has no shared-memory limit.
 #include <type_traits>
 #include "tome_common.cuh"
 #include "tome_kernels.h"
@@ -11,118 +14,157 @@ namespace flashkd::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxTokens = 12000;  // ranks (4 bytes each) within 48 KiB of shared memory
 
-template <typename S>
-__device__ __forceinline__ bool ranks_above(const S* s, int64_t a, int64_t b) {
-  const float sa = to_float(s[a]), sb = to_float(s[b]);
-  const bool na = sa != sa, nb = sb != sb;
-  if (na != nb) return na;
-  if (!na && sa != sb) return sa > sb;
-  return a < b;
+struct Scratch {
+  int* slot;     // (batch, tokens): output row of each token, or -1 when dropped
+  float* stats;  // (batch, 2): dropped tokens' score sum; grad_out[keep] . out[keep]
+};
+
+Scratch carve(const TopkParams& p, void* base) {
+  Scratch s;
+  s.slot = static_cast<int*>(base);
+  s.stats = reinterpret_cast<float*>(s.slot + p.batch * p.tokens);
+  return s;
 }
 
-template <typename S>
-__device__ float dropped_total(const TopkParams& p, const S* s, const int* pos, float* scratch) {
-  float v[1] = {0.f};
-  for (int64_t t = threadIdx.x; t < p.tokens; t += blockDim.x)
-    if (pos[t] < 0) v[0] += to_float(s[t]);
-  block_allreduce<1>(v, scratch, SumOp());
-  return v[0];
+// Whether token u (score su) is ordered before token t (score st).
+__device__ __forceinline__ bool ranks_above(float su, int64_t u, float st, int64_t t) {
+  const bool nu = su != su, nt = st != st;
+  if (nu != nt) return nu;
+  if (!nu && su != st) return su > st;
+  return u < t;
 }
 
-template <typename T, typename S>
-__global__ void topk_kernel(TopkParams p) {
-  extern __shared__ int pos[];  // output position of each token, or -1
-  __shared__ float scratch[32];
-  const int64_t n_out = p.keep + (p.fuse_remainder ? 1 : 0), cols = p.cols;
-  for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
-    const S* s = static_cast<const S*>(p.scores) + b * p.tokens;
-    const T* x = static_cast<const T*>(p.x) + b * p.tokens * cols;
-    T* out = static_cast<T*>(p.out) + b * n_out * cols;
-    const int64_t first = p.protect_first ? 1 : 0;
-    for (int64_t t = threadIdx.x; t < p.tokens; t += blockDim.x) {
-      int64_t rank = 0;
-      if (t >= first) {
-        rank = first;
-        for (int64_t u = first; u < p.tokens; ++u) rank += ranks_above(s, u, t) ? 1 : 0;
-      }
-      pos[t] = rank < p.keep ? static_cast<int>(rank) : -1;
-      if (rank < p.keep) p.index[b * p.keep + rank] = t;
+// One thread per token. With protect_first token 0 is ranked first and left
+// out of everyone else's count.
+template <typename S>
+__global__ void rank_kernel(TopkParams p, Scratch s) {
+  __shared__ float tile[kThreads];
+  const int64_t tiles = (p.tokens + kThreads - 1) / kThreads, first = p.protect_first ? 1 : 0;
+  for (int64_t unit = blockIdx.x; unit < p.batch * tiles; unit += gridDim.x) {
+    const int64_t b = unit / tiles, t = (unit % tiles) * kThreads + threadIdx.x;
+    const S* scores = static_cast<const S*>(p.scores) + b * p.tokens;
+    const bool live = t < p.tokens;
+    const float st = live ? to_float(scores[t]) : 0.f;
+    int64_t above = 0;
+    for (int64_t u0 = 0; u0 < p.tokens; u0 += kThreads) {
+      __syncthreads();  // the previous tile has been read
+      if (u0 + threadIdx.x < p.tokens) tile[threadIdx.x] = to_float(scores[u0 + threadIdx.x]);
+      __syncthreads();
+      const int n = p.tokens - u0 < kThreads ? static_cast<int>(p.tokens - u0) : kThreads;
+      for (int j = 0; j < n; ++j) above += (u0 + j >= first && ranks_above(tile[j], u0 + j, st, t)) ? 1 : 0;
     }
-    __syncthreads();
-    for (int64_t t = 0; t < p.tokens; ++t) {
-      if (pos[t] < 0) continue;
-      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) out[pos[t] * cols + c] = x[t * cols + c];
-    }
-    if (p.fuse_remainder) {
-      const float total = dropped_total(p, s, pos, scratch);
-      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        float acc = 0.f;
-        for (int64_t t = 0; t < p.tokens; ++t)
-          if (pos[t] < 0) acc += (to_float(s[t]) / total) * to_float(x[t * cols + c]);
-        out[p.keep * cols + c] = from_float<T>(acc);
-      }
-    }
-    __syncthreads();
+    if (!live) continue;
+    const int64_t rank = t < first ? 0 : first + above;
+    s.slot[b * p.tokens + t] = rank < p.keep ? static_cast<int>(rank) : -1;
+    if (rank < p.keep) p.index[b * p.keep + rank] = t;
   }
 }
 
+template <typename T>
+__global__ void gather_kernel(TopkParams p) {
+  const int64_t n_out = p.keep + (p.fuse_remainder ? 1 : 0);
+  for (int64_t unit = blockIdx.x; unit < p.batch * p.keep; unit += gridDim.x) {
+    const int64_t b = unit / p.keep, k = unit % p.keep;
+    copy_row(static_cast<T*>(p.out) + (b * n_out + k) * p.cols,
+             static_cast<const T*>(p.x) + (b * p.tokens + p.index[unit]) * p.cols, p.cols);
+  }
+}
+
+// One block per batch: the dropped tokens' score sum and, for the scores'
+// gradient, grad_out[keep] . out[keep].
 template <typename T, typename S>
-__global__ void topk_backward_kernel(TopkParams p) {
-  extern __shared__ int pos[];
+__global__ void stats_kernel(TopkParams p, Scratch s) {
+  __shared__ float scratch[64];
+  const int64_t n_out = p.keep + 1;
+  for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
+    const S* scores = static_cast<const S*>(p.scores) + b * p.tokens;
+    const int* slot = s.slot + b * p.tokens;
+    float v[2] = {0.f, 0.f};
+    for (int64_t t = threadIdx.x; t < p.tokens; t += blockDim.x)
+      if (slot[t] < 0) v[0] += to_float(scores[t]);
+    if (p.grad_scores) {
+      const T* g = static_cast<const T*>(p.grad_out) + (b * n_out + p.keep) * p.cols;
+      const T* extra = static_cast<const T*>(p.out) + (b * n_out + p.keep) * p.cols;
+      for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) v[1] += to_float(g[c]) * to_float(extra[c]);
+    }
+    block_allreduce<2>(v, scratch, SumOp());
+    if (threadIdx.x == 0) {
+      s.stats[2 * b] = v[0];
+      s.stats[2 * b + 1] = v[1];
+    }
+  }
+}
+
+// out[keep] = sum over dropped t of (s_t / S) x_t, one thread per column.
+template <typename T, typename S>
+__global__ void remainder_kernel(TopkParams p, Scratch s) {
+  const int64_t n_out = p.keep + 1, col_tiles = (p.cols + kThreads - 1) / kThreads;
+  for (int64_t unit = blockIdx.x; unit < p.batch * col_tiles; unit += gridDim.x) {
+    const int64_t b = unit / col_tiles, c = (unit % col_tiles) * kThreads + threadIdx.x;
+    if (c >= p.cols) continue;
+    const S* scores = static_cast<const S*>(p.scores) + b * p.tokens;
+    const T* x = static_cast<const T*>(p.x) + b * p.tokens * p.cols;
+    const int* slot = s.slot + b * p.tokens;
+    const float total = s.stats[2 * b];
+    float acc = 0.f;
+    for (int64_t t = 0; t < p.tokens; ++t)
+      if (slot[t] < 0) acc += (to_float(scores[t]) / total) * to_float(x[t * p.cols + c]);
+    static_cast<T*>(p.out)[(b * n_out + p.keep) * p.cols + c] = from_float<T>(acc);
+  }
+}
+
+__global__ void scatter_slots_kernel(TopkParams p, Scratch s) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.batch * p.keep;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / p.keep;
+    s.slot[b * p.tokens + p.index[i]] = static_cast<int>(i % p.keep);
+  }
+}
+
+// One block per input row: kept rows take their output row's gradient,
+// dropped rows the remainder's share (or zero without a remainder).
+template <typename T, typename S>
+__global__ void backward_rows_kernel(TopkParams p, Scratch s) {
   __shared__ float scratch[32];
   const int64_t n_out = p.keep + (p.fuse_remainder ? 1 : 0), cols = p.cols;
-  for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
-    const S* s = static_cast<const S*>(p.scores) + b * p.tokens;
-    const T* x = static_cast<const T*>(p.x) + b * p.tokens * cols;
+  for (int64_t unit = blockIdx.x; unit < p.batch * p.tokens; unit += gridDim.x) {
+    const int64_t b = unit / p.tokens;
+    const int k = s.slot[unit];
     const T* g = static_cast<const T*>(p.grad_out) + b * n_out * cols;
-    const T* extra = static_cast<const T*>(p.out) + (b * n_out + p.keep) * cols;
-    T* gx = static_cast<T*>(p.grad_x) + b * p.tokens * cols;
-    S* gs = p.grad_scores ? static_cast<S*>(p.grad_scores) + b * p.tokens : nullptr;
-    for (int64_t t = threadIdx.x; t < p.tokens; t += blockDim.x) pos[t] = -1;
-    __syncthreads();
-    for (int64_t k = threadIdx.x; k < p.keep; k += blockDim.x) pos[p.index[b * p.keep + k]] = static_cast<int>(k);
-    __syncthreads();
-    float total = 0.f, ge[1] = {0.f};
-    if (p.fuse_remainder) {
-      total = dropped_total(p, s, pos, scratch);
-      if (gs) {
-        for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-          ge[0] += to_float(g[p.keep * cols + c]) * to_float(extra[c]);
-        block_allreduce<1>(ge, scratch, SumOp());
+    T* gx = static_cast<T*>(p.grad_x) + unit * cols;
+    S* gs = p.grad_scores ? static_cast<S*>(p.grad_scores) + unit : nullptr;
+    if (k >= 0 || !p.fuse_remainder) {
+      if (k >= 0) {
+        copy_row(gx, g + k * cols, cols);
+      } else {
+        for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) gx[c] = from_float<T>(0.f);
       }
+      if (gs && threadIdx.x == 0) *gs = from_float<S>(0.f);
+      continue;
     }
-    for (int64_t t = 0; t < p.tokens; ++t) {
-      const int k = pos[t];
-      if (k >= 0 || !p.fuse_remainder) {
-        for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-          gx[t * cols + c] = k >= 0 ? g[k * cols + c] : from_float<T>(0.f);
-        if (gs && threadIdx.x == 0) gs[t] = from_float<S>(0.f);
-        continue;
-      }
-      // remainder = sum_i (s_i / S) x_i: d/dx_t = s_t / S, d/ds_t = (x_t - remainder) / S
-      const float w = to_float(s[t]) / total;
-      float gxd[1] = {0.f};
-      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float ge_c = to_float(g[p.keep * cols + c]);
-        if (gs) gxd[0] += ge_c * to_float(x[t * cols + c]);
-        gx[t * cols + c] = from_float<T>(w * ge_c);
-      }
-      if (gs) {
-        block_allreduce<1>(gxd, scratch, SumOp());
-        if (threadIdx.x == 0) gs[t] = from_float<S>((gxd[0] - ge[0]) / total);
-      }
+    // remainder = sum_i (s_i / S) x_i: d/dx_t = s_t / S, d/ds_t = (x_t - remainder) / S
+    const float total = s.stats[2 * b], g_dot_extra = s.stats[2 * b + 1];
+    const float w = to_float(static_cast<const S*>(p.scores)[unit]) / total;
+    const T* x = static_cast<const T*>(p.x) + unit * cols;
+    const T* g_extra = g + p.keep * cols;
+    float g_dot_x[1] = {0.f};
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      const float ge = to_float(g_extra[c]);
+      if (gs) g_dot_x[0] += ge * to_float(x[c]);
+      gx[c] = from_float<T>(w * ge);
     }
-    __syncthreads();
+    if (gs) {  // uniform across the block: the reduction's barriers are safe
+      block_allreduce<1>(g_dot_x, scratch, SumOp());
+      if (threadIdx.x == 0) *gs = from_float<S>((g_dot_x[0] - g_dot_extra) / total);
+    }
   }
 }
 
-// Runs launch(x_tag, scores_tag) for x's and the scores' dtypes, with the
-// ranks' dynamic shared memory; returns the first launch error.
+// Runs launch(x_tag, scores_tag) for x's and the scores' dtypes; returns the
+// first launch error.
 template <typename Launch>
-const char* launch_topk(const TopkParams& p, const char* name, Launch launch) {
-  if (p.tokens > kMaxTokens) return name;  // the caller's message names the kernel and the limit
+const char* launch_topk(const TopkParams& p, Launch launch) {
   const char* err = nullptr;  // the inner launch's error (it clears the CUDA error state)
   const char* outer = launch_for_dtype(p.dtype, [&](auto* xtag) {
     err = launch_for_dtype(p.scores_dtype, [&](auto* stag) { launch(xtag, stag); });
@@ -130,23 +172,43 @@ const char* launch_topk(const TopkParams& p, const char* name, Launch launch) {
   return err ? err : outer;
 }
 
-size_t rank_bytes(const TopkParams& p) { return static_cast<size_t>(p.tokens) * sizeof(int); }
-
 }  // namespace
 
-const char* topk_tokens(const TopkParams& p, void* stream) {
-  return launch_topk(p, "topk_tokens CUDA kernel: more than 12000 tokens", [&](auto* xtag, auto* stag) {
+size_t topk_scratch_bytes(const TopkParams& p) {
+  return static_cast<size_t>(p.batch) * (p.tokens * sizeof(int) + 2 * sizeof(float));
+}
+
+const char* topk_tokens(const TopkParams& p, void* scratch, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const Scratch s = carve(p, scratch);
+  const int64_t rank_units = p.batch * ((p.tokens + kThreads - 1) / kThreads);
+  const int64_t col_units = p.batch * ((p.cols + kThreads - 1) / kThreads);
+  return launch_topk(p, [&](auto* xtag, auto* stag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
     using S = std::remove_pointer_t<decltype(stag)>;
-    topk_kernel<T, S><<<grid_for(p.batch), kThreads, rank_bytes(p), static_cast<cudaStream_t>(stream)>>>(p);
+    rank_kernel<S><<<grid_for(rank_units), kThreads, 0, st>>>(p, s);
+    gather_kernel<T><<<grid_for(p.batch * p.keep), kThreads, 0, st>>>(p);
+    if (!p.fuse_remainder) return;
+    stats_kernel<T, S><<<grid_for(p.batch), kThreads, 0, st>>>(p, s);
+    remainder_kernel<T, S><<<grid_for(col_units), kThreads, 0, st>>>(p, s);
   });
 }
 
-const char* topk_tokens_backward(const TopkParams& p, void* stream) {
-  return launch_topk(p, "topk_tokens_backward CUDA kernel: more than 12000 tokens", [&](auto* xtag, auto* stag) {
+const char* topk_tokens_backward(const TopkParams& p, void* scratch, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const Scratch s = carve(p, scratch);
+  // 0xff bytes make every slot -1 (dropped) until the index says otherwise
+  const cudaError_t cleared = cudaMemsetAsync(s.slot, 0xff, static_cast<size_t>(p.batch * p.tokens) * sizeof(int), st);
+  if (cleared != cudaSuccess) {
+    cudaGetLastError();  // reported here; later launches must not see it
+    return cudaGetErrorString(cleared);
+  }
+  return launch_topk(p, [&](auto* xtag, auto* stag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
     using S = std::remove_pointer_t<decltype(stag)>;
-    topk_backward_kernel<T, S><<<grid_for(p.batch), kThreads, rank_bytes(p), static_cast<cudaStream_t>(stream)>>>(p);
+    scatter_slots_kernel<<<grid_for((p.batch * p.keep + kThreads - 1) / kThreads), kThreads, 0, st>>>(p, s);
+    if (p.fuse_remainder) stats_kernel<T, S><<<grid_for(p.batch), kThreads, 0, st>>>(p, s);
+    backward_rows_kernel<T, S><<<grid_for(p.batch * p.tokens), kThreads, 0, st>>>(p, s);
   });
 }
 

@@ -1,6 +1,7 @@
 // Glue of top-k token pruning: flashkd::topk_tokens and its backward. Fake
 // kernels and autograd are in python/flashkd/_tome_ops.py.
 #include <ATen/Parallel.h>
+#include <cstdint>
 #include <torch/library.h>
 #include "../cpu/tome_kernels.h"
 #include "tensor_utils.h"
@@ -38,7 +39,11 @@ void run(const TopkParams& p, bool backward, const Tensor& like) {
   if (like.is_cuda()) {
 #ifdef FLASHKD_WITH_CUDA
     DeviceScope scope(like);
-    check_launch(backward ? cuda::topk_tokens_backward(p, scope.stream) : cuda::topk_tokens(p, scope.stream),
+    TORCH_CHECK_VALUE(p.tokens <= INT32_MAX, "x has ", num(p.tokens), " tokens; the CUDA kernels take at most 2^31 - 1");
+    const Tensor scratch =
+        at::empty({static_cast<int64_t>(cuda::topk_scratch_bytes(p))}, like.options().dtype(at::kByte));
+    check_launch(backward ? cuda::topk_tokens_backward(p, scratch.data_ptr(), scope.stream)
+                          : cuda::topk_tokens(p, scratch.data_ptr(), scope.stream),
                  backward ? "topk_tokens_backward CUDA kernel" : "topk_tokens CUDA kernel");
 #else
     DeviceScope scope(like);  // throws: built without CUDA

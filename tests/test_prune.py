@@ -96,6 +96,24 @@ def test_many_tokens(device, fuse_remainder):
         torch.testing.assert_close(scores.grad, sr.grad.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_backward_skips_out_of_range_index(device):
+    """The backward op takes the index as given: entries outside [0, tokens)
+    (which the forward never writes) are left out instead of written out of
+    bounds, and the valid entries still route their gradient rows."""
+    x, scores = rand(2, 9, 5, device=device), positive_scores(2, 9, device)
+    out, index = ops.topk_tokens(x, scores, 4, False, True)
+    bad = index.clone()
+    bad[0, 1], bad[1, 2] = 9, -3
+    g = rand(*out.shape, device=device, seed=6)
+    grad_x, _ = ops.topk_tokens_backward(g, x, scores, out, bad, False, True, False)
+    want = torch.zeros_like(x)
+    for b in range(2):
+        for k in range(4):
+            if 0 <= bad[b, k] < 9:
+                want[b, bad[b, k]] = g[b, k]
+    assert torch.equal(grad_x, want)
+
+
 @pytest.mark.parametrize("seed", range(RANDOM_CASES))
 def test_random_awkward(device, seed):
     """Random batch, token and channel counts (channel tails 1 to 70), keep,

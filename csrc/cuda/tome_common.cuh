@@ -22,16 +22,19 @@ inline unsigned grid_for(int64_t units) {
   return static_cast<unsigned>(units < (1 << 30) ? (units > 0 ? units : 1) : (1 << 30));
 }
 
-// out[0 .. cols) = in[0 .. cols), the block's threads striding over the row
-// (16-byte words where both rows allow).
+// out[0 .. cols) = in[0 .. cols) bit for bit (NaN payloads too), the block's
+// threads striding over the row: 16-byte words where both rows are aligned.
 template <typename T>
 __device__ __forceinline__ void copy_row(T* out, const T* in, int64_t cols) {
-  const bool vec = vec_ok(in, 1) && vec_ok(out, 1);
-  for (int64_t c = int64_t(threadIdx.x) * kVec; c < cols; c += int64_t(blockDim.x) * kVec) {
-    float v[kVec];
-    load8(in, c, 1, cols, vec, v);
-    store8(out, c, 1, cols, vec, v);
+  int64_t done = 0;
+  if (vec_ok(in, 1) && vec_ok(out, 1)) {
+    constexpr int kPerWord = 16 / sizeof(T);
+    const int64_t words = cols / kPerWord;
+    for (int64_t w = threadIdx.x; w < words; w += blockDim.x)
+      __stwb(reinterpret_cast<uint4*>(out) + w, __ldg(reinterpret_cast<const uint4*>(in) + w));
+    done = words * kPerWord;
   }
+  for (int64_t c = done + threadIdx.x; c < cols; c += blockDim.x) out[c] = in[c];
 }
 
 }  // namespace flashkd::cuda

@@ -117,8 +117,9 @@ __global__ void remainder_kernel(TopkParams p, Scratch s) {
 __global__ void scatter_slots_kernel(TopkParams p, Scratch s) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.batch * p.keep;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / p.keep;
-    s.slot[b * p.tokens + p.index[i]] = static_cast<int>(i % p.keep);
+    const int64_t b = i / p.keep, t = p.index[i];
+    // an index out of range (never the forward's) is left out, not written out of bounds
+    if (t >= 0 && t < p.tokens) s.slot[b * p.tokens + t] = static_cast<int>(i % p.keep);
   }
 }
 
@@ -187,6 +188,7 @@ const char* topk_tokens(const TopkParams& p, void* scratch, void* stream) {
     using T = std::remove_pointer_t<decltype(xtag)>;
     using S = std::remove_pointer_t<decltype(stag)>;
     rank_kernel<S><<<grid_for(rank_units), kThreads, 0, st>>>(p, s);
+    if (cudaPeekAtLastError() != cudaSuccess) return;  // the gather would read an unwritten index
     gather_kernel<T><<<grid_for(p.batch * p.keep), kThreads, 0, st>>>(p);
     if (!p.fuse_remainder) return;
     stats_kernel<T, S><<<grid_for(p.batch), kThreads, 0, st>>>(p, s);
@@ -207,6 +209,7 @@ const char* topk_tokens_backward(const TopkParams& p, void* scratch, void* strea
     using T = std::remove_pointer_t<decltype(xtag)>;
     using S = std::remove_pointer_t<decltype(stag)>;
     scatter_slots_kernel<<<grid_for((p.batch * p.keep + kThreads - 1) / kThreads), kThreads, 0, st>>>(p, s);
+    if (cudaPeekAtLastError() != cudaSuccess) return;
     if (p.fuse_remainder) stats_kernel<T, S><<<grid_for(p.batch), kThreads, 0, st>>>(p, s);
     backward_rows_kernel<T, S><<<grid_for(p.batch * p.tokens), kThreads, 0, st>>>(p, s);
   });

@@ -35,7 +35,10 @@ void load_selection(const TopkParams& p, int64_t b, std::vector<float>& scores, 
   scores.resize(p.tokens);
   load_floats(row_ptr(p.scores, p.scores_dtype, b, p.tokens), p.scores_dtype, 1, p.tokens, scores.data());
   kept.assign(p.tokens, -1);
-  for (int64_t k = 0; k < p.keep; ++k) kept[p.index[b * p.keep + k]] = k;
+  for (int64_t k = 0; k < p.keep; ++k) {
+    const int64_t t = p.index[b * p.keep + k];
+    if (t >= 0 && t < p.tokens) kept[t] = k;  // out of range (never the forward's): left out, not written
+  }
 }
 
 // Sum of the dropped tokens' scores (the remainder's normalizer).

@@ -52,23 +52,31 @@ def test_ties_keep_lower_position(device):
     assert index.tolist() == [[0, 2, 4]]
 
 
+def check_float32_against_oracle(x, scores, keep, fuse_remainder, protect_first=True, scores_tol=(1e-5, 1e-6)):
+    """Selection, output and the gradients to x and (with the fused token) the
+    scores of float32 inputs equal the float64 oracle's; returns the index."""
+    x, scores = x.detach().requires_grad_(True), scores.detach().requires_grad_(True)
+    xr, sr = x.detach().double().requires_grad_(True), scores.detach().double().requires_grad_(True)
+    out, index = topk_tokens(x, scores, keep, fuse_remainder=fuse_remainder, protect_first=protect_first)
+    want, want_index = ref.topk_tokens(xr, sr, keep, fuse_remainder, protect_first)
+    assert torch.equal(index, want_index)
+    torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-6)
+    cot = rand(*out.shape, device=x.device, seed=5)
+    out.backward(cot)
+    want.backward(cot.double())
+    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=1e-5, atol=1e-6)
+    if fuse_remainder:
+        torch.testing.assert_close(scores.grad, sr.grad.float(), rtol=scores_tol[0], atol=scores_tol[1])
+    else:
+        assert scores.grad is None
+    return index
+
+
 @pytest.mark.parametrize("protect_first", [True, False])
 @pytest.mark.parametrize("fuse_remainder", [False, True])
 def test_grad(device, protect_first, fuse_remainder):
-    x = rand(2, 11, 7, device=device).requires_grad_(True)
-    scores = positive_scores(2, 11, device).requires_grad_(True)
-    xr = x.detach().double().requires_grad_(True)
-    sr = scores.detach().double().requires_grad_(True)
-    out, _ = topk_tokens(x, scores, 5, fuse_remainder=fuse_remainder, protect_first=protect_first)
-    want, _ = ref.topk_tokens(xr, sr, 5, fuse_remainder, protect_first)
-    g = rand(*out.shape, device=device, seed=5)
-    out.backward(g)
-    want.backward(g.double())
-    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=1e-5, atol=1e-6)
-    if fuse_remainder:
-        torch.testing.assert_close(scores.grad, sr.grad.float(), rtol=1e-5, atol=1e-6)
-    else:
-        assert scores.grad is None
+    check_float32_against_oracle(rand(2, 11, 7, device=device), positive_scores(2, 11, device), 5, fuse_remainder,
+                                 protect_first)
 
 
 @pytest.mark.parametrize("fuse_remainder", [False, True])
@@ -77,23 +85,12 @@ def test_many_tokens(device, fuse_remainder):
     once refused more than 12000), a count that is no multiple of a rank tile,
     NaN and tied scores: selection, outputs and gradients equal the oracle's."""
     tokens, cols, keep = 12_289, 3, 4_101
-    x = rand(2, tokens, cols, device=device).requires_grad_(True)
     scores = torch.rand(2, tokens, generator=torch.Generator().manual_seed(2))
     scores[:, 100:600] = 0.5  # ties broken by position
     scores[0, 7_000] = float("nan")  # ranked above everything
-    scores = scores.to(device).requires_grad_(True)
-    xr, sr = x.detach().double().requires_grad_(True), scores.detach().double().requires_grad_(True)
-    got, index = topk_tokens(x, scores, keep, fuse_remainder=fuse_remainder)
-    want, want_index = ref.topk_tokens(xr, sr, keep, fuse_remainder, True)
-    assert torch.equal(index, want_index)
+    index = check_float32_against_oracle(rand(2, tokens, cols, device=device), scores.to(device), keep,
+                                         fuse_remainder, scores_tol=(1e-4, 1e-5))
     assert index[0, 1].item() == 7_000
-    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
-    cot = rand(*got.shape, device=device, seed=4)
-    got.backward(cot)
-    want.backward(cot.double())
-    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=1e-5, atol=1e-6)
-    if fuse_remainder:
-        torch.testing.assert_close(scores.grad, sr.grad.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_backward_skips_out_of_range_index(device):

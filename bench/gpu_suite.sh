@@ -32,8 +32,8 @@
 #                             run (seconds with a prepared library or an unchanged in-place build)
 #   FLASHKD_SUITE_BUDGET      seconds this call may take in all (default 570, under the device tool's 600)
 #   FLASHKD_SANITIZER_TESTS   test files for step 5 (default: distill, tome, prune, quant kernels)
-#   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default: 311 cuda tests of edge shapes,
-#                             ties, exact integer results and gradients, 215 of them run on an H100;
+#   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default: 314 cuda tests of edge shapes,
+#                             ties, exact integer results and gradients, 218 of them run on an H100;
 #                             the rest are the quant tests' CPU kernel choices, skipped)
 #   FLASHKD_BENCH_ARGS        arguments for python3 -m flashkd.bench (default: none, i.e. the GPU default:
 #                             distill_loss fkl/jsd, both linear ops, tome_merge, vit_tome, quant_linear at their GPU targets)
@@ -243,7 +243,7 @@ fi
 # 5. compute-sanitizer; without the caching allocator, so memcheck sees each allocation's bounds
 SANITIZER=()
 SAN_TESTS=${FLASHKD_SANITIZER_TESTS:-tests/test_distill.py tests/test_tome.py tests/test_prune.py tests/test_quant_kernels.py}
-SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf or tie or matmul_exact or strided or empty or non_contiguous or merge_wavg_grad or row_split and fkl or prune.py and test_grad}
+SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf or tie or matmul_exact or strided or empty or non_contiguous or merge_wavg_grad or row_split and fkl or prune.py and test_grad or out_of_range or many_tokens}
 for line in "${FALLBACKS[@]}"; do SAN_SUBSET="($SAN_SUBSET) and not ${line%% failed*}"; done
 if ! wanted sanitizer; then
     SANITIZER+=("compute-sanitizer: not run (FLASHKD_SUITE_STEPS)")

@@ -103,7 +103,11 @@ def linear_cross_entropy(
     F.linear casts them); gradients come back in the input dtypes, d(weight)
     accumulated in float32.
     ``chunk_budget_bytes`` bounds the logits held at once (default 32 MiB on
-    CPU, 512 MiB on CUDA); peak extra memory is that plus the gradients.
+    CPU, 512 MiB on CUDA); peak extra memory is that plus the gradients. A
+    larger budget means fewer, larger GEMMs: with bfloat16 on a CPU whose GEMMs
+    are fast (oneDNN on AMX) that can pay, e.g. N=2048, D=512, V=32000 forward
+    and backward took 246 ms at the default and 187 ms, the GEMMs' own time,
+    at 128 MiB (2-core Sapphire Rapids VM, 2026-12-06).
     """
     loss, lse, _, _ = _linear_loss(
         hidden, weight, bias, None, None, None, None, targets, weights, divergence="fkl", temperature=1.0,

@@ -161,6 +161,12 @@ void split_rows(const quant::Int4GemmArgs& g, int64_t m0, int64_t m1, SplitRows&
 // AVX-512 EPYC the 512-bit form (masked byte loads widened to 16 lanes) was
 // about 1.5x slower at M = 1..7, N = K = 4096 and at M = 1, N = K = 8192
 // (best of 4 interleaved runs of 30 calls each: 1.58 against 1.02 ms at M = 1).
+// On a Sapphire Rapids VM (2026-12-06) a 512-bit one-token form that put a
+// group's 16 dequantized levels in a register and looked weights up with
+// vpermps (no int-to-float conversion, no per-group rescale) measured faster
+// than this form, medians of 4 interleaved runs at M = 1: N = K = 4096 0.72
+// -> 0.65 ms, 8192 2.56 -> 2.12 ms; it was left out because it is 512-bit
+// and unmeasured on the EPYC, where the last 512-bit form lost.
 #if defined(__AVX2__)
 constexpr int kLanes = 8;
 using VecF = __m256;

@@ -54,6 +54,15 @@ def test_int8_matmul_exact(mnk, device, kernel_variant):
     assert torch.equal(acc.cpu().long(), ref.int_matmul(a, w))
 
 
+def test_int8_matmul_many_k_tiles(device, kernel_variant):
+    """Forty-two 128-byte k tiles, so every stage of a pipelined main loop is
+    refilled ten times (its barriers' phases wrap), with partial M, N and K tiles."""
+    m, n, k = 200, 300, 128 * 41 + 48
+    g = gen("int8-many-k")
+    a, w = rand_int8((m, k), g, device), rand_int8((n, k), g, device)
+    assert torch.equal(int8_matmul(a, w).cpu().long(), ref.int_matmul(a, w))
+
+
 @pytest.mark.parametrize("mnk", SHAPES)
 def test_ternary_matmul_exact(mnk, device, kernel_variant):
     m, n, k = mnk

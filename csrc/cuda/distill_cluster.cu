@@ -21,6 +21,7 @@
 #include "distill_cluster.h"
 #include "distill_row.cuh"
 #include "host_utils.cuh"
+#include "mbarrier.cuh"
 
 namespace flashkd::cuda {
 namespace {
@@ -46,21 +47,6 @@ struct CachePlan {
 
 constexpr int kSlotBytes = 64;  // the largest value merged across the cluster (Sweep1)
 
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
-}
-
-// Makes the initialized barriers visible to the bulk copies (async proxy).
-__device__ __forceinline__ void fence_barrier_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-
-// The one arrival the barrier's phase waits for, plus `bytes` of copies.
-__device__ __forceinline__ void mbarrier_arrive_expect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
-}
-
 // Copies `bytes` (a multiple of 16, both ends 16-byte aligned) from global
 // to this block's shared memory, counted on `bar`.
 __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
@@ -69,19 +55,6 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
           smem_addr(dst)),
       "l"(src), "r"(bytes), "r"(smem_addr(bar))
       : "memory");
-}
-
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n\t.reg .pred ready;\n\t"
-        "mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, ready;\n\t}"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
 }
 
 // `v` from lane (lane + delta) of the warp, for any 4-byte-aligned struct.
@@ -189,7 +162,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) distill_cluster_kernel(const D
   };
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) mbarrier_init(&filled[s]);
+    for (int s = 0; s < kStages; ++s) mbarrier_init(&filled[s], 1);
     fence_barrier_init();
   }
   __syncthreads();

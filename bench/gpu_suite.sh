@@ -7,7 +7,8 @@
 #   3. show the GPU, torch and whether the CUDA kernels loaded
 #   4. every cuda-marked test (on 4 pytest-xdist workers where xdist is installed): first those of
 #      the kernels never yet run on a GPU (the distillation cluster kernel, the int8 wgmma main
-#      loop), each on its own; if one fails, the later steps run on the kernel it would replace
+#      loop without and with clusters), each on its own; if one fails, the later steps run on the
+#      kernel it would replace
 #   5. compute-sanitizer memcheck, then racecheck, on a reduced set of cuda tests
 #   6. the benchmark: bench/results/<date>-<gpu>.json (in $OUT where set) and a markdown summary .md
 #   7. only when asked (FLASHKD_SUITE_STEPS=profile): Nsight Compute on the distillation kernels
@@ -195,8 +196,15 @@ summary_line() { grep -sE '(passed|failed|skipped|deselected|errors?|no tests ra
 # calls on a warm machine), so a later call with FLASHKD_SUITE_STEPS=bench uses them too.
 FALLBACK_FILE=build/gpu-suite-fallbacks.env
 FALLBACKS=()
-NEW_KERNELS=("cuda-cluster:tests/test_distill.py:FLASHKD_DISTILL_KERNEL=stream"
-             "wgmma:tests/test_quant_kernels.py:FLASHKD_INT8_MAINLOOP=mma.sync")
+# id|pytest -k expression|file|fallbacks|benchmark providers to skip, when its tests fail.
+# Fallbacks are VAR=kernel in order of preference: the first whose kernel has not failed is
+# exported (none, for a kernel that is not the default: wgmma-1cta, the wgmma loop without
+# clusters, only leaves the later steps; the clustered wgmma then falls back to it, or to
+# mma.sync if it failed too).
+NEW_KERNELS=("cuda-cluster|cuda-cluster|tests/test_distill.py|FLASHKD_DISTILL_KERNEL=stream|"
+             "wgmma-1cta|wgmma-1cta|tests/test_quant_kernels.py||quant_linear:flashkd-wgmma-1cta"
+             "wgmma|wgmma and not wgmma-1cta|tests/test_quant_kernels.py|FLASHKD_INT8_MAINLOOP=wgmma-1cta FLASHKD_INT8_MAINLOOP=mma.sync|")
+BENCH_SKIP=""
 TESTS="not run (no build)"
 if ! wanted tests; then
     TESTS="not run (FLASHKD_SUITE_STEPS)"
@@ -222,16 +230,31 @@ elif [ $BUILT = 1 ]; then
         fi
     fi
     NEW_TESTS=""
+    FAILED_KERNELS=" "
     for spec in "${NEW_KERNELS[@]}"; do
-        IFS=: read -r id file fallback <<< "$spec"
+        IFS='|' read -r id expr file fallbacks skip <<< "$spec"
         limited "tests-$id" "$WORK/pytest-$id.log" "${FLASHKD_NEW_KERNEL_TIMEOUT:-150}" \
-            "${PYTEST_RUN[@]}" "$file" -k "$id"
+            "${PYTEST_RUN[@]}" "$file" -k "$expr"
         rc=$?
         if [ "$rc" -ne 0 ] && [ "$rc" -ne 125 ]; then
-            export "${fallback?}"
-            FALLBACKS+=("$id failed: later steps ran with $fallback")
-            printf '# %s\nexport %s\n' "${FALLBACKS[-1]}" "$fallback" >> "$FALLBACK_FILE"
-            log "== $id failed: $fallback from here on"
+            FAILED_KERNELS+="$id "
+            fallback=""
+            for candidate in $fallbacks; do
+                if [[ "$FAILED_KERNELS" != *" ${candidate#*=} "* ]]; then fallback=$candidate; break; fi
+            done
+            if [ -n "$fallback" ]; then
+                export "${fallback?}"
+                FALLBACKS+=("$id failed: later steps ran with $fallback")
+                printf '# %s\nexport %s\n' "${FALLBACKS[-1]}" "$fallback" >> "$FALLBACK_FILE"
+            else
+                FALLBACKS+=("$id failed: later steps left it out")
+                printf '# %s\n' "${FALLBACKS[-1]}" >> "$FALLBACK_FILE"
+            fi
+            if [ -n "$skip" ]; then
+                BENCH_SKIP+="${BENCH_SKIP:+,}$skip"
+                printf 'BENCH_SKIP="%s"\n' "$BENCH_SKIP" >> "$FALLBACK_FILE"
+            fi
+            log "== ${FALLBACKS[-1]}"
         fi
         NEW_TESTS+="; $id: $(summary_line "$WORK/pytest-$id.log")"
     done
@@ -267,7 +290,7 @@ BENCH_ARGS=${FLASHKD_BENCH_ARGS-}
 if [ $BUILT = 1 ] && wanted bench; then
     # shellcheck disable=SC2086 # BENCH_ARGS is a list of words
     limited bench - "${FLASHKD_BENCH_TIMEOUT:-480}" python3 -m flashkd.bench \
-        --device cuda --json "$RESULT.json" --plot "$WORK/bench.png" $BENCH_ARGS
+        --device cuda --json "$RESULT.json" --plot "$WORK/bench.png" $BENCH_ARGS --also-skip "$BENCH_SKIP"
 fi
 
 # 7. Nsight Compute on the distillation kernels (opt-in: FLASHKD_SUITE_STEPS=profile)

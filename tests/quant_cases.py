@@ -36,9 +36,10 @@ def rand_ternary(shape, g, device="cpu"):
 # the portable kernels elsewhere, or in an x86 build with FLASHKD_CPU_PORTABLE),
 # run for every M, and oneDNN's int32 main loop with flashkd's epilogue (what
 # the CPU runs from 32 rows on), also run for every M; on CUDA each int8
-# tensor-core main loop (wgmma on an H100 with the sm_90a build, mma.sync).
+# tensor-core main loop (wgmma on an H100 with the sm_90a build, in clusters
+# of two blocks or one, and mma.sync).
 KERNEL_VARIANTS = [("cpu", "avx512"), ("cpu", "avx2"), ("cpu", "generic"), ("cpu", "onednn"), ("cuda", "wgmma"),
-                   ("cuda", "mma.sync")]
+                   ("cuda", "wgmma-1cta"), ("cuda", "mma.sync")]
 
 
 def _select_cpu(name):

@@ -108,6 +108,14 @@ def test_default_skip_says_why_and_seconds_must_be_positive(tmp_path, capsys):
                  "--providers", "torch.compile", "--json", str(out)]) == 0
     (record,) = json.loads(out.read_text())["records"]
     assert record["status"] == "skipped: left out of a CPU run by default (--skip '' runs it)"
+    # --also-skip adds to the defaults (gpu_suite: a kernel that failed its tests) and is checked like --skip
+    assert main(["--device", "cpu", "--ops", "tome_merge:r16", "--shapes", "b2t17c8m4:fp32",
+                 "--providers", "torch.compile,torch", "--also-skip", "tome_merge:torch", "--json", str(out)]) == 0
+    status = {r["provider"]: r["status"] for r in json.loads(out.read_text())["records"]}
+    assert status == {"torch.compile": "skipped: left out of a CPU run by default (--skip '' runs it)",
+                      "torch": "skipped: --also-skip"}
+    with pytest.raises(SystemExit, match="names no provider"):
+        main(["--device", "cpu", "--also-skip", "tome_merge:nobody"])
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--seconds", "0"])
     assert "--seconds must be positive" in capsys.readouterr().err

@@ -48,22 +48,22 @@ class Sm90Build {
 // variable at first use and changeable at run time; set("") goes back to the
 // environment's choice (tests and benchmarks force each variant, then reset,
 // so a choice made in the environment outlives them). Index 0 is "auto".
-// One variant may need the sm_90a build on an sm_90 GPU (`sm90_only`, 0 for
-// none): forcing it elsewhere is refused.
+// The variants from index `sm90_from` on (0: none) need the sm_90a build on
+// an sm_90 GPU: forcing one elsewhere is refused.
 template <int N>
 class KernelChoice {
  public:
-  KernelChoice(const char* env_var, const char* what, const char* const (&names)[N], int sm90_only,
+  KernelChoice(const char* env_var, const char* what, const char* const (&names)[N], int sm90_from,
                bool (*sm90_available)())
-      : sm90_only_(sm90_only), sm90_available_(sm90_available) {
+      : sm90_from_(sm90_from), sm90_available_(sm90_available) {
     unknown_ = std::string("unknown ") + what + ": choose auto";
     for (int i = 0; i < N; ++i) {
       names_[i] = names[i];
       if (i > 0) unknown_ += std::string(i + 1 < N ? ", " : " or ") + names[i];
     }
-    if (sm90_only > 0)
-      unavailable_ = std::string("the ") + names[sm90_only] + " " + what +
-                     " needs an sm_90 GPU and a build with sm_90a (FLASHKD_CUDA_ARCHS)";
+    for (int i = sm90_from > 0 ? sm90_from : N; i < N; ++i)
+      unavailable_[i] = std::string("the ") + names[i] + " " + what +
+                        " needs an sm_90 GPU and a build with sm_90a (FLASHKD_CUDA_ARCHS)";
     const char* env = std::getenv(env_var);
     const int from_env = env ? parse(env) : 0;
     from_env_ = forced_ = from_env < 0 ? 0 : from_env;
@@ -77,7 +77,7 @@ class KernelChoice {
     }
     const int i = parse(name);
     if (i < 0) return unknown_.c_str();
-    if (i == sm90_only_ && i > 0 && !sm90_available_()) return unavailable_.c_str();
+    if (sm90_from_ > 0 && i >= sm90_from_ && !sm90_available_()) return unavailable_[i].c_str();
     forced_ = i;
     return nullptr;
   }
@@ -91,9 +91,9 @@ class KernelChoice {
     return -1;
   }
   const char* names_[N];
-  int sm90_only_;
+  int sm90_from_;
   bool (*sm90_available_)();
-  std::string unknown_, unavailable_;
+  std::string unknown_, unavailable_[N];
   int from_env_ = 0, forced_ = 0;
 };
 

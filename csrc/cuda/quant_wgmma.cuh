@@ -7,24 +7,35 @@
 // Block tile 128 x 256, k tiles of 128 bytes, four shared-memory stages of
 // 16 + 32 KiB, one block per SM. Why this shape: an int8 tile of 128 x 128
 // reads 32 KiB from L2 per 2M multiply-adds, which at the H100's int8 rate
-// asks more of the L2 than it gives; 128 x 256 reads 48 KiB per 4M.
+// asks more of the L2 than it gives; 128 x 256 reads 48 KiB per 4M. By
+// default two blocks form a cluster over the same 256 W rows and adjacent
+// 128-row A tiles: each loads its own A tile and half of the W tile, which
+// the copy engine multicasts into both blocks, so a block reads 32 KiB of
+// L2 per 4M (kCluster = 2; "wgmma-1cta" runs kCluster = 1, every block on
+// its own).
 //
 // Three warpgroups with one job each (warp specialization):
-//   * warpgroup 0, the producer: one thread waits until a stage is free,
-//     announces its 48 KiB on the stage's `full` barrier and has the copy
-//     engine load the A and W tiles into it. The copy engine writes the
-//     128-byte swizzled K-major layout that the wgmma descriptors describe
-//     (16-byte chunk c of row r at chunk c ^ (r % 8) of its 128-byte row,
-//     tiles 1024-byte aligned), and zero-fills rows and k columns past the
-//     matrix, so tails need no code and read nothing out of range.
+//   * warpgroup 0, the producer: one thread waits until a stage is free in
+//     every block of the cluster, announces its 48 KiB on the stage's `full`
+//     barrier and has the copy engine load its A tile and its share of the
+//     W tile. The copy engine writes the 128-byte swizzled K-major layout
+//     that the wgmma descriptors describe (16-byte chunk c of row r at chunk
+//     c ^ (r % 8) of its 128-byte row, tiles 1024-byte aligned), and
+//     zero-fills rows and k columns past the matrix, so tails need no code
+//     and read nothing out of range. A multicast copy lands at the same
+//     offset in each block and counts on each block's barrier there.
 //   * warpgroups 1 and 2, the consumers: each computes 64 rows x 256 columns
 //     with four wgmma.m64n256k32 per k tile. A consumer waits for the tile,
 //     issues its wgmmas, and then waits only for the previous tile's (one
 //     batch stays in flight, so the tensor cores never idle on the issue),
 //     and frees the previous tile's stage: lane 0 of each of its warps
-//     arrives on the stage's `empty` barrier (8 arrivals free a stage).
+//     arrives on the stage's `empty` barrier of every block of the cluster
+//     (8 arrivals per block free a stage: the producers write into all of
+//     them).
 // The producer never runs more than four tiles ahead, so barrier parities
-// (the phase count mod 2) identify phases without ambiguity.
+// (the phase count mod 2) identify phases without ambiguity. A block of a
+// cluster ends only when its peer is done too (its consumers still arrive on
+// this block's barriers).
 //
 // The accumulator layout is mma.sync's C fragment repeated over n: register
 // 4i + j of thread (warp w of the warpgroup, lane = 4g + t) holds
@@ -47,7 +58,7 @@ constexpr int kBM = 128, kBN = 256, kBK = 128;  // kBK in bytes
 constexpr int kStages = 4;
 constexpr int kConsumers = 2;                      // warpgroups, 64 rows each
 constexpr int kThreads = 128 * (1 + kConsumers);  // plus the producer warpgroup
-constexpr int kConsumerWarps = 4 * kConsumers;    // arrivals that free a stage
+constexpr int kConsumerWarps = 4 * kConsumers;    // arrivals from each block that free a stage
 constexpr int kATileBytes = kBM * kBK, kWTileBytes = kBN * kBK;
 constexpr int kStageBytes = kATileBytes + kWTileBytes;
 constexpr int kSwizzleAtomBytes = 1024;  // 8 rows x 128 bytes
@@ -70,8 +81,8 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t smem_address) {
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Loads the box at (k0 bytes, row0) of the tensor map into shared memory,
-// counted on `bar`.
+// Loads the box at (k0 bytes, row0) of the tensor map into this block's
+// shared memory, counted on `bar`.
 __device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap& map, int32_t k0, int32_t row0,
                                               uint64_t* bar) {
   asm volatile(
@@ -80,6 +91,40 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap& map,
       "l"(reinterpret_cast<uint64_t>(&map)), "r"(k0), "r"(row0), "r"(smem_addr(bar))
       : "memory");
 }
+
+// The same box into the same offset of the shared memory of every block of
+// the cluster in `blocks` (bit r: rank r), counted on each one's `bar`.
+__device__ __forceinline__ void tma_multicast_tile(void* dst, const CUtensorMap& map, int32_t k0, int32_t row0,
+                                                   uint64_t* bar, uint16_t blocks) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+      "[%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(k0), "r"(row0), "r"(smem_addr(bar)), "h"(blocks)
+      : "memory");
+}
+
+// One arrival on the barrier at the same offset in the block of rank `rank`
+// of this cluster. Release at the default CTA scope, not the cluster's: what
+// the arrival announces (this warp's wgmmas have finished reading the stage)
+// involves no memory writes to order, and a cluster-scope release costs a
+// GPU-wide memory barrier (MEMBAR.ALL.GPU in the SASS) on every k tile.
+__device__ __forceinline__ void mbarrier_arrive_in_block(uint64_t* bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+
+// The cluster barrier in two halves: every thread of every block arrives
+// once, then waits until all have arrived (not .aligned: the producer warp's
+// threads reach them from diverged paths).
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
 #endif
 
 // d (64 x 256 s32, this warpgroup's) += A (64 x 32 s8) * W^T (32 x 256 s8).
@@ -145,84 +190,114 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
-// Grid: one block per 128 x 256 output tile, rastered like quant_mma.cuh.
-// The tensor maps describe A (M rows) and W (N rows) as K-byte rows with
-// boxes of 128 bytes x kBM and x kBN rows.
+// Grid: one block per 128 x 256 output tile; clusters of kCluster blocks
+// share a 256-column W tile over kCluster adjacent 128-row A tiles, the
+// clusters rastered like quant_mma.cuh's blocks. The tensor maps describe A
+// (M rows) and W (N rows) as K-byte rows, in boxes of 128 bytes x 128 rows
+// (A) and x 256 / kCluster rows (W: each block's share).
+template <int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     int8_wgmma_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                       int64_t M, int64_t N, int64_t K, quant::GemmEpilogue epi) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(kCluster == 1 || kCluster == 2, "one block, or a pair sharing the W tile");
+  constexpr int kWShareRows = kBN / kCluster, kWShareBytes = kWTileBytes / kCluster;
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t raw = smem_addr(smem_raw);  // the same in every block: the offsets below match too
   uint8_t* smem = smem_raw + ((kSwizzleAtomBytes - raw % kSwizzleAtomBytes) % kSwizzleAtomBytes);
   auto a_tile = [&](int s) { return smem + s * kStageBytes; };
   auto w_tile = [&](int s) { return smem + s * kStageBytes + kATileBytes; };
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
 
+  const uint32_t rank = kCluster == 1 ? 0 : cluster_rank();
   int64_t m0, n0;
-  tc::tile_origin<kBM, kBN>(blockIdx.x, M, N, m0, n0);
+  tc::tile_origin<kBM * kCluster, kBN>(blockIdx.x / kCluster, M, N, m0, n0);
+  m0 += rank * kBM;  // may pass M in a cluster's last tile: zero-filled A, nothing stored
   const int64_t ktiles = (K + kBK - 1) / kBK;
   const int warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&full[s], 1);
-      mbarrier_init(&empty[s], kConsumerWarps);
+      mbarrier_init(&empty[s], kConsumerWarps * kCluster);
     }
     fence_barrier_init();
   }
-  __syncthreads();  // the last block-wide barrier: the roles part here
+  // The last block-wide barrier (the roles part here); in a cluster it also
+  // keeps peers from copying or arriving into barriers not yet initialized.
+  if (kCluster == 1) {
+    __syncthreads();
+  } else {
+    cluster_arrive();
+    cluster_wait();
+  }
 
   if (warpgroup == 0) {
-    if (threadIdx.x != 0) return;
+    if (threadIdx.x == 0) {
+      for (int64_t kt = 0; kt < ktiles; ++kt) {
+        const int s = static_cast<int>(kt % kStages);
+        const int64_t round = kt / kStages;
+        // Round r of stage s reuses it after the consumers of every block
+        // freed round r - 1: the (r - 1)-th completion of its empty barrier.
+        if (round > 0) mbarrier_wait(&empty[s], static_cast<uint32_t>((round - 1) & 1));
+        mbarrier_arrive_expect(&full[s], kStageBytes);  // own A, and every block's W share
+        const int32_t k0 = static_cast<int32_t>(kt * kBK);
+        tma_load_tile(a_tile(s), a_map, k0, static_cast<int32_t>(m0), &full[s]);
+        uint8_t* share = w_tile(s) + rank * kWShareBytes;
+        const int32_t share_row0 = static_cast<int32_t>(n0 + rank * kWShareRows);
+        if (kCluster == 1)
+          tma_load_tile(share, w_map, k0, share_row0, &full[s]);
+        else
+          tma_multicast_tile(share, w_map, k0, share_row0, &full[s], (1u << kCluster) - 1);
+      }
+    }
+    if (kCluster > 1) cluster_arrive();
+  } else {
+    const int consumer = warpgroup - 1;
+    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+    int32_t d[kAcc];
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) d[i] = 0;
+
     for (int64_t kt = 0; kt < ktiles; ++kt) {
       const int s = static_cast<int>(kt % kStages);
-      const int64_t round = kt / kStages;
-      // Round r of stage s reuses it after the consumers freed round r - 1,
-      // the (r - 1)-th completion of its empty barrier.
-      if (round > 0) mbarrier_wait(&empty[s], static_cast<uint32_t>((round - 1) & 1));
-      mbarrier_arrive_expect(&full[s], kStageBytes);
-      const int32_t k0 = static_cast<int32_t>(kt * kBK);
-      tma_load_tile(a_tile(s), a_map, k0, static_cast<int32_t>(m0), &full[s]);
-      tma_load_tile(w_tile(s), w_map, k0, static_cast<int32_t>(n0), &full[s]);
+      mbarrier_wait(&full[s], static_cast<uint32_t>((kt / kStages) & 1));
+      const uint32_t a_base = smem_addr(a_tile(s)) + consumer * 64 * kBK;
+      const uint32_t w_base = smem_addr(w_tile(s));
+      fence_registers(d);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kBK / 32; ++ks)
+        wgmma_m64n256k32(d, descriptor(a_base + 32 * ks), descriptor(w_base + 32 * ks));
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous tile's wgmmas are done: its stage is free
+      fence_registers(d);
+      if (kt > 0 && lane < kCluster) {  // lane r frees the stage in the block of rank r
+        uint64_t* freed = &empty[(kt - 1) % kStages];
+        if (kCluster == 1)
+          mbarrier_arrive(freed);
+        else
+          mbarrier_arrive_in_block(freed, static_cast<uint32_t>(lane));
+      }
     }
-    return;
-  }
-
-  const int consumer = warpgroup - 1;
-  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-  int32_t d[kAcc];
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) d[i] = 0;
-
-  for (int64_t kt = 0; kt < ktiles; ++kt) {
-    const int s = static_cast<int>(kt % kStages);
-    mbarrier_wait(&full[s], static_cast<uint32_t>((kt / kStages) & 1));
-    const uint32_t a_base = smem_addr(a_tile(s)) + consumer * 64 * kBK;
-    const uint32_t w_base = smem_addr(w_tile(s));
+    wgmma_wait<0>();
     fence_registers(d);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kBK / 32; ++ks)
-      wgmma_m64n256k32(d, descriptor(a_base + 32 * ks), descriptor(w_base + 32 * ks));
-    wgmma_commit();
-    wgmma_wait<1>();  // the previous tile's wgmmas are done: its stage is free
-    fence_registers(d);
-    if (kt > 0 && lane == 0) mbarrier_arrive(&empty[(kt - 1) % kStages]);
-  }
-  wgmma_wait<0>();
-  fence_registers(d);
+    // This warp's arrivals on peer barriers are behind it. Arriving here, not
+    // after the stores, keeps the release's memory barrier off the output.
+    if (kCluster > 1) cluster_arrive();
 
-  const int g = lane >> 2, t = lane & 3;
+    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int i = 0; i < kAcc / 4; ++i)
+    for (int i = 0; i < kAcc / 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t m = m0 + consumer * 64 + warp * 16 + g + 8 * (j >> 1);
-      const int64_t n = n0 + 8 * i + 2 * t + (j & 1);
-      if (m < M && n < N) store_epilogue(epi, m, n, d[4 * i + j]);
-    }
+      for (int j = 0; j < 4; ++j) {
+        const int64_t m = m0 + consumer * 64 + warp * 16 + g + 8 * (j >> 1);
+        const int64_t n = n0 + 8 * i + 2 * t + (j & 1);
+        if (m < M && n < N) store_epilogue(epi, m, n, d[4 * i + j]);
+      }
+  }
+  if (kCluster > 1) cluster_wait();  // a peer's consumers may still arrive on this block's barriers
 #else
   __trap();  // never launched: see available()
 #endif
@@ -231,16 +306,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 // True when the int8_wgmma_kernel the runtime loads for the current device
 // is the sm_90a build (its sm_80 build only traps).
 inline bool available() {
-  static Sm90Build build(reinterpret_cast<const void*>(&int8_wgmma_kernel));
+  static Sm90Build build(reinterpret_cast<const void*>(&int8_wgmma_kernel<2>));
   return build.loaded();
 }
 
 // Whether the kernel takes these operands: K-contiguous rows (checked by the
-// caller: 16-byte aligned base and row stride), K > 0, and sizes the copy
-// engine's 32-bit box coordinates and 40-bit strides reach.
+// caller: 16-byte aligned base and row stride), K > 0, and sizes whose box
+// coordinates (up to a cluster's tile past the last row) fit the copy
+// engine's 32-bit coordinates, and strides its 40 bits.
 inline bool fits(int64_t lda, int64_t ldw, int64_t M, int64_t N, int64_t K) {
-  constexpr int64_t kMaxStride = int64_t(1) << 40;
-  return K > 0 && K <= INT32_MAX && M <= INT32_MAX && N <= INT32_MAX && lda >= K && ldw >= K &&
+  constexpr int64_t kMaxStride = int64_t(1) << 40, kMaxRows = INT32_MAX - 2 * kBN;
+  return K > 0 && K <= INT32_MAX - kBK && M <= kMaxRows && N <= kMaxRows && lda >= K && ldw >= K &&
          lda < kMaxStride && ldw < kMaxStride;
 }
 
@@ -276,22 +352,34 @@ inline bool encode_rows(CUtensorMap& map, const int8_t* base, int64_t ld, int64_
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-inline const char* launch(const int8_t* a, int64_t lda, const int8_t* w, int64_t ldw, int64_t M, int64_t N,
-                          int64_t K, const quant::GemmEpilogue& epi, void* stream) {
-  const int64_t tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
-  if (tiles > INT32_MAX) return "flashkd: too many output tiles for the wgmma grid";
+// Runs the kernel with clusters of `cluster` blocks (1 or 2).
+inline const char* launch(int cluster, const int8_t* a, int64_t lda, const int8_t* w, int64_t ldw, int64_t M,
+                          int64_t N, int64_t K, const quant::GemmEpilogue& epi, void* stream) {
+  const int64_t blocks = ((M + cluster * kBM - 1) / (cluster * kBM)) * cluster * ((N + kBN - 1) / kBN);
+  if (blocks > INT32_MAX) return "flashkd: too many output tiles for the wgmma grid";
   CUtensorMap a_map, w_map;
-  if (!encode_rows(a_map, a, lda, M, K, kBM) || !encode_rows(w_map, w, ldw, N, K, kBN))
+  if (!encode_rows(a_map, a, lda, M, K, kBM) || !encode_rows(w_map, w, ldw, N, K, kBN / cluster))
     return "flashkd: the driver could not describe the int8 GEMM operands as tensor maps";
+  auto kernel = cluster == 1 ? int8_wgmma_kernel<1> : int8_wgmma_kernel<2>;
   // Over 48 KiB of dynamic shared memory needs the opt-in (per device, so every time).
-  const cudaError_t err =
-      cudaFuncSetAttribute(int8_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) {
     cudaGetLastError();  // reported here: must not resurface as a later launch's error
     return cudaGetErrorString(err);
   }
-  int8_wgmma_kernel<<<static_cast<unsigned>(tiles), kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
-      a_map, w_map, M, N, K, epi);
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kSmemBytes;
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  if (cudaLaunchKernelEx(&cfg, kernel, a_map, w_map, M, N, K, epi) != cudaSuccess) return last_error();
   return last_error();
 }
 

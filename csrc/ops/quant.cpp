@@ -474,8 +474,8 @@ std::string quant_cpu_gemm(c10::string_view force, bool reset) {
 }
 
 // The int8 tensor-core main loop CUDA uses for M > 16 on the current device
-// ("wgmma" or "mma.sync"; "none" without CUDA kernels); `force` ("auto",
-// "wgmma", "mma.sync") changes it when non-empty; reset=True with no `force`
+// ("wgmma", "wgmma-1cta" or "mma.sync"; "none" without CUDA kernels); `force`
+// ("auto" or one of those) changes it when non-empty; reset=True with no `force`
 // goes back to the choice of FLASHKD_INT8_MAINLOOP (auto without it).
 std::string quant_cuda_mainloop(c10::string_view force, bool reset) {
 #ifdef FLASHKD_WITH_CUDA

@@ -39,6 +39,9 @@ def _parser():
     p.add_argument("--skip", help="comma list of providers or op:provider pairs not to run, shown as skipped "
                                   f"(default: {DEFAULT_SKIP['cpu']} on CPU, {DEFAULT_SKIP['cuda']} on CUDA; "
                                   "--skip '' runs all)")
+    p.add_argument("--also-skip", default="", help="comma list like --skip's, left out on top of --skip's entries "
+                                                   "or the defaults (bench/gpu_suite.sh: a kernel that failed its "
+                                                   "tests)")
     p.add_argument("--repeats", type=int, help="timed calls per measurement (default: adaptive, see timing.py)")
     p.add_argument("--seconds", type=float,
                    help=f"on a CPU, time calls until this many seconds are spent, forward and forward+backward "
@@ -100,6 +103,7 @@ def main(argv=None):
     else:
         skip = _skip_reasons(DEFAULT_SKIP[device.type],
                              f"left out of a {device.type.upper()} run by default (--skip '' runs it)")
+    skip.update(_skip_reasons(args.also_skip, "--also-skip"))
 
     bandwidth = machine.copy_bandwidth(device)
     meta = machine.describe(device, bandwidth)

@@ -11,8 +11,11 @@ weight). Providers:
   flashkd   the quantized layer
   torch     torch.nn.functional.linear in the case dtype (fp32 nn.Linear on the
             CPU set, bf16 on the GPU sets): the float baseline the ratios use
-  flashkd-mma.sync  (CUDA, where flashkd picks wgmma) the same layer with the
+  flashkd-mma.sync  (CUDA, where flashkd runs a wgmma loop) the same layer with the
             int8 GEMM forced onto the sm_80 mma.sync main loop: what wgmma buys
+  flashkd-wgmma-1cta  (CUDA, where flashkd runs clustered wgmma) the same layer with the
+            wgmma main loop run without clusters: what sharing the weight
+            tile between two blocks buys
   flashkd-dot  (CPU, from 32 rows, where flashkd runs the int32 main loop in
             oneDNN) the same layer on flashkd's own int8 dot-product kernels:
             what oneDNN buys
@@ -164,14 +167,19 @@ def _same_float_call(case, device):
     return case.shape, case.dtype, _inference(case), planned
 
 
-def _flashkd_mma_sync(case, device):
-    if device.type != "cuda":
-        raise Unsupported("a CUDA main-loop choice")
-    if not flashkd.has_cuda_kernels() or torch.ops.flashkd.quant_cuda_mainloop() != "wgmma":
-        raise Unsupported("flashkd runs mma.sync here already")
-    if _scheme(case) == "w4a16" or case.variant == "w1.58a8-infer":
-        raise Unsupported("no int8 GEMM in this variant (packed ternary and int4 run their own kernels)")
-    return under_kernel_choice(_flashkd(case, device), torch.ops.flashkd.quant_cuda_mainloop, "mma.sync")
+def _flashkd_on_mainloop(name):
+    """The flashkd provider with its CUDA int8 GEMM forced onto main loop `name`,
+    where flashkd runs another, a wgmma loop."""
+    def make(case, device):
+        if device.type != "cuda":
+            raise Unsupported("a CUDA main-loop choice")
+        current = torch.ops.flashkd.quant_cuda_mainloop() if flashkd.has_cuda_kernels() else "none"
+        if current not in ("wgmma", "wgmma-1cta") or current == name:
+            raise Unsupported(f"flashkd runs {current} here, not a wgmma loop other than {name}")
+        if _scheme(case) == "w4a16" or case.variant == "w1.58a8-infer":
+            raise Unsupported("no int8 GEMM in this variant (packed ternary and int4 run their own kernels)")
+        return under_kernel_choice(_flashkd(case, device), torch.ops.flashkd.quant_cuda_mainloop, name)
+    return make
 
 
 def _flashkd_dot(case, device):
@@ -255,7 +263,9 @@ def _stored_bytes(t):
 
 PROVIDERS = {"flashkd": Provider(_flashkd),
              "torch": Provider(_torch, same_call=_same_float_call),
-             "flashkd-mma.sync": Provider(_flashkd_mma_sync), "flashkd-dot": Provider(_flashkd_dot),
+             "flashkd-mma.sync": Provider(_flashkd_on_mainloop("mma.sync")),
+             "flashkd-wgmma-1cta": Provider(_flashkd_on_mainloop("wgmma-1cta")),
+             "flashkd-dot": Provider(_flashkd_dot),
              "cublas-int8": Provider(_cublas_int8),
              "torchao": Provider(_torchao, per_input_warmup=True)}
 
@@ -285,7 +295,8 @@ def _oracles(case, t):
     float_grads = {"x": w.double().sum(0).expand(m, -1), "weight": grad_w, "bias": grad_b}
     quant = (q_loss.item(), quant_grads)
     exact = (float_loss.item(), float_grads)
-    return {"flashkd": quant, "flashkd-mma.sync": quant, "flashkd-dot": quant, "torch": exact, "torchao": exact}
+    return {"flashkd": quant, "flashkd-mma.sync": quant, "flashkd-wgmma-1cta": quant, "flashkd-dot": quant,
+            "torch": exact, "torchao": exact}
 
 
 def errors(case, inputs, outputs):

@@ -33,8 +33,8 @@
 #                             run (seconds with a prepared library or an unchanged in-place build)
 #   FLASHKD_SUITE_BUDGET      seconds this call may take in all (default 570, under the device tool's 600)
 #   FLASHKD_SANITIZER_TESTS   test files for step 5 (default: distill, tome, prune, quant kernels)
-#   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default: 314 cuda tests of edge shapes,
-#                             ties, exact integer results and gradients, 218 of them run on an H100;
+#   FLASHKD_SANITIZER_SUBSET  pytest -k expression for step 5 (default: 338 cuda tests of edge shapes,
+#                             ties, exact integer results and gradients, 242 of them run on an H100;
 #                             the rest are the quant tests' CPU kernel choices, skipped)
 #   FLASHKD_BENCH_ARGS        arguments for python3 -m flashkd.bench (default: none, i.e. the GPU default:
 #                             distill_loss fkl/jsd, both linear ops, tome_merge, vit_tome, quant_linear at their GPU targets)

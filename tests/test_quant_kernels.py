@@ -54,6 +54,17 @@ def test_int8_matmul_exact(mnk, device, kernel_variant):
     assert torch.equal(acc.cpu().long(), ref.int_matmul(a, w))
 
 
+@pytest.mark.parametrize("mnk", [(129, 257, 16), (257, 129, 144), (383, 300, 4096), (200, 100, 1024)])
+def test_int8_matmul_tile_edges(mnk, device, kernel_variant):
+    """One row or column past a 128 x 256 tile, a 256-row tile pair with a
+    half-filled second tile, N under half a tile (a clustered wgmma block's
+    weight share then lies wholly past N), K of one 16-byte chunk."""
+    m, n, k = mnk
+    g = gen("int8-edges", mnk)
+    a, w = rand_int8((m, k), g, device), rand_int8((n, k), g, device)
+    assert torch.equal(int8_matmul(a, w).cpu().long(), ref.int_matmul(a, w))
+
+
 def test_int8_matmul_many_k_tiles(device, kernel_variant):
     """Forty-two 128-byte k tiles, so every stage of a pipelined main loop is
     refilled ten times (its barriers' phases wrap), with partial M, N and K tiles."""

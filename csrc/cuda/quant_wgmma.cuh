@@ -352,20 +352,22 @@ inline bool encode_rows(CUtensorMap& map, const int8_t* base, int64_t ld, int64_
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Runs the kernel with clusters of `cluster` blocks (1 or 2).
+// Runs the kernel with clusters of `cluster` blocks (1 or 2); null or why
+// not. A refusal (tensor maps, the shared-memory opt-in) is an error, not a
+// quiet switch to mma.sync: a test that forces this loop must run it.
 inline const char* launch(int cluster, const int8_t* a, int64_t lda, const int8_t* w, int64_t ldw, int64_t M,
                           int64_t N, int64_t K, const quant::GemmEpilogue& epi, void* stream) {
   const int64_t blocks = ((M + cluster * kBM - 1) / (cluster * kBM)) * cluster * ((N + kBN - 1) / kBN);
   if (blocks > INT32_MAX) return "flashkd: too many output tiles for the wgmma grid";
   CUtensorMap a_map, w_map;
   if (!encode_rows(a_map, a, lda, M, K, kBM) || !encode_rows(w_map, w, ldw, N, K, kBN / cluster))
-    return "flashkd: the driver could not describe the int8 GEMM operands as tensor maps";
+    return "flashkd: the driver refused the int8 GEMM's tensor maps (FLASHKD_INT8_MAINLOOP=mma.sync avoids them)";
   auto kernel = cluster == 1 ? int8_wgmma_kernel<1> : int8_wgmma_kernel<2>;
   // Over 48 KiB of dynamic shared memory needs the opt-in (per device, so every time).
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) {
+  const cudaError_t opted = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (opted != cudaSuccess) {
     cudaGetLastError();  // reported here: must not resurface as a later launch's error
-    return cudaGetErrorString(err);
+    return cudaGetErrorString(opted);
   }
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeClusterDimension;
@@ -379,8 +381,11 @@ inline const char* launch(int cluster, const int8_t* a, int64_t lda, const int8_
   cfg.stream = static_cast<cudaStream_t>(stream);
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
-  if (cudaLaunchKernelEx(&cfg, kernel, a_map, w_map, M, N, K, epi) != cudaSuccess) return last_error();
-  return last_error();
+  // The launch's own result: an error some earlier call left pending is not ours to report or clear.
+  const cudaError_t launched = cudaLaunchKernelEx(&cfg, kernel, a_map, w_map, M, N, K, epi);
+  if (launched == cudaSuccess) return nullptr;
+  cudaGetLastError();
+  return cudaGetErrorString(launched);
 }
 
 }  // namespace wg

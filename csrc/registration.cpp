@@ -26,12 +26,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double hard_weight, double soft_weight, bool t2_scaling, std::optional<int64_t> vocab_size,
     double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
     std::optional<double> num_items, bool return_stats, bool return_lse, int64_t grad_mask,
-    const std::optional<at::Tensor>& row_scale, std::optional<int64_t> chunk_budget_bytes) {
+    const std::optional<at::Tensor>& row_scale, std::optional<int64_t> chunk_budget_bytes,
+    bool float32_weight_grad) {
   auto r = flashkd::ops::linear_loss(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, weights,
                                      divergence, temperature, beta, alpha, taid_lambda, ignore_index, hard_weight,
                                      soft_weight, t2_scaling, vocab_size, label_smoothing, z_loss, softcap,
                                      reduction, num_items, return_stats, return_lse, grad_mask, row_scale,
-                                     chunk_budget_bytes);
+                                     chunk_budget_bytes, float32_weight_grad);
   return {r.loss, r.dhidden, r.dweight, r.dbias, r.lse, r.stats, r.agree};
 }
 
@@ -60,7 +61,7 @@ TORCH_LIBRARY(flashkd, m) {
       "float temperature, float beta, float alpha, float? taid_lambda, int ignore_index, float hard_weight, "
       "float soft_weight, bool t2_scaling, int? vocab_size, float label_smoothing, float z_loss, float? softcap, "
       "str reduction, float? num_items, bool return_stats, bool return_lse, int grad_mask, Tensor? row_scale, "
-      "int? chunk_budget_bytes) "
+      "int? chunk_budget_bytes, bool float32_weight_grad) "
       "-> (Tensor loss, Tensor dhidden, Tensor dweight, Tensor dbias, Tensor lse, Tensor stats, Tensor agree)");
   m.def("cpu_isa(str force=\"\", bool reset=False) -> str", &cpu_isa);
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);

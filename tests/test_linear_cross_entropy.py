@@ -514,7 +514,7 @@ def test_gradcheck_linear_cross_entropy(case, device):
 
 
 def op_args(inp, *, bias=True, reduction="mean", grad_mask=7, return_lse=False, label_smoothing=0.0,
-            z_loss=0.0, softcap=None, budget=None):
+            z_loss=0.0, softcap=None, budget=None, float32_weight_grad=True):
     a = dict.fromkeys(LINEAR_LOSS_ARGS)
     rg = lambda t, bit: t.detach().clone().requires_grad_(bool(grad_mask & bit))
     a.update(hidden=rg(inp["h"], 1), weight=rg(inp["W"], 2), bias=rg(inp["b"], 4) if bias else None,
@@ -522,7 +522,8 @@ def op_args(inp, *, bias=True, reduction="mean", grad_mask=7, return_lse=False, 
              taid_lambda=None, ignore_index=-100, hard_weight=1.0, soft_weight=0.0, t2_scaling=False,
              vocab_size=None, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
              reduction=reduction, num_items=None, return_stats=False, return_lse=return_lse,
-             grad_mask=grad_mask, row_scale=None, chunk_budget_bytes=budget)
+             grad_mask=grad_mask, row_scale=None, chunk_budget_bytes=budget,
+             float32_weight_grad=float32_weight_grad)
     return tuple(a[k] for k in LINEAR_LOSS_ARGS)
 
 
@@ -667,6 +668,77 @@ def test_workspace_training_step(N, V, D, reduction, device):
     assert workspace <= budget + memory.glue_allowance(N), \
         f"N={N} V={V} D={D}: workspace {workspace} B > budget {budget} B + {memory.glue_allowance(N)} B " \
         f"(gradients {memory.nbytes([h.grad, W.grad])} B)"
+
+
+# float32_weight_grad=False: d(weight) summed over the chunks in its own dtype.
+
+
+def _heads(fn, inp, **kw):
+    """Loss, d hidden and d weight of linear_cross_entropy or linear_distill_loss (the
+    student against a teacher head made from the same inputs)."""
+    h, W = inp["h"].detach().clone().requires_grad_(), inp["W"].detach().clone().requires_grad_()
+    if fn is flashkd.linear_cross_entropy:
+        loss = fn(h, W, inp["y"], **kw)
+    else:
+        loss = fn(h, W, h.detach().flip(-1), W.detach().flip(0), labels=inp["y"], hard_weight=0.5,
+                  divergence="jsd", **kw)
+    loss.backward()
+    return loss.detach(), h.grad, W.grad
+
+
+@pytest.mark.parametrize("fn", [flashkd.linear_cross_entropy, flashkd.linear_distill_loss],
+                         ids=["cross_entropy", "distill"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_weight_grad_summed_in_its_dtype(fn, dtype, device):
+    """The loss and d hidden do not depend on how d weight is summed (the same bits);
+    in float32 neither does d weight. In 16 bits, d weight differs from the float32 sum
+    by at most one rounding per chunk: |err| <= chunks * u * sum_t |G_tj| |h_td| (+ the
+    last rounding), G the oracle's d loss / d logits. Four chunks, so that a chunk summed
+    twice or not at all (a quarter of that sum) would fail."""
+    dt = DTYPES[dtype]
+    N, V, D = 40, 300, 24
+    inp = make_inputs(device, lead=(N,), V=V, D=D, dtype=dt, ignore=0.2)
+    budget = rows_budget(V, 10, dt.itemsize * (1 if fn is flashkd.linear_cross_entropy else 2))
+    loss32, dh32, dw32 = _heads(fn, inp, chunk_budget_bytes=budget)
+    loss, dh, dw = _heads(fn, inp, chunk_budget_bytes=budget, float32_weight_grad=False)
+    assert dw.dtype == dt
+    assert torch.equal(loss, loss32) and torch.equal(dh, dh32)
+    if dt == torch.float32:
+        assert torch.equal(dw, dw32)
+        return
+    z = R.head_logits(inp["h"], inp["W"], None, torch.float64).detach().requires_grad_()
+    if fn is flashkd.linear_cross_entropy:
+        R.cross_entropy(z, inp["y"]).backward()
+    else:
+        teacher = R.head_logits(inp["h"].flip(-1), inp["W"].flip(0), None, torch.float64)
+        R.distill_loss(z, teacher, labels=inp["y"], hard_weight=0.5, divergence="jsd").backward()
+    terms = z.grad.abs().T @ inp["h"].double().abs()
+    chunks = -(-N // 10)
+    u = UNIT[dt]
+    err = (dw.double() - dw32.double()).abs()
+    bound = chunks * u * terms + u * dw32.double().abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3e}"
+    assert not torch.equal(dw, dw32)  # the option did change the summation
+
+
+@pytest.mark.parametrize("float32_weight_grad", [True, False])
+def test_workspace_of_the_weight_grad_sum(float32_weight_grad, device):
+    """bf16: the float32 sum of d weight is workspace the size of two bf16 gradients;
+    summed in bf16 it is gone, and what is left is the budget and the GEMMs' own
+    scratch (ATen's CPU bf16 GEMMs pack or widen operands: 1-4 MB at these sizes)."""
+    budget = 256 << 10
+    N, V, D = 64, 32000, 64
+    inp = make_inputs(device, lead=(N,), V=V, D=D, dtype=torch.bfloat16, ignore=0.1)
+    args = op_args(dict(inp, weights=None), bias=False, reduction="mean", grad_mask=3, budget=budget,
+                   float32_weight_grad=float32_weight_grad)
+    torch.ops.flashkd.linear_loss(*args)  # warm-up
+    m = memory.measure(lambda: torch.ops.flashkd.linear_loss(*args), device)
+    workspace = m.peak - memory.nbytes(m.result)
+    float32_sum = V * D * 4
+    if float32_weight_grad:
+        assert workspace >= float32_sum, f"workspace {workspace} B < the float32 sum's {float32_sum} B"
+    else:
+        assert workspace < float32_sum / 2, f"workspace {workspace} B: a float32 sum of {float32_sum} B is left"
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])

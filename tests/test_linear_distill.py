@@ -611,7 +611,7 @@ def op_args(inp, *, divergence="fkl", reduction="mean", grad_mask=7, return_stat
              ignore_index=-100, hard_weight=0.3, soft_weight=1.0, t2_scaling=True, vocab_size=None,
              label_smoothing=0.0, z_loss=0.0, softcap=None, reduction=reduction, num_items=None,
              return_stats=return_stats, return_lse=False, grad_mask=grad_mask, row_scale=None,
-             chunk_budget_bytes=budget)
+             chunk_budget_bytes=budget, float32_weight_grad=True)
     a.update(opts)
     return tuple(a[k] for k in LINEAR_LOSS_ARGS)
 

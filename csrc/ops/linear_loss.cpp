@@ -18,20 +18,25 @@ int64_t default_budget(const at::Tensor& t) { return t.is_cuda() ? (int64_t(512)
 // (N, D) view of (..., D) hidden states; reshape copies only when no view exists.
 at::Tensor matrix_of(const at::Tensor& h) { return h.reshape({-1, h.size(-1)}); }
 
-// acc (float32) += a @ b, accumulating in float32 whatever a and b are.
+// acc += a @ b, acc float32 or a's dtype: each product is summed in float32
+// by the GEMM, then added to acc (rounded once into a 16-bit acc).
 void accumulate_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == at::kFloat) {
+  const bool same_dtype = acc.scalar_type() == a.scalar_type();
+  if (a.scalar_type() == at::kFloat || (a.is_cuda() && same_dtype)) {
     acc.addmm_(a, b);
   } else if (a.is_cuda()) {
     at::addmm_out(acc, acc, a, b, at::kFloat);  // cuBLAS, float32 output
   } else {
-    // CPU ATen has no float32-output GEMM for 16-bit inputs: multiply slices
-    // of a's rows, so that the 16-bit product temporary stays small (not the
-    // size of the whole gradient), and add each slice in float32.
+    // CPU ATen has no float32-output GEMM for 16-bit inputs, and its 16-bit
+    // addmm widens the whole output to float32 first: multiply slices of a's
+    // rows, so that the temporaries stay small (not the size of the whole
+    // gradient).
     constexpr int64_t kSliceRows = 4096;
     for (int64_t r0 = 0; r0 < a.size(0); r0 += kSliceRows) {
       const int64_t rows = std::min(kSliceRows, a.size(0) - r0);
-      acc.narrow(0, r0, rows).add_(at::mm(a.narrow(0, r0, rows), b));
+      at::Tensor acc_rows = acc.narrow(0, r0, rows);
+      if (same_dtype) acc_rows.addmm_(a.narrow(0, r0, rows), b);
+      else acc_rows.add_(at::mm(a.narrow(0, r0, rows), b));
     }
   }
 }
@@ -67,7 +72,7 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
                              std::optional<double> softcap, c10::string_view reduction,
                              std::optional<double> num_items, bool return_stats, bool return_lse,
                              int64_t grad_mask, const std::optional<at::Tensor>& row_scale_in,
-                             std::optional<int64_t> chunk_budget_bytes) {
+                             std::optional<int64_t> chunk_budget_bytes, bool float32_weight_grad) {
   check_linear(hidden_in, weight, bias, "hidden", "weight", "bias");
   const bool teacher_from_weights = t_hidden_in.has_value() || t_weight.has_value();
   TORCH_CHECK_VALUE(!(teacher_from_weights && t_logits.has_value()),
@@ -141,8 +146,12 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   // d(hidden) is allocated in the caller's shape (not returned as a view: backward scales it in place).
   at::Tensor dhidden_out = want_dh ? new_output(hidden_in.sizes(), hidden.options()) : at::Tensor();
   at::Tensor dhidden = want_dh ? dhidden_out.view({rows, hidden.size(1)}) : at::Tensor();
-  // d(weight) and d(bias) accumulate over chunks in float32.
-  at::Tensor dweight_acc = want_dw ? new_output({V, hidden.size(1)}, fopts).zero_() : at::Tensor();
+  // d(weight) and d(bias) accumulate over chunks in float32; d(weight) in its
+  // own dtype if asked (float32_weight_grad=false): for a 16-bit weight that
+  // drops the float32 copy, twice the gradient's size (cut-cross-entropy's
+  // way), at the price of one rounding per chunk.
+  const auto dweight_opts = float32_weight_grad ? fopts : hidden.options();
+  at::Tensor dweight_acc = want_dw ? new_output({V, hidden.size(1)}, dweight_opts).zero_() : at::Tensor();
   at::Tensor dbias_acc = want_db ? at::zeros({V}, fopts) : at::Tensor();
 
   // Rows per chunk: the student's logits, a computed teacher's, and float64

@@ -12,6 +12,8 @@ struct LinearLossResult {
 // chunk by chunk with gradients made during forward (grad_mask: 1 hidden,
 // 2 weight, 4 bias). `row_scale` multiplies each token's gradient (the
 // backward of reduction="none" recomputes with row_scale = grad_output).
+// d(weight) is summed over the chunks in float32, or with
+// float32_weight_grad=false in the weight's own dtype.
 LinearLossResult linear_loss(const at::Tensor& hidden, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& t_hidden,
                              const std::optional<at::Tensor>& t_weight, const std::optional<at::Tensor>& t_bias,
@@ -23,6 +25,6 @@ LinearLossResult linear_loss(const at::Tensor& hidden, const at::Tensor& weight,
                              std::optional<double> softcap, c10::string_view reduction,
                              std::optional<double> num_items, bool return_stats, bool return_lse,
                              int64_t grad_mask, const std::optional<at::Tensor>& row_scale,
-                             std::optional<int64_t> chunk_budget_bytes);
+                             std::optional<int64_t> chunk_budget_bytes, bool float32_weight_grad);
 
 }  // namespace flashkd::ops

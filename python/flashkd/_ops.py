@@ -104,7 +104,7 @@ LINEAR_LOSS_ARGS = (
     "hidden", "weight", "bias", "teacher_hidden", "teacher_weight", "teacher_bias", "teacher_logits", "labels",
     "weights", "divergence", "temperature", "beta", "alpha", "taid_lambda", "ignore_index", "hard_weight",
     "soft_weight", "t2_scaling", "vocab_size", "label_smoothing", "z_loss", "softcap", "reduction", "num_items",
-    "return_stats", "return_lse", "grad_mask", "row_scale", "chunk_budget_bytes",
+    "return_stats", "return_lse", "grad_mask", "row_scale", "chunk_budget_bytes", "float32_weight_grad",
 )
 
 

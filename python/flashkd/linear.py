@@ -33,7 +33,7 @@ def _grad_mask(hidden, weight, bias) -> int:
 def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels,
                  weights, *, divergence, temperature, beta, alpha, taid_lambda, ignore_index, hard_weight,
                  soft_weight, t2_scaling, vocab_size, label_smoothing, z_loss, softcap, reduction, num_items,
-                 return_stats, return_lse, shift, chunk_budget_bytes, labels_name="labels"):
+                 return_stats, return_lse, shift, chunk_budget_bytes, float32_weight_grad, labels_name="labels"):
     _check_tensor(hidden, "hidden")
     _check_tensor(weight, "weight")
     _check_options(divergence, reduction, taid_lambda)
@@ -61,7 +61,7 @@ def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
         float(soft_weight), bool(t2_scaling), None if vocab_size is None else int(vocab_size),
         float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), reduction,
         None if num_items is None else float(num_items), bool(return_stats), bool(return_lse), mask, None,
-        None if chunk_budget_bytes is None else int(chunk_budget_bytes))
+        None if chunk_budget_bytes is None else int(chunk_budget_bytes), bool(float32_weight_grad))
     loss, _dh, _dw, _db, lse, stats, agree = out
     return loss, lse, stats, agree
 
@@ -82,6 +82,7 @@ def linear_cross_entropy(
     shift: bool = False,
     return_lse: bool = False,
     chunk_budget_bytes: Optional[int] = None,
+    float32_weight_grad: bool = True,
 ):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without
     materializing the logits.
@@ -101,7 +102,12 @@ def linear_cross_entropy(
     hidden (..., D) and weight (V, D) in float32/bfloat16/float16 (same dtype;
     under ``torch.autocast`` both, and the bias, are cast to its dtype first, as
     F.linear casts them); gradients come back in the input dtypes, d(weight)
-    accumulated in float32.
+    summed over the token chunks in float32. ``float32_weight_grad=False`` sums
+    it in the weight's dtype instead, as cut-cross-entropy does: for a 16-bit
+    weight that takes a float32 copy of d(weight), twice the gradient's size
+    (2.4 GB for Gemma-2-2B's head), off the peak memory, and rounds the sum
+    once per chunk. It changes nothing for float32 weights; the LSE's own
+    gradient (``return_lse``) is summed in float32 either way.
     ``chunk_budget_bytes`` bounds the logits held at once (default 32 MiB on
     CPU, 512 MiB on CUDA); peak extra memory is that plus the gradients. A
     larger budget means fewer, larger GEMMs: with bfloat16 on a CPU whose GEMMs
@@ -114,7 +120,7 @@ def linear_cross_entropy(
         beta=0.5, alpha=0.1, taid_lambda=None, ignore_index=ignore_index, hard_weight=1.0, soft_weight=0.0,
         t2_scaling=False, vocab_size=None, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         reduction=reduction, num_items=num_items, return_stats=False, return_lse=return_lse, shift=shift,
-        chunk_budget_bytes=chunk_budget_bytes, labels_name="targets")
+        chunk_budget_bytes=chunk_budget_bytes, float32_weight_grad=float32_weight_grad, labels_name="targets")
     return (loss, lse) if return_lse else loss
 
 
@@ -130,6 +136,7 @@ def linear_distill_loss(
     softcap: Optional[float] = None,
     shift: bool = False,
     chunk_budget_bytes: Optional[int] = None,
+    float32_weight_grad: bool = True,
     divergence: str = "fkl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -164,6 +171,8 @@ def linear_distill_loss(
     float32 (float64 teacher logits). The default gives the student's
     logits what :func:`linear_cross_entropy` gives them (32 MiB on CPU,
     512 MiB on CUDA) and the teacher's chunk the same number of rows.
+    ``float32_weight_grad`` is :func:`linear_cross_entropy`'s: False sums the
+    student's d(weight) over the chunks in its own dtype, not in float32.
     """
     if teacher_logits is None and (teacher_hidden is None or teacher_weight is None):
         raise ValueError("give the teacher as teacher_hidden + teacher_weight, or as teacher_logits")
@@ -173,7 +182,7 @@ def linear_distill_loss(
         taid_lambda=taid_lambda, ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
         t2_scaling=t2_scaling, vocab_size=vocab_size, label_smoothing=0.0, z_loss=0.0, softcap=softcap,
         reduction=reduction, num_items=num_items, return_stats=return_stats, return_lse=False, shift=shift,
-        chunk_budget_bytes=chunk_budget_bytes)
+        chunk_budget_bytes=chunk_budget_bytes, float32_weight_grad=float32_weight_grad)
     return (loss, _stats_dict(stats, agree)) if return_stats else loss
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..cases import DTYPES, Inputs, Provider
+from ..cases import DTYPES, Inputs, Provider, Unsupported
 
 GEMM = "gemm"
 ROW_TENSORS = ("hidden", "targets", "teacher_hidden")
@@ -34,6 +34,12 @@ def parse_shape(op, spec, dim_names, example):
 
 def dims(case):
     return tuple(int(d) for d in case.shape.split("x"))
+
+
+def check_16_bit(case):
+    """Unsupported for float32 cases: where float32_weight_grad=False changes nothing."""
+    if DTYPES[case.dtype] == torch.float32:
+        raise Unsupported("float32 weights: d weight is summed in float32 either way")
 
 
 def random_head(gen, rows, hidden_size, vocab, dtype, device):

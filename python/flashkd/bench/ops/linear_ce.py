@@ -3,6 +3,8 @@ random targets, mean over tokens; gradients for hidden and weight.
 
 Providers:
   flashkd        flashkd.linear_cross_entropy (token chunks: the [N, V] logits never exist)
+  flashkd-dw-in-dtype  the same with float32_weight_grad=False (d weight summed over the
+                 chunks in its own dtype, as cce does; 16-bit cases only)
   torch          F.cross_entropy(hidden @ weight.T, targets) in the input dtype: what a user writes
   torch.compile  torch.compile of that, compiled afresh per case
   cce            cut-cross-entropy's linear_cross_entropy as users get it: its Triton
@@ -60,10 +62,16 @@ def floor_bytes(case):
     return _linear.floor_bytes((n, d, v), itemsize=DTYPES[case.dtype].itemsize)
 
 
-def _flashkd(case, device):
+def _flashkd(case, device, float32_weight_grad=True):
     if device.type == "cuda" and not flashkd.has_cuda_kernels():
         raise Unsupported("this flashkd build has no CUDA kernels")
-    return lambda x: flashkd.linear_cross_entropy(x["hidden"], x["weight"], x["targets"])
+    return lambda x: flashkd.linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
+                                                  float32_weight_grad=float32_weight_grad)
+
+
+def _flashkd_dw_in_dtype(case, device):
+    _linear.check_16_bit(case)
+    return _flashkd(case, device, float32_weight_grad=False)
 
 
 def plain_cross_entropy(hidden, weight, targets):
@@ -100,6 +108,7 @@ def _liger(case, device):
 
 PROVIDERS = {
     "flashkd": Provider(_flashkd),
+    "flashkd-dw-in-dtype": Provider(_flashkd_dw_in_dtype),
     "torch": Provider(_torch),
     "torch.compile": Provider(_compiled, per_shape_warmup=True),
     "cce": Provider(_cce, per_shape_warmup=True),

@@ -5,6 +5,8 @@ the student's hidden and weight (the teacher is frozen).
 
 Providers:
   flashkd        flashkd.linear_distill_loss with the teacher's hidden and weight
+  flashkd-dw-in-dtype  the same with float32_weight_grad=False (the student's d weight
+                 summed over the chunks in its own dtype; 16-bit cases only)
   torch          what a user writes: both heads' logits in the input dtype, float32
                  log-softmax, JSD (the teacher's head under no_grad)
   torch.compile  torch.compile of that, compiled afresh per case
@@ -67,11 +69,17 @@ def floor_bytes(case):
     return _linear.floor_bytes((n, ds, v), (n, dt, v), itemsize=DTYPES[case.dtype].itemsize)
 
 
-def _flashkd(case, device):
+def _flashkd(case, device, float32_weight_grad=True):
     if device.type == "cuda" and not flashkd.has_cuda_kernels():
         raise Unsupported("this flashkd build has no CUDA kernels")
     return lambda x: flashkd.linear_distill_loss(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"],
-                                                 divergence="jsd", beta=BETA, temperature=1.0)
+                                                 divergence="jsd", beta=BETA, temperature=1.0,
+                                                 float32_weight_grad=float32_weight_grad)
+
+
+def _flashkd_dw_in_dtype(case, device):
+    _linear.check_16_bit(case)
+    return _flashkd(case, device, float32_weight_grad=False)
 
 
 def plain_jsd(hidden, weight, teacher_hidden, teacher_weight):
@@ -106,6 +114,7 @@ def _liger(case, device):
 
 PROVIDERS = {
     "flashkd": Provider(_flashkd),
+    "flashkd-dw-in-dtype": Provider(_flashkd_dw_in_dtype),
     "torch": Provider(_torch),
     "torch.compile": Provider(_compiled, per_shape_warmup=True),
     "liger": Provider(_liger, per_shape_warmup=True),

@@ -536,6 +536,7 @@ OPCHECK_CASES = {
     # Absent gradients are distinct empty tensors: outputs never alias each other.
     "none_mask0_nobias": dict(reduction="none", grad_mask=0, bias=False),
     "mean_mask1_frozen_head": dict(reduction="mean", grad_mask=1, bias=False),
+    "mean_mask7_dw_in_dtype": dict(reduction="mean", grad_mask=7, float32_weight_grad=False),
 }
 
 

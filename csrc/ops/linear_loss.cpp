@@ -21,22 +21,18 @@ at::Tensor matrix_of(const at::Tensor& h) { return h.reshape({-1, h.size(-1)}); 
 // acc += a @ b, acc float32 or a's dtype: each product is summed in float32
 // by the GEMM, then added to acc (rounded once into a 16-bit acc).
 void accumulate_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
-  const bool same_dtype = acc.scalar_type() == a.scalar_type();
-  if (a.scalar_type() == at::kFloat || (a.is_cuda() && same_dtype)) {
+  if (acc.scalar_type() == a.scalar_type()) {
     acc.addmm_(a, b);
   } else if (a.is_cuda()) {
     at::addmm_out(acc, acc, a, b, at::kFloat);  // cuBLAS, float32 output
   } else {
-    // CPU ATen has no float32-output GEMM for 16-bit inputs, and its 16-bit
-    // addmm widens the whole output to float32 first: multiply slices of a's
-    // rows, so that the temporaries stay small (not the size of the whole
-    // gradient).
+    // CPU ATen has no float32-output GEMM for 16-bit inputs: multiply slices
+    // of a's rows, so that the 16-bit product temporary stays small (not the
+    // size of the whole gradient), and add each slice in float32.
     constexpr int64_t kSliceRows = 4096;
     for (int64_t r0 = 0; r0 < a.size(0); r0 += kSliceRows) {
       const int64_t rows = std::min(kSliceRows, a.size(0) - r0);
-      at::Tensor acc_rows = acc.narrow(0, r0, rows);
-      if (same_dtype) acc_rows.addmm_(a.narrow(0, r0, rows), b);
-      else acc_rows.add_(at::mm(a.narrow(0, r0, rows), b));
+      acc.narrow(0, r0, rows).add_(at::mm(a.narrow(0, r0, rows), b));
     }
   }
 }

@@ -44,6 +44,7 @@
 // Compiled to a trap on every architecture but sm_90a; the host side only
 // launches it after checking that the loaded binary is sm_90a's.
 #pragma once
+#include <cooperative_groups.h>
 #include <cuda.h>  // CUtensorMap and its encoder's enums (types only: no driver library is linked)
 #include <cudaTypedefs.h>
 #include <cstdint>
@@ -114,15 +115,10 @@ __device__ __forceinline__ void mbarrier_arrive_in_block(uint64_t* bar, uint32_t
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  return rank;
-}
-
 // The cluster barrier in two halves: every thread of every block arrives
-// once, then waits until all have arrived (not .aligned: the producer warp's
-// threads reach them from diverged paths).
+// once, then waits until all have arrived. Not cooperative_groups' cluster
+// barrier (distill_cluster.cu's): these are not .aligned (the producer
+// warp's threads reach them from diverged paths) and say their memory order.
 __device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
 #endif
@@ -210,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
 
-  const uint32_t rank = kCluster == 1 ? 0 : cluster_rank();
+  const uint32_t rank = kCluster == 1 ? 0 : cooperative_groups::this_cluster().block_rank();
   int64_t m0, n0;
   tc::tile_origin<kBM * kCluster, kBN>(blockIdx.x / kCluster, M, N, m0, n0);
   m0 += rank * kBM;  // may pass M in a cluster's last tile: zero-filled A, nothing stored

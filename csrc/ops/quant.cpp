@@ -217,6 +217,13 @@ std::atomic<CpuGemm>& cpu_gemm_choice() {
 
 bool run_on_onednn(int64_t M, int64_t K) {
   if (K == 0) return false;  // nothing to multiply: flashkd's epilogue of zero sums
+  // One-deep products stay in flashkd's kernels under every choice: at K = 1
+  // and N >= 2, ATen's _int_mm (torch 2.14.1, AMD EPYC) leaves its output
+  // unwritten, for every M tried, with no error (3,000 random shapes: K = 1
+  // alone). Likely the family of pytorch/pytorch#195066: oneDNN's leading
+  // dimensions read from the strides of a size-1 dimension, and the call
+  // rejected without a status check.
+  if (K == 1) return false;
   switch (cpu_gemm_choice().load()) {
     case CpuGemm::kOneDnn: return true;
     case CpuGemm::kFlashkd: return false;

@@ -18,13 +18,16 @@ int64_t default_budget(const at::Tensor& t) { return t.is_cuda() ? (int64_t(512)
 // (N, D) view of (..., D) hidden states; reshape copies only when no view exists.
 at::Tensor matrix_of(const at::Tensor& h) { return h.reshape({-1, h.size(-1)}); }
 
-// acc += a @ b, acc float32 or a's dtype: each product is summed in float32
-// by the GEMM, then added to acc (rounded once into a 16-bit acc).
-void accumulate_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+// acc = a @ b (`first`: the first chunk, so that acc needs no zero fill and
+// the GEMM does not read it) or acc += a @ b; acc float32 or a's dtype: each
+// product is summed in float32 by the GEMM, then added to acc (rounded once
+// into a 16-bit acc).
+void accumulate_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool first) {
   if (acc.scalar_type() == a.scalar_type()) {
-    acc.addmm_(a, b);
+    if (first) at::mm_out(acc, a, b);
+    else acc.addmm_(a, b);
   } else if (a.is_cuda()) {
-    at::addmm_out(acc, acc, a, b, at::kFloat);  // cuBLAS, float32 output
+    at::addmm_out(acc, acc, a, b, at::kFloat, /*beta=*/first ? 0 : 1);  // cuBLAS, float32 output
   } else {
     // CPU ATen has no float32-output GEMM for 16-bit inputs: multiply slices
     // of a's rows, so that the 16-bit product temporary stays small (not the
@@ -32,7 +35,10 @@ void accumulate_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
     constexpr int64_t kSliceRows = 4096;
     for (int64_t r0 = 0; r0 < a.size(0); r0 += kSliceRows) {
       const int64_t rows = std::min(kSliceRows, a.size(0) - r0);
-      acc.narrow(0, r0, rows).add_(at::mm(a.narrow(0, r0, rows), b));
+      at::Tensor slice = acc.narrow(0, r0, rows);
+      const at::Tensor product = at::mm(a.narrow(0, r0, rows), b);
+      if (first) slice.copy_(product);
+      else slice.add_(product);
     }
   }
 }
@@ -147,8 +153,13 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   // drops the float32 copy, twice the gradient's size (cut-cross-entropy's
   // way), at the price of one rounding per chunk.
   const auto dweight_opts = float32_weight_grad ? fopts : hidden.options();
-  at::Tensor dweight_acc = want_dw ? new_output({V, hidden.size(1)}, dweight_opts).zero_() : at::Tensor();
-  at::Tensor dbias_acc = want_db ? at::zeros({V}, fopts) : at::Tensor();
+  // Written by the first chunk (zeros where there is none).
+  at::Tensor dweight_acc = want_dw ? new_output({V, hidden.size(1)}, dweight_opts) : at::Tensor();
+  at::Tensor dbias_acc = want_db ? new_output({V}, fopts) : at::Tensor();
+  if (rows == 0) {
+    if (want_dw) dweight_acc.zero_();
+    if (want_db) dbias_acc.zero_();
+  }
 
   // Rows per chunk: the student's logits, a computed teacher's, and float64
   // teacher logits converted to float32 (the row kernel reads 16/32-bit
@@ -214,8 +225,11 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
       at::Tensor dh = dhidden.narrow(0, r0, n);
       at::mm_out(dh, logits, weight);
     }
-    if (want_dw) accumulate_mm(dweight_acc, logits.t(), h);
-    if (want_db) dbias_acc.add_(logits.sum(0, false, at::kFloat));
+    if (want_dw) accumulate_mm(dweight_acc, logits.t(), h, r0 == 0);
+    if (want_db) {
+      if (r0 == 0) at::sum_out(dbias_acc, logits, 0, false, at::kFloat);
+      else dbias_acc.add_(logits.sum(0, false, at::kFloat));
+    }
   }
   // Freed before d(weight) is converted to its dtype below, the moment both
   // its float32 sum and the result are held (Gemma-2-2B's head in bf16 on a

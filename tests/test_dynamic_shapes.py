@@ -106,6 +106,22 @@ def test_quant_linear(scheme, device):
     assert_compiled_once(f, args, (2, 6, 11), 1)
 
 
+def test_token_merging_over_token_counts(device):
+    """ToMe's merge and unmerge, and top-k pruning keeping half the tokens, as the
+    image size (the token count) varies: the sizes reach the ops as symbols."""
+    def f(metric, x):
+        merge, unmerge = tome.bipartite_soft_matching(metric, 4, class_token=True)
+        y, size = tome.merge_wavg(merge, x)
+        kept, _ = topk_tokens(x, metric.norm(dim=-1), x.shape[1] // 2)
+        return unmerge(y).square().sum() + size.sum() + kept.sum()
+
+    def args(t):
+        g = seeded(t)
+        return [torch.randn(2, t, 8, generator=g).to(device), torch.randn(2, t, 6, generator=g).to(device)]
+
+    assert_compiled_once(f, args, (17, 33, 50), 2)
+
+
 def test_token_merging_over_batches(device):
     """ToMe's merge in a ViT block: the batch varies, the token count (the image's)
     does not; top-k pruning alike."""

@@ -287,7 +287,7 @@ Tensor tome_unmerge(const Tensor& x_in, const Tensor& unm, const Tensor& src, co
 }  // namespace flashkd::ops
 
 TORCH_LIBRARY_FRAGMENT(flashkd, m) {
-  m.def("tome_plan(Tensor metric, int r, bool class_token, bool distill_token) "
+  m.def("tome_plan(Tensor metric, SymInt r, bool class_token, bool distill_token) "
         "-> (Tensor unm_idx, Tensor src_idx, Tensor dst_idx)");
   m.def("tome_merge(Tensor x, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, str mode, bool distill_token) -> Tensor");
   m.def("tome_merge_backward(Tensor grad_out, Tensor x, Tensor out, Tensor unm_idx, Tensor src_idx, "
@@ -297,7 +297,7 @@ TORCH_LIBRARY_FRAGMENT(flashkd, m) {
   m.def("tome_merge_wavg_backward(Tensor grad_out, Tensor? grad_size_out, Tensor x, Tensor? size, Tensor out, "
         "Tensor size_out, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, bool distill_token, bool size_grad) "
         "-> (Tensor grad_x, Tensor grad_size)");
-  m.def("tome_unmerge(Tensor x, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, int tokens) -> Tensor");
+  m.def("tome_unmerge(Tensor x, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt tokens) -> Tensor");
 }
 
 #define FKD_TOME_IMPLS(m)                                                        \

@@ -103,7 +103,7 @@ std::tuple<Tensor, Tensor> topk_tokens_backward(const Tensor& grad_out, const Te
 }  // namespace flashkd::ops
 
 TORCH_LIBRARY_FRAGMENT(flashkd, m) {
-  m.def("topk_tokens(Tensor x, Tensor scores, int keep, bool fuse_remainder, bool protect_first) "
+  m.def("topk_tokens(Tensor x, Tensor scores, SymInt keep, bool fuse_remainder, bool protect_first) "
         "-> (Tensor out, Tensor index)");
   m.def("topk_tokens_backward(Tensor grad_out, Tensor x, Tensor scores, Tensor out, Tensor index, "
         "bool fuse_remainder, bool protect_first, bool scores_grad) -> (Tensor grad_x, Tensor grad_scores)");

@@ -55,6 +55,20 @@ def test_forward_and_ste_grads(scheme, per_tensor, size, bias, dtype, device):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_one_input_feature_many_tokens(scheme, device):
+    """in_features = 1 from 32 tokens on, where the CPU's automatic choice would
+    send the int8 product to oneDNN, which leaves the output unwritten at K = 1:
+    training and frozen forms against the oracle."""
+    layer = make_layer(scheme, 1, 6, 1, device=device)
+    x = randn((40, 1), gen("k1", scheme), torch.float32, device)
+    with torch.no_grad():
+        expect = ref.quant_linear(x, layer.weight, layer.bias, scheme, 1, False)
+        torch.testing.assert_close(layer(x).cpu(), expect, rtol=1e-5, atol=1e-5)
+        layer.freeze()
+        torch.testing.assert_close(layer(x).cpu(), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_weight_grad_ignores_quantization(scheme):
     """STE: grad_weight = grad_out^T @ x with the float input (not its int8 codes),
     to float32 accuracy; grad_bias = grad_out summed over tokens."""

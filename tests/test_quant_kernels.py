@@ -107,6 +107,24 @@ def test_ternary_after_a_wider_call(device, kernel_variant):
     assert torch.equal(ternary_matmul(a, pack(wq, "w1.58a8")).cpu().long(), ref.int_matmul(a, wq))
 
 
+@pytest.mark.parametrize("m", [1, 40])
+def test_one_row_views_of_stride_zero(m, device, kernel_variant):
+    """A one-row weight (and a one-row activation) whose row stride is 0, as
+    expand() and as_strided() make them: contiguous by torch's rule, and bit-exact
+    (oneDNN, given that stride as a leading dimension, wrote nothing)."""
+    k = 96
+    g = gen("stride0", m)
+    a, w = rand_int8((m, k), g, device), rand_int8((1, k), g, device)
+    w0 = w.as_strided((1, k), (0, 1))
+    a0 = a.as_strided((1, k), (0, 1)) if m == 1 else a
+    assert w0.is_contiguous() and a0.is_contiguous()
+    assert torch.equal(int8_matmul(a0, w0).cpu().long(), ref.int_matmul(a0, w0))
+    wt = rand_ternary((1, k), g, device)
+    packed = pack(wt, "w1.58a8")
+    packed0 = packed.as_strided(packed.shape, (0, 1))
+    assert torch.equal(ternary_matmul(a0, packed0).cpu().long(), ref.int_matmul(a0, wt))
+
+
 def test_leading_dims(device):
     g = gen("lead")
     a, w = rand_int8((2, 3, 50), g, device), rand_int8((6, 50), g, device)

@@ -231,11 +231,22 @@ bool run_on_onednn(int64_t M, int64_t K) {
   }
 }
 
+// A contiguous (rows, K) matrix with the strides (K, 1) spelled out. ATen
+// hands oneDNN leading dimensions read from the strides, and the stride of a
+// size-1 dimension is arbitrary: a one-row weight of stride 0 (an expanded or
+// as_strided view, contiguous all the same) left _int_mm's output unwritten
+// (torch 2.14.1, no error), as in pytorch/pytorch#195066.
+at::Tensor with_row_strides(const at::Tensor& m) {
+  TORCH_INTERNAL_ASSERT(m.dim() == 2 && m.is_contiguous());
+  return m.as_strided(m.sizes(), {m.size(1), 1});
+}
+
 // The epilogue's output from a2 (M, K) int8 times the int8 weight rows that
 // `weight_rows(n0, n1)` returns ((n1 - n0, K), contiguous), panel by panel:
 // oneDNN's int32 GEMM, then flashkd's epilogue over the panel's rows in parallel.
 template <class WeightRows>
-void onednn_gemm(const quant::GemmEpilogue& epi, const at::Tensor& a2, int64_t N, WeightRows&& weight_rows) {
+void onednn_gemm(const quant::GemmEpilogue& epi, const at::Tensor& a2_in, int64_t N, WeightRows&& weight_rows) {
+  const at::Tensor a2 = with_row_strides(a2_in);
   const int64_t M = a2.size(0), K = a2.size(1);
   const int64_t per_column = std::max<int64_t>(4 * M, K);  // accumulators or decoded weights
   const int64_t panel = panel_columns(N, per_column, kPanelBytes, 64);
@@ -243,7 +254,7 @@ void onednn_gemm(const quant::GemmEpilogue& epi, const at::Tensor& a2, int64_t N
   for (int64_t n0 = 0; n0 < N; n0 += panel) {
     const int64_t n1 = std::min(N, n0 + panel);
     at::Tensor acc = acc_buffer.narrow(0, 0, M * (n1 - n0)).view({M, n1 - n0});
-    at::_int_mm_out(acc, a2, weight_rows(n0, n1).t());
+    at::_int_mm_out(acc, a2, with_row_strides(weight_rows(n0, n1)).t());
     const int32_t* acc_data = acc.data_ptr<int32_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / (n1 - n0)), [&](int64_t m0, int64_t m1) {
       cpu::int32_epilogue(epi, acc_data, n1 - n0, m0, m1, n0, n1);

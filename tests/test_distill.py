@@ -1401,6 +1401,11 @@ def _bad_cases(device):
         "negative_weights": (ValueError, "weights", dict(weights=-torch.ones(2, 3, device=device))),
         "weights_shape": (ValueError, "weights", dict(weights=torch.ones(3, 2, device=device))),
         "int_weights": (TypeError, "weights", dict(weights=torch.ones(2, 3, dtype=torch.long, device=device))),
+        # a meta tensor beside real ones reaches the fake kernel, which must not answer with empty memory
+        "meta_teacher": (ValueError, "teacher_logits must be on the device of student_logits",
+                         dict(teacher_logits=t.to("meta"))),
+        "meta_labels": (ValueError, "labels must be on the device of student_logits",
+                        dict(labels=lab.to("meta"), hard_weight=0.5)),
         "vocab_size_0": (ValueError, "vocab_size", dict(vocab_size=0)),
         "vocab_size_big": (ValueError, "vocab_size", dict(vocab_size=11)),
         "num_items_0": (ValueError, "num_items", dict(num_items=0.0)),

@@ -602,6 +602,10 @@ def _bad(device):
         "num_items": (lambda: f(h, W, y, num_items=0), ValueError, r"num_items must be > 0"),
         "budget": (lambda: f(h, W, y, chunk_budget_bytes=0), ValueError, r"chunk_budget_bytes must be > 0"),
         "hidden_not_tensor": (lambda: f(h.tolist(), W, y), TypeError, r"hidden must be a torch.Tensor"),
+        # a meta tensor beside real ones reaches the fake kernel, which must not answer with empty memory
+        "weight_meta": (lambda: f(h, W.to("meta"), y), ValueError, r"weight must be on the device of hidden"),
+        "teacher_logits_meta": (lambda: flashkd.linear_distill_loss(h, W, teacher_logits=torch.zeros(
+            4, 10, device="meta")), ValueError, r"teacher_logits must be on the device of hidden"),
     }
 
 

@@ -24,10 +24,22 @@ def _stats_like(student, lead, return_stats):
     return stats, agree
 
 
+def _check_same_device(first, tensors):
+    """The device check of the C++ glue, in the fake kernels: a `meta` input
+    beside real ones dispatches here, and the outputs made from the first input
+    would be uninitialized memory on its device, returned as results."""
+    device = tensors[first].device
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise ValueError(f"{name} must be on the device of {first} ({device}), got {t.device}")
+
+
 @torch.library.register_fake("flashkd::distill_loss")
 def _distill_loss_fake(student, teacher, labels, weights, divergence, temperature, beta, alpha, taid_lambda,
                        ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size, reduction, num_items,
                        return_stats):
+    _check_same_device("student_logits", {"student_logits": student, "teacher_logits": teacher,
+                                          "labels": labels, "weights": weights})
     lead = student.shape[:-1]
     loss = student.new_empty(_loss_shape(lead, reduction), dtype=torch.float32)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
@@ -39,6 +51,8 @@ def _distill_loss_fake(student, teacher, labels, weights, divergence, temperatur
 def _distill_loss_no_grad_output_fake(student, teacher, labels, weights, divergence, temperature, beta, alpha,
                                       taid_lambda, ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size,
                                       reduction, num_items, return_stats):
+    _check_same_device("student_logits", {"student_logits": student, "teacher_logits": teacher,
+                                          "labels": labels, "weights": weights})
     lead = student.shape[:-1]
     loss = student.new_empty(_loss_shape(lead, reduction), dtype=torch.float32)
     return (loss, *_stats_like(student, lead, return_stats))
@@ -111,6 +125,7 @@ LINEAR_LOSS_ARGS = (
 @torch.library.register_fake("flashkd::linear_loss")
 def _linear_loss_fake(*args):
     a = dict(zip(LINEAR_LOSS_ARGS, args))
+    _check_same_device("hidden", a)
     hidden, weight, bias, mask = a["hidden"], a["weight"], a["bias"], a["grad_mask"]
     lead = hidden.shape[:-1]
     empty = lambda: hidden.new_empty((0,))  # one per absent gradient: outputs never alias

@@ -306,6 +306,20 @@ def test_int4_group_wider_than_the_row(dtype, device):
         assert torch.equal(int4_linear(x, *args, group_size), want)
 
 
+def test_meta_beside_real_tensors_is_an_error():
+    """A meta tensor beside real ones reaches the fake kernels, which check devices
+    as the C++ glue does instead of answering with empty memory."""
+    g = gen("meta")
+    a, w = rand_int8((4, 16), g), rand_int8((5, 16), g)
+    with pytest.raises(ValueError, match="w must be on the device of a"):
+        int8_matmul(a, w.to("meta"))
+    with pytest.raises(ValueError, match="w_packed must be on the device of a"):
+        ternary_matmul(a, pack(rand_ternary((5, 16), g), "w1.58a8").to("meta"))
+    q, scale, zero = ref.int4_weights(randn((5, 16), g), 8)
+    with pytest.raises(ValueError, match="scale must be on the device of x"):
+        int4_linear(randn((4, 16), g), pack(q, "w4a16"), scale.to("meta"), zero, 8)
+
+
 @pytest.mark.parametrize("m", [0, 3])
 def test_empty(m, device):
     a = torch.zeros(m, 8, dtype=torch.int8, device=device)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import flashkd.tome as tome
+from flashkd.prune import topk_tokens
 from flashkd.reference import tome as ref
 
 from checks import RANDOM_CASES, results_per_cpu_isa
@@ -375,6 +376,19 @@ def test_compile_fullgraph(device):
 # --- bad inputs ------------------------------------------------------------------------
 
 
+def test_meta_beside_real_tensors_is_an_error():
+    """A meta tensor beside real ones reaches the fake kernels, which check devices
+    as the C++ glue does instead of answering with empty memory."""
+    metric, x = rand(2, 9, 8), rand(2, 9, 4)
+    merge, unmerge = tome.bipartite_soft_matching(metric, 2)
+    with pytest.raises(ValueError, match="must be on the device of x"):
+        merge(x.to("meta"))
+    with pytest.raises(ValueError, match="size must be on the device of x"):
+        tome.merge_wavg(merge, x, torch.ones(2, 9, 1, device="meta"))
+    with pytest.raises(ValueError, match="scores must be on the device of x"):
+        topk_tokens(x, torch.rand(2, 9, device="meta"), 4)
+
+
 def test_bad_inputs():
     metric, x = rand(2, 9, 8), rand(2, 9, 4)
     with pytest.raises(ValueError, match="r must be >= 0"):
@@ -428,8 +442,6 @@ def test_cpu_results_do_not_depend_on_the_instruction_set():
     merge_wavg's sizes and of the fused remainder's scores) run in one fixed
     order (csrc/cpu/row_sums.h), so the AVX2 and AVX-512 builds give the same
     plans, outputs and gradients, bit for bit, on a ViT-S-sized layer."""
-    from flashkd.prune import topk_tokens
-
     metric, x = rand(4, 197, 64, seed=11), rand(4, 197, 384, seed=12)
     size = rand(4, 197, 1, seed=13).abs() + 0.5
     scores = rand(4, 197, seed=14).softmax(-1)

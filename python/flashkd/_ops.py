@@ -24,7 +24,7 @@ def _stats_like(student, lead, return_stats):
     return stats, agree
 
 
-def _check_same_device(first, tensors):
+def check_same_device(first, tensors):
     """The device check of the C++ glue, in the fake kernels: a `meta` input
     beside real ones dispatches here, and the outputs made from the first input
     would be uninitialized memory on its device, returned as results."""
@@ -38,7 +38,7 @@ def _check_same_device(first, tensors):
 def _distill_loss_fake(student, teacher, labels, weights, divergence, temperature, beta, alpha, taid_lambda,
                        ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size, reduction, num_items,
                        return_stats):
-    _check_same_device("student_logits", {"student_logits": student, "teacher_logits": teacher,
+    check_same_device("student_logits", {"student_logits": student, "teacher_logits": teacher,
                                           "labels": labels, "weights": weights})
     lead = student.shape[:-1]
     loss = student.new_empty(_loss_shape(lead, reduction), dtype=torch.float32)
@@ -51,7 +51,7 @@ def _distill_loss_fake(student, teacher, labels, weights, divergence, temperatur
 def _distill_loss_no_grad_output_fake(student, teacher, labels, weights, divergence, temperature, beta, alpha,
                                       taid_lambda, ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size,
                                       reduction, num_items, return_stats):
-    _check_same_device("student_logits", {"student_logits": student, "teacher_logits": teacher,
+    check_same_device("student_logits", {"student_logits": student, "teacher_logits": teacher,
                                           "labels": labels, "weights": weights})
     lead = student.shape[:-1]
     loss = student.new_empty(_loss_shape(lead, reduction), dtype=torch.float32)
@@ -125,7 +125,7 @@ LINEAR_LOSS_ARGS = (
 @torch.library.register_fake("flashkd::linear_loss")
 def _linear_loss_fake(*args):
     a = dict(zip(LINEAR_LOSS_ARGS, args))
-    _check_same_device("hidden", a)
+    check_same_device("hidden", a)
     hidden, weight, bias, mask = a["hidden"], a["weight"], a["bias"], a["grad_mask"]
     lead = hidden.shape[:-1]
     empty = lambda: hidden.new_empty((0,))  # one per absent gradient: outputs never alias

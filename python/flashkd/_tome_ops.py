@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops  # noqa: F401  (loads the library)
+from ._ops import check_same_device  # (importing it loads the library)
 
 ops = torch.ops.flashkd
 
@@ -30,6 +30,7 @@ def _tome_plan_fake(metric, r, class_token, distill_token):
 
 @torch.library.register_fake("flashkd::tome_merge")
 def _tome_merge_fake(x, unm_idx, src_idx, dst_idx, mode, distill_token):
+    check_same_device("x", {"x": x, "unm_idx": unm_idx, "src_idx": src_idx, "dst_idx": dst_idx})
     return x.new_empty((x.shape[0], _merged_tokens(unm_idx, x), x.shape[2]))
 
 
@@ -62,6 +63,7 @@ torch.library.register_autograd("flashkd::tome_merge", _merge_backward, setup_co
 
 @torch.library.register_fake("flashkd::tome_merge_wavg")
 def _tome_merge_wavg_fake(x, size, unm_idx, src_idx, dst_idx, distill_token):
+    check_same_device("x", {"x": x, "size": size, "unm_idx": unm_idx, "src_idx": src_idx, "dst_idx": dst_idx})
     n = _merged_tokens(unm_idx, x)
     return x.new_empty((x.shape[0], n, x.shape[2])), x.new_empty((x.shape[0], n, 1))
 
@@ -106,6 +108,7 @@ torch.library.register_autograd("flashkd::tome_merge_wavg", _wavg_backward, setu
 
 @torch.library.register_fake("flashkd::tome_unmerge")
 def _tome_unmerge_fake(x, unm_idx, src_idx, dst_idx, tokens):
+    check_same_device("x", {"x": x, "unm_idx": unm_idx, "src_idx": src_idx, "dst_idx": dst_idx})
     return x.new_empty((x.shape[0], tokens, x.shape[2]))
 
 
@@ -130,6 +133,7 @@ torch.library.register_autograd("flashkd::tome_unmerge", _unmerge_backward, setu
 
 @torch.library.register_fake("flashkd::topk_tokens")
 def _topk_tokens_fake(x, scores, keep, fuse_remainder, protect_first):
+    check_same_device("x", {"x": x, "scores": scores})
     out = x.new_empty((x.shape[0], keep + int(fuse_remainder), x.shape[2]))
     return out, x.new_empty((x.shape[0], keep), dtype=torch.long)
 

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _ops as _loaded  # noqa: F401  (loads the compiled library)
+from .._ops import check_same_device  # (importing it loads the compiled library)
 from .._autocast import autocast_off
 from .formats import dequantize_weight, int4_dequantize, num_groups, quantize_weight
 
@@ -41,16 +41,19 @@ def _quantized_weight_like(w, scheme, group_size, per_tensor):
 
 @torch.library.register_fake("flashkd::int8_linear")
 def _int8_linear_fake(a, w, a_scale=None, w_scale=None, bias=None, out_dtype=None):
+    check_same_device("a", {"a": a, "w": w, "a_scale": a_scale, "w_scale": w_scale, "bias": bias})
     return _gemm_out(a, w.shape[0], a_scale, out_dtype)
 
 
 @torch.library.register_fake("flashkd::ternary_linear")
 def _ternary_linear_fake(a, w_packed, a_scale=None, w_scale=None, bias=None, out_dtype=None):
+    check_same_device("a", {"a": a, "w_packed": w_packed, "a_scale": a_scale, "w_scale": w_scale, "bias": bias})
     return _gemm_out(a, w_packed.shape[0], a_scale, out_dtype)
 
 
 @torch.library.register_fake("flashkd::int4_linear")
 def _int4_linear_fake(x, w_packed, scale, zero, group_size, bias=None):
+    check_same_device("x", {"x": x, "w_packed": w_packed, "scale": scale, "zero": zero, "bias": bias})
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
 
@@ -81,6 +84,7 @@ def qat_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 @qat_linear.register_fake
 def _qat_linear_fake(x, weight, bias, scheme, group_size, per_tensor):
+    check_same_device("x", {"x": x, "weight": weight, "bias": bias})
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             *_quantized_weight_like(weight, scheme, group_size, per_tensor))
 

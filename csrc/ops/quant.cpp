@@ -217,13 +217,6 @@ std::atomic<CpuGemm>& cpu_gemm_choice() {
 
 bool run_on_onednn(int64_t M, int64_t K) {
   if (K == 0) return false;  // nothing to multiply: flashkd's epilogue of zero sums
-  // One-deep products stay in flashkd's kernels under every choice: at K = 1
-  // and N >= 2, ATen's _int_mm (torch 2.14.1, AMD EPYC) leaves its output
-  // unwritten, for every M tried, with no error (3,000 random shapes: K = 1
-  // alone). Likely the family of pytorch/pytorch#195066: oneDNN's leading
-  // dimensions read from the strides of a size-1 dimension, and the call
-  // rejected without a status check.
-  if (K == 1) return false;
   switch (cpu_gemm_choice().load()) {
     case CpuGemm::kOneDnn: return true;
     case CpuGemm::kFlashkd: return false;
@@ -231,14 +224,23 @@ bool run_on_onednn(int64_t M, int64_t K) {
   }
 }
 
-// A contiguous (rows, K) matrix with the strides (K, 1) spelled out. ATen
-// hands oneDNN leading dimensions read from the strides, and the stride of a
-// size-1 dimension is arbitrary: a one-row weight of stride 0 (an expanded or
-// as_strided view, contiguous all the same) left _int_mm's output unwritten
-// (torch 2.14.1, no error), as in pytorch/pytorch#195066.
-at::Tensor with_row_strides(const at::Tensor& m) {
-  TORCH_INTERNAL_ASSERT(m.dim() == 2 && m.is_contiguous());
-  return m.as_strided(m.sizes(), {m.size(1), 1});
+// The operands of _int_mm with strides whose leading dimensions oneDNN
+// accepts. ATen reads those from the strides, and a size-1 dimension's stride
+// is arbitrary: 0 in an expanded or as_strided view, 1 in the transpose of a
+// one-column matrix. Given such a stride, _int_mm (torch 2.14.1, AMD EPYC)
+// left its output unwritten, with no error: for one-row weights of stride 0,
+// and for every product with K = 1 and N >= 2 (as in pytorch/pytorch#195066).
+// `rows` is contiguous (n, K); as_gemm_rows spells out its (K, 1) strides,
+// as_gemm_columns gives its transpose (K, n): column-major, or for K = 1 the
+// same memory read as one row.
+at::Tensor as_gemm_rows(const at::Tensor& rows) {
+  TORCH_INTERNAL_ASSERT(rows.dim() == 2 && rows.is_contiguous());
+  return rows.as_strided(rows.sizes(), {rows.size(1), 1});
+}
+at::Tensor as_gemm_columns(const at::Tensor& rows) {
+  TORCH_INTERNAL_ASSERT(rows.dim() == 2 && rows.is_contiguous());
+  const int64_t n = rows.size(0), K = rows.size(1);
+  return K == 1 ? rows.as_strided({1, n}, {n, 1}) : rows.as_strided({K, n}, {1, K});
 }
 
 // The epilogue's output from a2 (M, K) int8 times the int8 weight rows that
@@ -246,7 +248,7 @@ at::Tensor with_row_strides(const at::Tensor& m) {
 // oneDNN's int32 GEMM, then flashkd's epilogue over the panel's rows in parallel.
 template <class WeightRows>
 void onednn_gemm(const quant::GemmEpilogue& epi, const at::Tensor& a2_in, int64_t N, WeightRows&& weight_rows) {
-  const at::Tensor a2 = with_row_strides(a2_in);
+  const at::Tensor a2 = as_gemm_rows(a2_in);
   const int64_t M = a2.size(0), K = a2.size(1);
   const int64_t per_column = std::max<int64_t>(4 * M, K);  // accumulators or decoded weights
   const int64_t panel = panel_columns(N, per_column, kPanelBytes, 64);
@@ -254,7 +256,7 @@ void onednn_gemm(const quant::GemmEpilogue& epi, const at::Tensor& a2_in, int64_
   for (int64_t n0 = 0; n0 < N; n0 += panel) {
     const int64_t n1 = std::min(N, n0 + panel);
     at::Tensor acc = acc_buffer.narrow(0, 0, M * (n1 - n0)).view({M, n1 - n0});
-    at::_int_mm_out(acc, a2, with_row_strides(weight_rows(n0, n1)).t());
+    at::_int_mm_out(acc, a2, as_gemm_columns(weight_rows(n0, n1)));
     const int32_t* acc_data = acc.data_ptr<int32_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / (n1 - n0)), [&](int64_t m0, int64_t m1) {
       cpu::int32_epilogue(epi, acc_data, n1 - n0, m0, m1, n0, n1);

@@ -13,7 +13,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # short last group of the block raster.
 SHAPES = [(1, 1, 1), (1, 7, 3), (3, 1, 65), (5, 9, 130), (17, 67, 257), (130, 70, 100), (4, 133, 1027),
           (17, 1, 16), (130, 70, 128), (300, 260, 336), (3, 40, 4100), (1030, 520, 1040),
-          (2, 9, 1), (40, 6, 1)]  # K = 1: oneDNN's int32 GEMM is wrong there, from 32 rows it would run
+          (2, 9, 1), (40, 6, 1)]  # K = 1: oneDNN needs the strides of the one-column weight spelled out
 
 
 def gen(*key):

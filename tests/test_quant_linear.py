@@ -56,9 +56,10 @@ def test_forward_and_ste_grads(scheme, per_tensor, size, bias, dtype, device):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_one_input_feature_many_tokens(scheme, device):
-    """in_features = 1 from 32 tokens on, where the CPU's automatic choice would
-    send the int8 product to oneDNN, which leaves the output unwritten at K = 1:
-    training and frozen forms against the oracle."""
+    """in_features = 1 from 32 tokens on, where the CPU's automatic choice sends
+    the int8 product to oneDNN, which left the output unwritten at K = 1 until
+    flashkd spelled out the operands' strides: training and frozen forms against
+    the oracle."""
     layer = make_layer(scheme, 1, 6, 1, device=device)
     x = randn((40, 1), gen("k1", scheme), torch.float32, device)
     with torch.no_grad():

@@ -20,6 +20,7 @@ def _run(case, provider, inputs):
     (Case("tome_merge", "r16", "b3t41c24", "fp32"), ("flashkd", "torch")),
     (Case("tome_merge", "r8", "b2t9c16", "fp32"), ("flashkd", "torch")),  # r capped at (9 - 1) // 2 = 4
     (Case("vit_tome", "tiny", "b3r3", "fp32"), ("flashkd", "torch", "unmerged")),
+    (Case("vit_tome", "tiny", "b2r2", "fp32"), ("flashkd+compile",)),
 ])
 def test_providers_match_the_oracle(case, providers):
     mod = OPS[case.op]

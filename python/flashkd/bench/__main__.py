@@ -19,9 +19,10 @@ from .selection import select_cases
 # implementation and liger's chunked linear JSD are torch.compile'd too), since
 # one compile there takes 20-95 s, longer than the rest of the ~1 minute run;
 # on a GPU, torch.compile of the fused linear ops, whose compiles would take a
-# bare run past its ~3 minutes.
-DEFAULT_SKIP = {"cpu": "torch.compile,linear_ce:cce,linear_distill:liger",
-                "cuda": "linear_ce:torch.compile,linear_distill:torch.compile"}
+# bare run past its ~3 minutes. On both, the compiled flashkd-merged ViT (one
+# more whole-model compile, 70 s on the CPU).
+DEFAULT_SKIP = {"cpu": "torch.compile,linear_ce:cce,linear_distill:liger,vit_tome:flashkd+compile",
+                "cuda": "linear_ce:torch.compile,linear_distill:torch.compile,vit_tome:flashkd+compile"}
 # The overview (a bare CPU run) spends half a second timing each measurement, so
 # that the run stays about a minute: a first look, noisier than the 3 s default.
 OVERVIEW_SECONDS = 0.5

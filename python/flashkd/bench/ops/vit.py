@@ -14,6 +14,9 @@ Providers:
   torch          merged with ToMe's algorithm in eager PyTorch
                  (flashkd.reference.tome patched in the same way)
   torch.compile  torch.compile of that eager-merged model, compiled afresh per case
+  flashkd+compile  torch.compile of the flashkd-merged model (its ops are opaque
+                 to the compiler, the rest of the ViT fuses as in torch.compile):
+                 the like-for-like comparison with the row above
   unmerged       the same model without merging: the flashkd row's fwd ms
                  against this row's is the merging speedup
 
@@ -101,10 +104,14 @@ def _model(case, device, dtype, impl):
     return model
 
 
-def _flashkd(case, device):
+def _flashkd_model(case, device):
     if device.type == "cuda" and not flashkd.has_cuda_kernels():
         raise Unsupported("this flashkd build has no CUDA kernels")
-    model = _model(case, device, DTYPES[case.dtype], None)
+    return _model(case, device, DTYPES[case.dtype], None)
+
+
+def _flashkd(case, device):
+    model = _flashkd_model(case, device)
     return lambda t: model(t["images"])
 
 
@@ -113,10 +120,18 @@ def _torch(case, device):
     return lambda t: model(t["images"])
 
 
-def _compiled(case, device):
+def _compile(model):
     torch._dynamo.reset()  # a fresh compile per case (see distill.py)
-    model = torch.compile(_model(case, device, DTYPES[case.dtype], oracle), dynamic=False)
+    model = torch.compile(model, dynamic=False)
     return lambda t: model(t["images"])
+
+
+def _compiled(case, device):
+    return _compile(_model(case, device, DTYPES[case.dtype], oracle))
+
+
+def _flashkd_compiled(case, device):
+    return _compile(_flashkd_model(case, device))
 
 
 def _unmerged(case, device):
@@ -128,6 +143,7 @@ PROVIDERS = {
     "flashkd": Provider(_flashkd),
     "torch": Provider(_torch),
     "torch.compile": Provider(_compiled, per_shape_warmup=True),
+    "flashkd+compile": Provider(_flashkd_compiled, per_shape_warmup=True),
     "unmerged": Provider(_unmerged),
 }
 

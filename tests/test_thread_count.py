@@ -48,7 +48,7 @@ def _gen(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_distill_loss(divergence, dtype):
     g = _gen(1)
-    s = (4 * torch.randn(37, 5003, generator=g)).to(dtype)
+    s = (4 * torch.randn(37, 5003, generator=g)).to(dtype)  # rows are split 3 or more to a thread
     t = (4 * torch.randn(37, 5003, generator=g)).to(dtype)
     labels = torch.randint(0, 5003, (37,), generator=g)
     labels[5] = -100
@@ -67,8 +67,8 @@ def test_distill_loss(divergence, dtype):
 @pytest.mark.parametrize("mode", ["mean", "wavg"])
 def test_tome_plan_merge_and_backward(mode):
     g = _gen(2)
-    x = torch.randn(5, 197, 96, generator=g)
-    metric = torch.randn(5, 197, 32, generator=g)
+    x = torch.randn(5, 197, 96, generator=g)  # 985 token rows: the merge kernels split them
+    metric = torch.randn(5, 197, 32, generator=g)  # plans split over the batch
     size = torch.rand(5, 197, 1, generator=g) + 0.5
 
     def run():
@@ -105,11 +105,12 @@ def test_quant_linear_on_flashkd_kernels(scheme):
     """Training form (forward and STE backward) and frozen form, on flashkd's
     own GEMMs (not oneDNN's, which the automatic choice takes from 32 rows)."""
     torch.manual_seed(4)
-    layer = QuantLinear(200, 77, scheme=scheme, group_size=64)
-    frozen = QuantLinear(200, 77, scheme=scheme, group_size=64)
+    # Row counts past the kernels' per-thread grain (16384 / in_features rows), so that they split.
+    layer = QuantLinear(200, 333, scheme=scheme, group_size=64)
+    frozen = QuantLinear(200, 333, scheme=scheme, group_size=64)
     frozen.load_state_dict(layer.state_dict())
     frozen.freeze()
-    x = torch.randn(45, 200, generator=_gen(5))
+    x = torch.randn(300, 200, generator=_gen(5))
 
     def run():
         leaf = x.clone().requires_grad_()

@@ -152,3 +152,30 @@ def results_per_cpu_isa(run):
         torch.ops.flashkd.cpu_isa("", True)
     assert results, "no CPU instruction set could be selected"
     return results
+
+
+# More threads than the machine may have cores is fine: the split is what is tested.
+THREAD_COUNTS = (1, 2, 3, 7)
+
+
+def results_per_thread_count(run):
+    """{threads: run()} for each of THREAD_COUNTS, then the caller's count back."""
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in THREAD_COUNTS:
+            torch.set_num_threads(threads)
+            results[threads] = run()
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
+def assert_same_bits(results):
+    """Every entry of {setting: outputs} (as results_per_cpu_isa and
+    results_per_thread_count give) equals the first, bit for bit."""
+    (first, want), *others = results.items()
+    for setting, got in others:
+        assert len(got) == len(want)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"output {i} differs between {first} and {setting}"

@@ -15,29 +15,7 @@ import flashkd.prune
 import flashkd.tome
 from flashkd.quant import QuantLinear
 
-# More threads than this machine may have cores is fine: the split is what is tested.
-THREAD_COUNTS = (1, 2, 3, 7)
-
-
-def results_per_thread_count(run):
-    """{threads: run()} for each of THREAD_COUNTS, then the caller's count back."""
-    before = torch.get_num_threads()
-    results = {}
-    try:
-        for threads in THREAD_COUNTS:
-            torch.set_num_threads(threads)
-            results[threads] = run()
-    finally:
-        torch.set_num_threads(before)
-    return results
-
-
-def assert_same_bits(results):
-    (first, want), *others = results.items()
-    for threads, got in others:
-        assert len(got) == len(want)
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert torch.equal(a, b), f"output {i} differs between {first} and {threads} threads"
+from checks import assert_same_bits, results_per_thread_count
 
 
 def _gen(seed):

@@ -34,12 +34,16 @@ def check_same_device(first, tensors):
             raise ValueError(f"{name} must be on the device of {first} ({device}), got {t.device}")
 
 
+def _check_distill_devices(student, teacher, labels, weights):
+    check_same_device("student_logits", {"student_logits": student, "teacher_logits": teacher,
+                                          "labels": labels, "weights": weights})
+
+
 @torch.library.register_fake("flashkd::distill_loss")
 def _distill_loss_fake(student, teacher, labels, weights, divergence, temperature, beta, alpha, taid_lambda,
                        ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size, reduction, num_items,
                        return_stats):
-    check_same_device("student_logits", {"student_logits": student, "teacher_logits": teacher,
-                                          "labels": labels, "weights": weights})
+    _check_distill_devices(student, teacher, labels, weights)
     lead = student.shape[:-1]
     loss = student.new_empty(_loss_shape(lead, reduction), dtype=torch.float32)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
@@ -51,8 +55,7 @@ def _distill_loss_fake(student, teacher, labels, weights, divergence, temperatur
 def _distill_loss_no_grad_output_fake(student, teacher, labels, weights, divergence, temperature, beta, alpha,
                                       taid_lambda, ignore_index, hard_weight, soft_weight, t2_scaling, vocab_size,
                                       reduction, num_items, return_stats):
-    check_same_device("student_logits", {"student_logits": student, "teacher_logits": teacher,
-                                          "labels": labels, "weights": weights})
+    _check_distill_devices(student, teacher, labels, weights)
     lead = student.shape[:-1]
     loss = student.new_empty(_loss_shape(lead, reduction), dtype=torch.float32)
     return (loss, *_stats_like(student, lead, return_stats))

@@ -2,6 +2,7 @@
 // autograd formulas live in python/flashkd/_ops.py.
 #include <torch/library.h>
 #include "ops/distill.h"
+#include "ops/head_gemm.h"
 #include "ops/linear_loss.h"
 #include "ops/tensor_utils.h"
 #include "cpu/kernels.h"
@@ -64,6 +65,7 @@ TORCH_LIBRARY(flashkd, m) {
       "int? chunk_budget_bytes, bool float32_weight_grad) "
       "-> (Tensor loss, Tensor dhidden, Tensor dweight, Tensor dbias, Tensor lse, Tensor stats, Tensor agree)");
   m.def("cpu_isa(str force=\"\", bool reset=False) -> str", &cpu_isa);
+  m.def("linear_cpu_gemm(str force=\"\", bool reset=False) -> str", &flashkd::ops::linear_cpu_gemm);
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
   m.def("distill_cuda_kernel(str force=\"\", bool reset=False) -> str[]", &flashkd::ops::distill_cuda_kernel);
 }

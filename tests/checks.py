@@ -1,4 +1,5 @@
 """Checks shared by the test modules."""
+import contextlib
 import math
 import os
 
@@ -152,6 +153,22 @@ def results_per_cpu_isa(run):
         torch.ops.flashkd.cpu_isa("", True)
     assert results, "no CPU instruction set could be selected"
     return results
+
+
+# The ways a CPU runs a 16-bit linear-loss head's GEMMs (torch.ops.flashkd.linear_cpu_gemm):
+# ATen's GEMMs in the dtype, or float32 GEMMs on converted weight panels ("auto" picks the
+# latter where ATen has no oneDNN GEMM for the dtype).
+CPU_HEAD_GEMMS = ("native", "float32")
+
+
+@contextlib.contextmanager
+def cpu_head_gemm(mode):
+    """Runs the linear losses' 16-bit CPU heads in `mode`, then back to the automatic choice."""
+    torch.ops.flashkd.linear_cpu_gemm(mode)
+    try:
+        yield mode
+    finally:
+        torch.ops.flashkd.linear_cpu_gemm("", True)
 
 
 # More threads than the machine may have cores is fine: the split is what is tested.

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import flashkd  # noqa: E402,F401  (imported here, after the variable is set)
+from checks import CPU_HEAD_GEMMS, cpu_head_gemm  # noqa: E402
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -25,3 +26,15 @@ def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return request.param
+
+
+@pytest.fixture(params=CPU_HEAD_GEMMS)
+def head_gemm(request, device):
+    """A 16-bit linear-loss test runs once per way the CPU may run its heads' GEMMs
+    (checks.CPU_HEAD_GEMMS: in the dtype, or in float32 on weight panels), so that both
+    are tested on every machine whatever "auto" picks there; on CUDA, where the choice
+    does not apply, once."""
+    if device == "cuda" and request.param != "native":
+        pytest.skip("the CPU head GEMM choice does not apply on CUDA")
+    with cpu_head_gemm(request.param):
+        yield request.param

@@ -59,8 +59,8 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
-from checks import (RANDOM_CASES, assert_compile_matches_eager, directional_check, loss_options, random_lead,
-                    scalar_objective, token_factors)
+from checks import (CPU_HEAD_GEMMS, RANDOM_CASES, assert_compile_matches_eager, cpu_head_gemm, directional_check,
+                    loss_options, random_lead, scalar_objective, token_factors)
 from linear_tolerance import EPS32, K_FLOOR, SLACK, UNIT, check_close, max_err, product_magnitudes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,6 +73,15 @@ def rows_budget(V, rows, elem=4):
     """A chunk_budget_bytes that fits `rows` (fractional) rows of float32 logits:
     the glue uses floor(budget / (V * elem)) rows per chunk."""
     return int(rows * V * elem)
+
+
+def float32_head_budget(rows, V, D, heads):
+    """A chunk_budget_bytes that gives `rows` rows per chunk to 16-bit heads run in
+    float32 on the CPU (csrc/ops/head_gemm.h), `heads` of them with hidden size D: a
+    quarter of the budget goes to the weight panels, and each row of the rest holds
+    float32 logits and hidden states per head and the student's float32 d hidden."""
+    row = heads * (V + D) * 4 + D * 4
+    return (rows * row + row // 2) * 4 // 3
 
 
 def make_inputs(device, *, lead=(2, 7), V=37, D=24, dtype=torch.float32, bias=False, scale=3.0, ignore=0.0,
@@ -322,7 +331,7 @@ LOWP_CASES = {
 
 @pytest.mark.parametrize("case", list(LOWP_CASES))
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_low_precision(dtype, case, device):
+def test_low_precision(dtype, case, device, head_gemm):
     # Judged against plain torch in the same dtype (module docstring): both round the
     # logits and gradients to bf16/fp16; the kernel keeps the loss math in float32.
     check_case(device, dtype=DTYPES[dtype], lead=(4, 16), V=300, D=64, budget_rows=7.5, **LOWP_CASES[case])
@@ -477,7 +486,8 @@ def test_random_option_combinations(case, device):
     layouts = (["sliced_last_dim"] if kw["D"] >= 5 else []) + (["transposed_lead"] if len(lead) >= 2 else [])
     if layouts and rng.random() < 0.25:
         kw["view"] = LAYOUTS[rng.choice(layouts)]
-    check_case(device, **kw)
+    with cpu_head_gemm(rng.choice(CPU_HEAD_GEMMS)):
+        check_case(device, **kw)
 
 # ----------------------------------------------------------------------------- 2. finite differences
 
@@ -616,6 +626,80 @@ def test_bad_inputs(case, device):
         fn()
 
 
+# ----------------------------------------------------------------------------- 5. 16-bit heads on the CPU
+
+
+@pytest.mark.parametrize("panel_rows", [1, 7, 300])
+@pytest.mark.parametrize("fn", [flashkd.linear_cross_entropy, flashkd.linear_distill_loss],
+                         ids=["cross_entropy", "distill"])
+def test_float32_heads_compute_the_float32_values(panel_rows, fn):
+    """A bf16 head run in float32 on the CPU computes what the same call on the inputs
+    converted to float32 computes, rounded once to bf16: its weight panels (here of
+    1 and 7 rows, 300 not a multiple of 7, and one panel for the whole weight) and
+    chunks only change the order of float32 sums. A panel read twice or skipped, or
+    logits written to the wrong columns, would be off by far more than 1e-5. (d weight
+    summed in bf16: test_weight_grad_summed_in_its_dtype.)"""
+    N, V, D = 30, 300, 24
+    inp = make_inputs("cpu", lead=(N,), V=V, D=D, dtype=torch.bfloat16, bias=True, ignore=0.2)
+    heads = 1 if fn is flashkd.linear_cross_entropy else 2
+    # the panel takes a quarter of the budget: 4 bytes x D per row, shared by the heads
+    budget = panel_rows * heads * D * 4 * 4
+
+    def call(dtype, **kw):
+        h = inp["h"].to(dtype).requires_grad_()
+        W = inp["W"].to(dtype).requires_grad_()
+        b = inp["b"].to(dtype).requires_grad_()
+        if fn is flashkd.linear_cross_entropy:
+            loss = fn(h, W, inp["y"], b, label_smoothing=0.1, **kw)
+        else:
+            loss = fn(h, W, h.detach().flip(-1), W.detach().flip(0), student_bias=b, teacher_bias=b.detach().flip(0),
+                      labels=inp["y"], hard_weight=0.5, divergence="jsd", **kw)
+        loss.backward()
+        return loss.detach(), h.grad, W.grad, b.grad
+
+    want = call(torch.float32)
+    with cpu_head_gemm("float32"):
+        got = call(torch.bfloat16, chunk_budget_bytes=budget)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, msg="loss")
+    for name, g, w in zip(("d hidden", "d weight", "d bias"), got[1:], want[1:]):
+        assert g.dtype == torch.bfloat16
+        tol = 2.0 ** -8 * w.abs() + 1e-5 * w.abs().max()  # one rounding to bf16, float32 noise
+        err = (g.float() - w).abs()
+        assert (err <= tol).all(), f"{name}: max excess {(err - tol).max().item():.3e}"
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags
+def test_cpu_head_gemm_choice():
+    """linear_cpu_gemm: "auto" runs a 16-bit head in float32 exactly where ATen has no
+    oneDNN GEMM for its dtype (or oneDNN is disabled), in the dtype elsewhere; a bad
+    name is refused, and reset goes back to auto."""
+    ops = torch.ops.flashkd
+    inp = make_inputs("cpu", lead=(16,), V=50, D=8, dtype=torch.bfloat16)
+
+    def bits():
+        h, W = inp["h"].clone().requires_grad_(), inp["W"].clone().requires_grad_()
+        loss = flashkd.linear_cross_entropy(h, W, inp["y"])
+        loss.backward()
+        return loss.detach(), h.grad, W.grad
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    runs = {}
+    for mode in ("native", "float32"):
+        with cpu_head_gemm(mode):
+            runs[mode] = bits()
+    assert not same(runs["native"], runs["float32"])  # the two really differ, so the checks below can fail
+    assert ops.linear_cpu_gemm("", True) == "auto"
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert same(bits(), runs["native" if onednn else "float32"])
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert same(bits(), runs["float32"])
+    with pytest.raises(ValueError, match="CPU head GEMM must be auto, float32 or native, got 'fp32'"):
+        ops.linear_cpu_gemm("fp32")
+    assert ops.linear_cpu_gemm() == "auto"
+
+
 # ----------------------------------------------------------------------------- 6. workspace
 
 
@@ -694,16 +778,22 @@ def _heads(fn, inp, **kw):
 @pytest.mark.parametrize("fn", [flashkd.linear_cross_entropy, flashkd.linear_distill_loss],
                          ids=["cross_entropy", "distill"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_weight_grad_summed_in_its_dtype(fn, dtype, device):
+def test_weight_grad_summed_in_its_dtype(fn, dtype, device, head_gemm):
     """The loss and d hidden do not depend on how d weight is summed (the same bits);
     in float32 neither does d weight. In 16 bits, d weight differs from the float32 sum
     by at most one rounding per chunk: |err| <= chunks * u * sum_t |G_tj| |h_td| (+ the
     last rounding), G the oracle's d loss / d logits. Four chunks, so that a chunk summed
     twice or not at all (a quarter of that sum) would fail."""
     dt = DTYPES[dtype]
+    if dt == torch.float32 and head_gemm == "float32":
+        pytest.skip("a float32 head has one way to run")
     N, V, D = 40, 300, 24
     inp = make_inputs(device, lead=(N,), V=V, D=D, dtype=dt, ignore=0.2)
-    budget = rows_budget(V, 10, dt.itemsize * (1 if fn is flashkd.linear_cross_entropy else 2))
+    heads = 1 if fn is flashkd.linear_cross_entropy else 2
+    if head_gemm == "float32" and device == "cpu":
+        budget = float32_head_budget(10, V, D, heads)
+    else:
+        budget = rows_budget(V, 10, dt.itemsize * heads)
     loss32, dh32, dw32 = _heads(fn, inp, chunk_budget_bytes=budget)
     loss, dh, dw = _heads(fn, inp, chunk_budget_bytes=budget, float32_weight_grad=False)
     assert dw.dtype == dt
@@ -727,10 +817,12 @@ def test_weight_grad_summed_in_its_dtype(fn, dtype, device):
 
 
 @pytest.mark.parametrize("float32_weight_grad", [True, False])
-def test_workspace_of_the_weight_grad_sum(float32_weight_grad, device):
+def test_workspace_of_the_weight_grad_sum(float32_weight_grad, device, head_gemm):
     """bf16: the float32 sum of d weight is workspace the size of two bf16 gradients;
     summed in bf16 it is gone, and what is left is the budget and the GEMMs' own
-    scratch (ATen's CPU bf16 GEMMs pack or widen operands: 1-4 MB at these sizes)."""
+    scratch (ATen's CPU bf16 GEMMs pack or widen operands: 1-4 MB at these sizes; heads
+    run in float32 on the CPU have none that the allocator sees, so there the budget
+    holds to the glue's allowance)."""
     budget = 256 << 10
     N, V, D = 64, 32000, 64
     inp = make_inputs(device, lead=(N,), V=V, D=D, dtype=torch.bfloat16, ignore=0.1)
@@ -744,6 +836,8 @@ def test_workspace_of_the_weight_grad_sum(float32_weight_grad, device):
         assert workspace >= float32_sum, f"workspace {workspace} B < the float32 sum's {float32_sum} B"
     else:
         assert workspace < float32_sum / 2, f"workspace {workspace} B: a float32 sum of {float32_sum} B is left"
+        if head_gemm == "float32" and device == "cpu":
+            assert workspace <= budget + memory.glue_allowance(N), f"workspace {workspace} B > budget {budget} B"
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])

@@ -6,6 +6,7 @@
 #include "linear_loss.h"
 #include <cmath>
 #include "distill.h"
+#include "head_gemm.h"
 #include "tensor_utils.h"
 
 namespace flashkd::ops {
@@ -17,31 +18,6 @@ int64_t default_budget(const at::Tensor& t) { return t.is_cuda() ? (int64_t(512)
 
 // (N, D) view of (..., D) hidden states; reshape copies only when no view exists.
 at::Tensor matrix_of(const at::Tensor& h) { return h.reshape({-1, h.size(-1)}); }
-
-// acc = a @ b (`first`: the first chunk, so that acc needs no zero fill and
-// the GEMM does not read it) or acc += a @ b; acc float32 or a's dtype: each
-// product is summed in float32 by the GEMM, then added to acc (rounded once
-// into a 16-bit acc).
-void accumulate_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool first) {
-  if (acc.scalar_type() == a.scalar_type()) {
-    if (first) at::mm_out(acc, a, b);
-    else acc.addmm_(a, b);
-  } else if (a.is_cuda()) {
-    at::addmm_out(acc, acc, a, b, at::kFloat, /*beta=*/first ? 0 : 1);  // cuBLAS, float32 output
-  } else {
-    // CPU ATen has no float32-output GEMM for 16-bit inputs: multiply slices
-    // of a's rows, so that the 16-bit product temporary stays small (not the
-    // size of the whole gradient), and add each slice in float32.
-    constexpr int64_t kSliceRows = 4096;
-    for (int64_t r0 = 0; r0 < a.size(0); r0 += kSliceRows) {
-      const int64_t rows = std::min(kSliceRows, a.size(0) - r0);
-      at::Tensor slice = acc.narrow(0, r0, rows);
-      const at::Tensor product = at::mm(a.narrow(0, r0, rows), b);
-      if (first) slice.copy_(product);
-      else slice.add_(product);
-    }
-  }
-}
 
 void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const char* hname, const char* wname, const char* bname) {
@@ -161,23 +137,45 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
     if (want_db) dbias_acc.zero_();
   }
 
+  // On some CPUs a 16-bit head runs its GEMMs in float32 (head_gemm.h): its
+  // logits are then float32, and each chunk also holds float32 copies of the
+  // hidden states (and of d(hidden)), each head a float32 weight panel.
+  const bool head_f32 = head_gemm_in_float32(hidden);
+  const bool convert_teacher = t_logits && t_logits2d.scalar_type() == at::kDouble;
+  const bool teacher_f32 = teacher_from_weights && head_gemm_in_float32(t_hidden);
+  const int64_t student_logit_bytes = head_f32 ? 4 : hidden.element_size();
+  const int64_t teacher_logit_bytes = teacher_from_weights ? (teacher_f32 ? 4 : t_hidden.element_size())
+                                      : convert_teacher    ? 4
+                                                           : 0;
   // Rows per chunk: the student's logits, a computed teacher's, and float64
   // teacher logits converted to float32 (the row kernel reads 16/32-bit
-  // floats; a 2-D view always has a row layout it can read) fit the budget.
-  const bool convert_teacher = t_logits && t_logits2d.scalar_type() == at::kDouble;
-  const int64_t student_row_bytes = V * hidden.element_size();
-  const int64_t row_bytes =
-      student_row_bytes + V * (teacher_from_weights ? t_hidden.element_size() : convert_teacher ? 4 : 0);
+  // floats; a 2-D view always has a row layout it can read), and the float32
+  // copies above, fit the budget.
+  const int64_t student_row_bytes = V * student_logit_bytes;
+  const int64_t row_bytes = student_row_bytes + V * teacher_logit_bytes +
+                            (head_f32 ? 4 * hidden.size(1) * (want_dh ? 2 : 1) : 0) +
+                            (teacher_f32 ? 4 * t_hidden.size(1) : 0);
   // The default gives the student's logits default_budget() and whatever else
   // a chunk holds its share in proportion, so both losses chunk alike.
   const int64_t budget = chunk_budget_bytes.value_or(default_budget(hidden) * row_bytes / student_row_bytes);
   TORCH_CHECK_VALUE(budget > 0, "chunk_budget_bytes must be > 0, got ", num(budget));
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, budget / std::max<int64_t>(row_bytes, 1)));
+  // A float32 head's weight panel takes a quarter of the budget (shared by
+  // two such heads), the logits the rest.
+  const int64_t panel_bytes = (head_f32 || teacher_f32) ? budget / 4 : 0;
+  const int64_t chunk_bytes = budget - panel_bytes;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, chunk_bytes / std::max<int64_t>(row_bytes, 1)));
+  HeadGemm student_head(weight, bias, head_f32, teacher_f32 ? panel_bytes / 2 : panel_bytes);
+  std::optional<HeadGemm> teacher_head;
+  if (teacher_from_weights) {
+    std::optional<at::Tensor> tb;
+    if (t_bias) tb = t_bias->narrow(0, 0, V);
+    teacher_head.emplace(t_w, tb, teacher_f32, head_f32 ? panel_bytes / 2 : panel_bytes);
+  }
   // One buffer per logit matrix, reused by every chunk (the last one is
   // shorter): no allocation, and on the CPU no fresh pages, per chunk.
-  at::Tensor logits_buf = new_output({rows ? chunk : 0, V}, hidden.options());
+  at::Tensor logits_buf = new_output({rows ? chunk : 0, V}, hidden.options().dtype(student_head.logits_dtype()));
   at::Tensor teacher_buf =
-      teacher_from_weights ? new_output({rows ? chunk : 0, V}, t_hidden.options())
+      teacher_from_weights ? new_output({rows ? chunk : 0, V}, t_hidden.options().dtype(teacher_head->logits_dtype()))
       : convert_teacher   ? new_output({rows ? chunk : 0, V}, hidden.options().dtype(at::kFloat))
                           : at::Tensor();
 
@@ -185,19 +183,16 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   p.vocab = vocab;
   p.ignore_index = ignore_index;
   p.grad_scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
-  p.student_dtype = kernel_dtype(hidden, "hidden");
+  p.student_dtype = kernel_dtype(logits_buf, "hidden");
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t n = std::min(chunk, rows - r0);
     const at::Tensor h = hidden.narrow(0, r0, n);
     at::Tensor logits = logits_buf.narrow(0, 0, n);
-    if (bias) at::addmm_out(logits, *bias, h, weight.t());
-    else at::mm_out(logits, h, weight.t());
+    student_head.forward(logits, h);
     at::Tensor tlog;
     if (teacher_from_weights) {
-      const at::Tensor th = t_hidden.narrow(0, r0, n);
       tlog = teacher_buf.narrow(0, 0, n);
-      if (t_bias) at::addmm_out(tlog, t_bias->narrow(0, 0, V), th, t_w.t());
-      else at::mm_out(tlog, th, t_w.t());
+      teacher_head->forward(tlog, t_hidden.narrow(0, r0, n));
     } else if (convert_teacher) {
       tlog = teacher_buf.narrow(0, 0, n).copy_(t_logits2d.narrow(0, r0, n));
     } else if (t_logits) {
@@ -221,11 +216,8 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
     p.stats = return_stats ? stats.data_ptr<float>() + r0 * kNumStats : nullptr;
     p.agree = return_stats ? agree.data_ptr<bool>() + r0 : nullptr;
     run_distill_rows(p, logits);
-    if (want_dh) {
-      at::Tensor dh = dhidden.narrow(0, r0, n);
-      at::mm_out(dh, logits, weight);
-    }
-    if (want_dw) accumulate_mm(dweight_acc, logits.t(), h, r0 == 0);
+    student_head.backward(logits, want_dh ? dhidden.narrow(0, r0, n) : at::Tensor(),
+                          want_dw ? dweight_acc : at::Tensor(), r0 == 0);
     if (want_db) {
       if (r0 == 0) at::sum_out(dbias_acc, logits, 0, false, at::kFloat);
       else dbias_acc.add_(logits.sum(0, false, at::kFloat));

@@ -671,8 +671,8 @@ def test_float32_heads_compute_the_float32_values(panel_rows, fn):
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags
 def test_cpu_head_gemm_choice():
     """linear_cpu_gemm: "auto" runs a 16-bit head in float32 exactly where ATen has no
-    oneDNN GEMM for its dtype (or oneDNN is disabled), in the dtype elsewhere; a bad
-    name is refused, and reset goes back to auto."""
+    oneDNN GEMM for its dtype (or oneDNN is disabled), in the dtype elsewhere, as
+    flashkd.cpu_head_dtype reports; a bad name is refused, and reset goes back to auto."""
     ops = torch.ops.flashkd
     inp = make_inputs("cpu", lead=(16,), V=50, D=8, dtype=torch.bfloat16)
 
@@ -693,8 +693,13 @@ def test_cpu_head_gemm_choice():
     assert ops.linear_cpu_gemm("", True) == "auto"
     onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert same(bits(), runs["native" if onednn else "float32"])
+    assert flashkd.cpu_head_dtype(torch.bfloat16) == (torch.bfloat16 if onednn else torch.float32)
+    assert flashkd.cpu_head_dtype(torch.float32) == torch.float32
     with torch.backends.mkldnn.flags(enabled=False):
         assert same(bits(), runs["float32"])
+        assert flashkd.cpu_head_dtype(torch.bfloat16) == torch.float32
+    with cpu_head_gemm("native"):
+        assert flashkd.cpu_head_dtype(torch.float16) == torch.float16
     with pytest.raises(ValueError, match="CPU head GEMM must be auto, float32 or native, got 'fp32'"):
         ops.linear_cpu_gemm("fp32")
     assert ops.linear_cpu_gemm() == "auto"

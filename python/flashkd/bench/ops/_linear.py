@@ -12,6 +12,8 @@ import math
 
 import torch
 
+import flashkd
+
 from ..cases import DTYPES, Inputs, Provider, Unsupported
 
 GEMM = "gemm"
@@ -80,10 +82,18 @@ class _GemmsOnly(torch.autograd.Function):
     dropped); backward dhidden = dlogits @ weight and dweight = dlogitsᵀ @
     hidden, the student logits standing in for dlogits (same shape and dtype;
     a GEMM's time does not depend on the values). flashkd computes exactly
-    these products, chunk by chunk; returns a zero scalar to call backward on."""
+    these products, chunk by chunk, in float32 for a 16-bit CPU head where
+    flashkd.cpu_head_dtype says so: then so does this, its operands converted
+    first (the conversions' time included, as in flashkd's); returns a zero
+    scalar to call backward on."""
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight):
+        ctx.input_dtype = hidden.dtype
+        if hidden.device.type == "cpu" and flashkd.cpu_head_dtype(hidden.dtype) != hidden.dtype:
+            hidden, weight = hidden.float(), weight.float()
+            if teacher_hidden is not None:
+                teacher_hidden, teacher_weight = teacher_hidden.float(), teacher_weight.float()
         logits = hidden @ weight.T
         if teacher_hidden is not None:
             _ = teacher_hidden @ teacher_weight.T
@@ -93,7 +103,8 @@ class _GemmsOnly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, logits = ctx.saved_tensors
-        return logits @ weight, logits.T @ hidden, None, None
+        dtype = ctx.input_dtype
+        return (logits @ weight).to(dtype), (logits.T @ hidden).to(dtype), None, None
 
 
 def _gemms(case, device):

@@ -155,13 +155,16 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   const int64_t row_bytes = student_row_bytes + V * teacher_logit_bytes +
                             (head_f32 ? 4 * hidden.size(1) * (want_dh ? 2 : 1) : 0) +
                             (teacher_f32 ? 4 * t_hidden.size(1) : 0);
-  // The default gives the student's logits default_budget() and whatever else
-  // a chunk holds its share in proportion, so both losses chunk alike.
-  const int64_t budget = chunk_budget_bytes.value_or(default_budget(hidden) * row_bytes / student_row_bytes);
-  TORCH_CHECK_VALUE(budget > 0, "chunk_budget_bytes must be > 0, got ", num(budget));
   // A float32 head's weight panel takes a quarter of the budget (shared by
-  // two such heads), the logits the rest.
-  const int64_t panel_bytes = (head_f32 || teacher_f32) ? budget / 4 : 0;
+  // two such heads), the chunk the rest.
+  const bool panels = head_f32 || teacher_f32;
+  // The default gives the student's logits default_budget() and whatever else
+  // a chunk holds its share in proportion, so both losses chunk alike, and
+  // puts the panels' quarter on top.
+  const int64_t default_chunk_bytes = default_budget(hidden) * row_bytes / student_row_bytes;
+  const int64_t budget = chunk_budget_bytes.value_or(panels ? default_chunk_bytes / 3 * 4 : default_chunk_bytes);
+  TORCH_CHECK_VALUE(budget > 0, "chunk_budget_bytes must be > 0, got ", num(budget));
+  const int64_t panel_bytes = panels ? budget / 4 : 0;
   const int64_t chunk_bytes = budget - panel_bytes;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, chunk_bytes / std::max<int64_t>(row_bytes, 1)));
   HeadGemm student_head(weight, bias, head_f32, teacher_f32 ? panel_bytes / 2 : panel_bytes);

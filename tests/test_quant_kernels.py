@@ -192,10 +192,26 @@ def test_cpu_main_loops_give_the_same_bits(mnk, kind):
         ops.quant_cpu_gemm("", True)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags
 def test_cpu_main_loop_choice_is_checked():
+    """"auto" runs the int32 main loop in ATen's _int_mm from 32 rows on, and only
+    where ATen runs it on oneDNN (AVX-512 VNNI, oneDNN on): elsewhere _int_mm is a
+    scalar loop, far slower than flashkd's kernels."""
     with pytest.raises(ValueError, match="CPU int8 GEMM must be auto, onednn or flashkd"):
         ops.quant_cpu_gemm("mkl")
     assert ops.quant_cpu_gemm("", True) == "auto"
+    onednn = torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported()
+    assert [ops.quant_cpu_gemm_onednn(m) for m in (1, 31, 32, 4096)] == [False, False, onednn, onednn]
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not ops.quant_cpu_gemm_onednn(4096)
+    try:
+        ops.quant_cpu_gemm("flashkd")
+        assert not ops.quant_cpu_gemm_onednn(4096)
+        if torch.backends.mkldnn.is_available():
+            ops.quant_cpu_gemm("onednn")
+            assert ops.quant_cpu_gemm_onednn(1)
+    finally:
+        ops.quant_cpu_gemm("", True)
 
 
 # Decode shapes for the CPU int4 kernel's nibble path (even groups, fewer

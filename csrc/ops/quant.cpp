@@ -170,9 +170,12 @@ at::Tensor int4_linear_blas(const quant::Int4GemmArgs& args, const at::Tensor& x
 // oneDNN (ATen's _int_mm: AMX or VNNI tiles) and flashkd adds the epilogue; the
 // accumulators are the same exact integers. Measured, int32 GEMM alone, N = K
 // = 4096, one call (2-core Xeon; flashkd vs oneDNN): M = 16 1.01 vs 0.63 ms
-// with AMX, 1.06 vs 1.14 with AVX-512 VNNI only, 2.32 vs 2.44 with AVX2; M =
-// 32 1.75 vs 0.72, 1.83 vs 1.49, 4.60 vs 3.55; M = 1024 at N = K = 1024 3.54
-// vs 0.72 ms (AMX).
+// with AMX, 1.06 vs 1.14 with AVX-512 VNNI only, 2.32 vs 2.44 with oneDNN
+// limited to AVX2; M = 32 1.75 vs 0.72, 1.83 vs 1.49, 4.60 vs 3.55; M = 1024
+// at N = K = 1024 3.54 vs 0.72 ms (AMX). But ATen's _int_mm calls oneDNN only
+// on CPUs with AVX-512 VNNI; elsewhere it runs a scalar triple loop (1178 ms
+// at 1024^3 on a 2-core AVX2 EPYC, where flashkd's kernel takes 19 ms), so
+// "auto" takes oneDNN only there.
 constexpr int64_t kOneDnnRows = 32;
 // Columns per oneDNN call: its int32 accumulators (M x columns) and, for
 // ternary weights, the weights decoded to int8 (columns x K) stay this small.
@@ -188,13 +191,21 @@ const char* cpu_gemm_name(CpuGemm g) {
 // without it _int_mm falls back to plain loops.
 bool onednn_enabled() { return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn(); }
 
-// Only x86 builds pick oneDNN by themselves: elsewhere the int8 GEMM it would
-// run has not been measured against flashkd's portable kernels.
+// Whether "auto" may pick oneDNN: on x86 CPUs with AVX-512 VNNI, the test
+// ATen's _int_mm makes (at::cpu::is_avx512_vnni_supported, the same CPUID
+// bit). Other CPUs' int8 GEMM in oneDNN has not been measured against
+// flashkd's portable kernels.
+bool auto_onednn_cpu() {
 #if defined(FKD_HAVE_X86_ISAS)
-constexpr bool kAutoOneDnn = true;
+  static const bool vnni = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") != 0;
+  }();
+  return vnni;
 #else
-constexpr bool kAutoOneDnn = false;
+  return false;
 #endif
+}
 
 CpuGemm parse_cpu_gemm(const std::string& name) {
   if (name.empty() || name == "auto") return CpuGemm::kAuto;
@@ -220,7 +231,7 @@ bool run_on_onednn(int64_t M, int64_t K) {
   switch (cpu_gemm_choice().load()) {
     case CpuGemm::kOneDnn: return true;
     case CpuGemm::kFlashkd: return false;
-    default: return kAutoOneDnn && M >= kOneDnnRows && onednn_enabled();
+    default: return M >= kOneDnnRows && auto_onednn_cpu() && onednn_enabled();
   }
 }
 
@@ -479,8 +490,13 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at
 
 std::string quant_int8_dot_kind() { return cpu::int8_dot_kind(); }
 
+// Whether a CPU integer GEMM of `rows` activation rows (and a nonzero depth)
+// runs its int32 main loop in ATen's _int_mm under the current choice.
+bool quant_cpu_gemm_onednn(int64_t rows) { return run_on_onednn(rows, 1); }
+
 // The CPU integer GEMMs' main loop: "auto" (oneDNN from kOneDnnRows rows on,
-// where this build and torch have it), "onednn" (every call) or "flashkd" (its
+// where the CPU has AVX-512 VNNI and torch has oneDNN on), "onednn" (ATen's
+// _int_mm for every call: a scalar loop without AVX-512 VNNI) or "flashkd" (its
 // dot-product kernels for every call); `force` changes it when non-empty,
 // reset=True with no `force` goes back to FLASHKD_CPU_INT8_GEMM's choice (auto
 // without it).
@@ -524,6 +540,7 @@ TORCH_LIBRARY_FRAGMENT(flashkd, m) {
   m.def("int4_linear(Tensor x, Tensor w_packed, Tensor scale, Tensor zero, int group_size, Tensor? bias=None) -> Tensor");
   m.def("quant_cpu_dot_kind() -> str", &flashkd::ops::quant_int8_dot_kind);
   m.def("quant_cpu_gemm(str force=\"\", bool reset=False) -> str", &flashkd::ops::quant_cpu_gemm);
+  m.def("quant_cpu_gemm_onednn(int rows) -> bool", &flashkd::ops::quant_cpu_gemm_onednn);
   m.def("quant_cuda_mainloop(str force=\"\", bool reset=False) -> str", &flashkd::ops::quant_cuda_mainloop);
 }
 

@@ -187,8 +187,9 @@ def _flashkd_dot(case, device):
         raise Unsupported("a CPU main-loop choice")
     if _scheme(case) == "w4a16":
         raise Unsupported("no int8 GEMM in this variant (int4 weights meet float activations)")
-    if _dims(case)[0] < 32 or torch.ops.flashkd.quant_cpu_gemm() != "auto":
-        raise Unsupported("flashkd runs its own kernels here already (fewer than 32 rows, or a forced choice)")
+    if not torch.ops.flashkd.quant_cpu_gemm_onednn(_dims(case)[0]):
+        raise Unsupported("flashkd runs its own kernels here already (fewer than 32 rows, no AVX-512 VNNI for "
+                          "ATen's oneDNN path, or a forced choice)")
     return under_kernel_choice(_flashkd(case, device), torch.ops.flashkd.quant_cpu_gemm, "flashkd")
 
 

@@ -19,8 +19,8 @@ std::string cpu_isa(c10::string_view force, bool reset) {
 bool has_cuda_kernels() { return flashkd::ops::cuda_compiled(); }
 
 // Whether the linear losses run a CPU head of this dtype in float32 (head_gemm.h).
-bool linear_cpu_head_in_float32(at::ScalarType dtype) {
-  return flashkd::ops::head_gemm_in_float32(at::empty({0}, at::TensorOptions().dtype(dtype)));
+bool cpu_16bit_gemm_in_float32(at::ScalarType dtype) {
+  return flashkd::ops::cpu_gemm_in_float32(at::empty({0}, at::TensorOptions().dtype(dtype)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_loss_op(
@@ -70,8 +70,8 @@ TORCH_LIBRARY(flashkd, m) {
       "int? chunk_budget_bytes, bool float32_weight_grad) "
       "-> (Tensor loss, Tensor dhidden, Tensor dweight, Tensor dbias, Tensor lse, Tensor stats, Tensor agree)");
   m.def("cpu_isa(str force=\"\", bool reset=False) -> str", &cpu_isa);
-  m.def("linear_cpu_gemm(str force=\"\", bool reset=False) -> str", &flashkd::ops::linear_cpu_gemm);
-  m.def("linear_cpu_head_in_float32(ScalarType dtype) -> bool", &linear_cpu_head_in_float32);
+  m.def("cpu_16bit_gemm(str force=\"\", bool reset=False) -> str", &flashkd::ops::cpu_16bit_gemm);
+  m.def("cpu_16bit_gemm_in_float32(ScalarType dtype) -> bool", &cpu_16bit_gemm_in_float32);
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
   m.def("distill_cuda_kernel(str force=\"\", bool reset=False) -> str[]", &flashkd::ops::distill_cuda_kernel);
 }

@@ -155,20 +155,20 @@ def results_per_cpu_isa(run):
     return results
 
 
-# The ways a CPU runs a 16-bit linear-loss head's GEMMs (torch.ops.flashkd.linear_cpu_gemm):
-# ATen's GEMMs in the dtype, or float32 GEMMs on converted weight panels ("auto" picks the
+# The ways flashkd runs CPU GEMMs on 16-bit operands (torch.ops.flashkd.cpu_16bit_gemm):
+# ATen's GEMMs in the dtype, or float32 GEMMs on converted operands ("auto" picks the
 # latter where ATen has no oneDNN GEMM for the dtype).
-CPU_HEAD_GEMMS = ("native", "float32")
+CPU_16BIT_GEMMS = ("native", "float32")
 
 
 @contextlib.contextmanager
-def cpu_head_gemm(mode):
-    """Runs the linear losses' 16-bit CPU heads in `mode`, then back to the automatic choice."""
-    torch.ops.flashkd.linear_cpu_gemm(mode)
+def cpu_16bit_gemm(mode):
+    """Runs flashkd's 16-bit CPU GEMMs in `mode`, then back to the automatic choice."""
+    torch.ops.flashkd.cpu_16bit_gemm(mode)
     try:
         yield mode
     finally:
-        torch.ops.flashkd.linear_cpu_gemm("", True)
+        torch.ops.flashkd.cpu_16bit_gemm("", True)
 
 
 # More threads than the machine may have cores is fine: the split is what is tested.

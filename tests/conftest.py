@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import flashkd  # noqa: E402,F401  (imported here, after the variable is set)
-from checks import CPU_HEAD_GEMMS, cpu_head_gemm  # noqa: E402
+from checks import CPU_16BIT_GEMMS, cpu_16bit_gemm  # noqa: E402
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -28,13 +28,13 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=CPU_HEAD_GEMMS)
-def head_gemm(request, device):
-    """A 16-bit linear-loss test runs once per way the CPU may run its heads' GEMMs
-    (checks.CPU_HEAD_GEMMS: in the dtype, or in float32 on weight panels), so that both
-    are tested on every machine whatever "auto" picks there; on CUDA, where the choice
-    does not apply, once."""
+@pytest.fixture(params=CPU_16BIT_GEMMS)
+def cpu_gemm_mode(request, device):
+    """A 16-bit test of an op with float GEMMs (linear losses, QuantLinear) runs once per
+    way flashkd may run them on the CPU (checks.CPU_16BIT_GEMMS: in the dtype, or in
+    float32), so that both are tested on every machine whatever "auto" picks there; on
+    CUDA, where the choice does not apply, once."""
     if device == "cuda" and request.param != "native":
-        pytest.skip("the CPU head GEMM choice does not apply on CUDA")
-    with cpu_head_gemm(request.param):
+        pytest.skip("the CPU 16-bit GEMM choice does not apply on CUDA")
+    with cpu_16bit_gemm(request.param):
         yield request.param

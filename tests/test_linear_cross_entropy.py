@@ -59,8 +59,8 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
-from checks import (CPU_HEAD_GEMMS, RANDOM_CASES, assert_compile_matches_eager, cpu_head_gemm, directional_check,
-                    loss_options, random_lead, scalar_objective, token_factors)
+from checks import (CPU_16BIT_GEMMS, RANDOM_CASES, assert_compile_matches_eager, cpu_16bit_gemm,
+                    directional_check, loss_options, random_lead, scalar_objective, token_factors)
 from linear_tolerance import EPS32, K_FLOOR, SLACK, UNIT, check_close, max_err, product_magnitudes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -331,7 +331,7 @@ LOWP_CASES = {
 
 @pytest.mark.parametrize("case", list(LOWP_CASES))
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_low_precision(dtype, case, device, head_gemm):
+def test_low_precision(dtype, case, device, cpu_gemm_mode):
     # Judged against plain torch in the same dtype (module docstring): both round the
     # logits and gradients to bf16/fp16; the kernel keeps the loss math in float32.
     check_case(device, dtype=DTYPES[dtype], lead=(4, 16), V=300, D=64, budget_rows=7.5, **LOWP_CASES[case])
@@ -486,7 +486,7 @@ def test_random_option_combinations(case, device):
     layouts = (["sliced_last_dim"] if kw["D"] >= 5 else []) + (["transposed_lead"] if len(lead) >= 2 else [])
     if layouts and rng.random() < 0.25:
         kw["view"] = LAYOUTS[rng.choice(layouts)]
-    with cpu_head_gemm(rng.choice(CPU_HEAD_GEMMS)):
+    with cpu_16bit_gemm(rng.choice(CPU_16BIT_GEMMS)):
         check_case(device, **kw)
 
 # ----------------------------------------------------------------------------- 2. finite differences
@@ -658,7 +658,7 @@ def test_float32_heads_compute_the_float32_values(panel_rows, fn):
         return loss.detach(), h.grad, W.grad, b.grad
 
     want = call(torch.float32)
-    with cpu_head_gemm("float32"):
+    with cpu_16bit_gemm("float32"):
         got = call(torch.bfloat16, chunk_budget_bytes=budget)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, msg="loss")
     for name, g, w in zip(("d hidden", "d weight", "d bias"), got[1:], want[1:]):
@@ -670,9 +670,9 @@ def test_float32_heads_compute_the_float32_values(panel_rows, fn):
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags
 def test_cpu_head_gemm_choice():
-    """linear_cpu_gemm: "auto" runs a 16-bit head in float32 exactly where ATen has no
+    """cpu_16bit_gemm: "auto" runs a 16-bit head in float32 exactly where ATen has no
     oneDNN GEMM for its dtype (or oneDNN is disabled), in the dtype elsewhere, as
-    flashkd.cpu_head_dtype reports; a bad name is refused, and reset goes back to auto."""
+    flashkd.cpu_gemm_dtype reports; a bad name is refused, and reset goes back to auto."""
     ops = torch.ops.flashkd
     inp = make_inputs("cpu", lead=(16,), V=50, D=8, dtype=torch.bfloat16)
 
@@ -687,22 +687,22 @@ def test_cpu_head_gemm_choice():
 
     runs = {}
     for mode in ("native", "float32"):
-        with cpu_head_gemm(mode):
+        with cpu_16bit_gemm(mode):
             runs[mode] = bits()
     assert not same(runs["native"], runs["float32"])  # the two really differ, so the checks below can fail
-    assert ops.linear_cpu_gemm("", True) == "auto"
+    assert ops.cpu_16bit_gemm("", True) == "auto"
     onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert same(bits(), runs["native" if onednn else "float32"])
-    assert flashkd.cpu_head_dtype(torch.bfloat16) == (torch.bfloat16 if onednn else torch.float32)
-    assert flashkd.cpu_head_dtype(torch.float32) == torch.float32
+    assert flashkd.cpu_gemm_dtype(torch.bfloat16) == (torch.bfloat16 if onednn else torch.float32)
+    assert flashkd.cpu_gemm_dtype(torch.float32) == torch.float32
     with torch.backends.mkldnn.flags(enabled=False):
         assert same(bits(), runs["float32"])
-        assert flashkd.cpu_head_dtype(torch.bfloat16) == torch.float32
-    with cpu_head_gemm("native"):
-        assert flashkd.cpu_head_dtype(torch.float16) == torch.float16
-    with pytest.raises(ValueError, match="CPU head GEMM must be auto, float32 or native, got 'fp32'"):
-        ops.linear_cpu_gemm("fp32")
-    assert ops.linear_cpu_gemm() == "auto"
+        assert flashkd.cpu_gemm_dtype(torch.bfloat16) == torch.float32
+    with cpu_16bit_gemm("native"):
+        assert flashkd.cpu_gemm_dtype(torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="CPU 16-bit GEMM must be auto, float32 or native, got 'fp32'"):
+        ops.cpu_16bit_gemm("fp32")
+    assert ops.cpu_16bit_gemm() == "auto"
 
 
 # ----------------------------------------------------------------------------- 6. workspace
@@ -783,19 +783,19 @@ def _heads(fn, inp, **kw):
 @pytest.mark.parametrize("fn", [flashkd.linear_cross_entropy, flashkd.linear_distill_loss],
                          ids=["cross_entropy", "distill"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_weight_grad_summed_in_its_dtype(fn, dtype, device, head_gemm):
+def test_weight_grad_summed_in_its_dtype(fn, dtype, device, cpu_gemm_mode):
     """The loss and d hidden do not depend on how d weight is summed (the same bits);
     in float32 neither does d weight. In 16 bits, d weight differs from the float32 sum
     by at most one rounding per chunk: |err| <= chunks * u * sum_t |G_tj| |h_td| (+ the
     last rounding), G the oracle's d loss / d logits. Four chunks, so that a chunk summed
     twice or not at all (a quarter of that sum) would fail."""
     dt = DTYPES[dtype]
-    if dt == torch.float32 and head_gemm == "float32":
+    if dt == torch.float32 and cpu_gemm_mode == "float32":
         pytest.skip("a float32 head has one way to run")
     N, V, D = 40, 300, 24
     inp = make_inputs(device, lead=(N,), V=V, D=D, dtype=dt, ignore=0.2)
     heads = 1 if fn is flashkd.linear_cross_entropy else 2
-    if head_gemm == "float32" and device == "cpu":
+    if cpu_gemm_mode == "float32" and device == "cpu":
         budget = float32_head_budget(10, V, D, heads)
     else:
         budget = rows_budget(V, 10, dt.itemsize * heads)
@@ -822,7 +822,7 @@ def test_weight_grad_summed_in_its_dtype(fn, dtype, device, head_gemm):
 
 
 @pytest.mark.parametrize("float32_weight_grad", [True, False])
-def test_workspace_of_the_weight_grad_sum(float32_weight_grad, device, head_gemm):
+def test_workspace_of_the_weight_grad_sum(float32_weight_grad, device, cpu_gemm_mode):
     """bf16: the float32 sum of d weight is workspace the size of two bf16 gradients;
     summed in bf16 it is gone, and what is left is the budget and the GEMMs' own
     scratch (ATen's CPU bf16 GEMMs pack or widen operands: 1-4 MB at these sizes; heads
@@ -841,7 +841,7 @@ def test_workspace_of_the_weight_grad_sum(float32_weight_grad, device, head_gemm
         assert workspace >= float32_sum, f"workspace {workspace} B < the float32 sum's {float32_sum} B"
     else:
         assert workspace < float32_sum / 2, f"workspace {workspace} B: a float32 sum of {float32_sum} B is left"
-        if head_gemm == "float32" and device == "cpu":
+        if cpu_gemm_mode == "float32" and device == "cpu":
             assert workspace <= budget + memory.glue_allowance(N), f"workspace {workspace} B > budget {budget} B"
 
 

@@ -52,7 +52,7 @@ from flashkd import reference as R
 from flashkd._ops import LINEAR_LOSS_ARGS
 
 import memory
-from checks import (CPU_HEAD_GEMMS, DIV_KW, RANDOM_CASES, assert_compile_matches_eager, cpu_head_gemm,
+from checks import (CPU_16BIT_GEMMS, DIV_KW, RANDOM_CASES, assert_compile_matches_eager, cpu_16bit_gemm,
                     directional_check, loss_options, random_lead, scalar_objective, token_factors)
 from linear_tolerance import EPS32, K_FLOOR, SLACK, UNIT, check_close, max_err, product_magnitudes
 
@@ -330,14 +330,14 @@ def test_return_stats_and_vocab_size(div, teacher, device):
 
 @pytest.mark.parametrize("teacher", ["weights", "logits"])
 @pytest.mark.parametrize("div", DIVS)
-def test_bf16(div, teacher, device, head_gemm):
+def test_bf16(div, teacher, device, cpu_gemm_mode):
     """bf16 student and teacher (weights or logits): error no worse than plain torch's."""
     check_case(device, divergence=div, **DIV_KW[div], teacher=teacher, dtype=torch.bfloat16, lead=(4, 12),
                V=300, Vt=310, Ds=64, Dt=48, sbias=True, ignore=0.2, hard_weight=0.3, budget_rows=7.5)
 
 
 @pytest.mark.parametrize("div", ["fkl", "jsd"])
-def test_fp16(div, device, head_gemm):
+def test_fp16(div, device, cpu_gemm_mode):
     check_case(device, divergence=div, **DIV_KW[div], dtype=torch.float16, lead=(4, 12), V=300, Vt=310, Ds=64,
                Dt=48, ignore=0.2, hard_weight=0.3, budget_rows=7.5)
 
@@ -490,7 +490,7 @@ def test_random_option_combinations(case, device):
         kw["vocab_size"] = kw["label_vocab"] = rng.randint(1, V)
     if rng.random() < 0.2:
         kw["requires"] = rng.choice([("h",), ("W",), ("W", "b"), ("b",)])
-    with cpu_head_gemm(rng.choice(CPU_HEAD_GEMMS)):
+    with cpu_16bit_gemm(rng.choice(CPU_16BIT_GEMMS)):
         check_case(device, **kw)
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from flashkd.quant import SCHEMES, QuantLinear, quant_linear
+from flashkd.quant.formats import dequantized_weight
 from flashkd.reference import quant as ref
+from checks import cpu_16bit_gemm
 from quant_cases import DTYPES, gen, randn
 
 ops = torch.ops.flashkd
@@ -32,7 +34,9 @@ def schemes_with_per_tensor():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("scheme,per_tensor", schemes_with_per_tensor())
-def test_forward_and_ste_grads(scheme, per_tensor, size, bias, dtype, device):
+def test_forward_and_ste_grads(scheme, per_tensor, size, bias, dtype, device, cpu_gemm_mode):
+    if dtype == "fp32" and cpu_gemm_mode == "float32":
+        pytest.skip("float32 operands have one way to run")
     k, n, group_size = size
     layer = make_layer(scheme, k, n, group_size, bias, per_tensor, device)
     x = randn((2, 3, k), gen("fwd", scheme, size, bias, dtype), DTYPES[dtype], device).requires_grad_()
@@ -46,12 +50,40 @@ def test_forward_and_ste_grads(scheme, per_tensor, size, bias, dtype, device):
     grad_out = randn(y.shape, gen("gout", scheme, size), x.dtype, device)
     y.backward(grad_out)
     gi, gw, gb = ref.ste_grads(x.detach(), layer.weight.detach(), grad_out, scheme, group_size, per_tensor, bias)
-    # The STE products run in the input's dtype: compare at its precision.
+    # The STE products run in the input's dtype (or in float32, then rounded to it):
+    # compare at its precision.
     scale = 1e-5 if x.dtype == torch.float32 else 2e-2
     torch.testing.assert_close(x.grad.cpu().double(), gi, rtol=scale, atol=scale)
     torch.testing.assert_close(layer.weight.grad.cpu().double(), gw, rtol=scale, atol=scale * 10)
     if bias:
         torch.testing.assert_close(layer.bias.grad.cpu().double(), gb, rtol=scale, atol=scale * 10)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_float_products_in_float32_on_the_cpu(scheme):
+    """Under cpu_16bit_gemm("float32"), a bf16 layer's float products (w4a16's forward,
+    the straight-through backward) run in float32 on the bf16 values and are rounded
+    once: the same bits as that computation by hand; "native" keeps them in bf16."""
+    k, n, group_size = 64, 70, 32
+    layer = make_layer(scheme, k, n, group_size).to(torch.bfloat16)
+    x = randn((5, k), gen("f32", scheme), torch.bfloat16, "cpu")
+    grad_out = randn((5, n), gen("f32-gout", scheme), torch.bfloat16, "cpu")
+    wd = dequantized_weight(layer.weight.detach(), scheme, group_size).float()
+    expect_gx = (grad_out.float() @ wd).bfloat16()
+    expect_gw = (grad_out.float().T @ x.float()).bfloat16()
+    expect_out = torch.nn.functional.linear(x.float(), wd, layer.bias.detach().float()).bfloat16()
+    with cpu_16bit_gemm("float32"):
+        xg = x.clone().requires_grad_()
+        out = layer(xg)
+        out.backward(grad_out)
+    assert torch.equal(xg.grad, expect_gx) and torch.equal(layer.weight.grad, expect_gw)
+    if scheme == "w4a16":
+        assert torch.equal(out, expect_out)
+    layer.weight.grad = None
+    with cpu_16bit_gemm("native"):
+        xg = x.clone().requires_grad_()
+        layer(xg).backward(grad_out)
+    assert not torch.equal(xg.grad, expect_gx)  # so the first check could fail
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -13,12 +13,12 @@ enum class CpuHeadGemm { kAuto, kFloat32, kNative };
 CpuHeadGemm parse_choice(const std::string& name) {
   if (name.empty() || name == "auto") return CpuHeadGemm::kAuto;
   if (name == "float32") return CpuHeadGemm::kFloat32;
-  TORCH_CHECK_VALUE(name == "native", "CPU head GEMM must be auto, float32 or native, got '", name, "'");
+  TORCH_CHECK_VALUE(name == "native", "CPU 16-bit GEMM must be auto, float32 or native, got '", name, "'");
   return CpuHeadGemm::kNative;
 }
 
 CpuHeadGemm environment_choice() {
-  const char* env = std::getenv("FLASHKD_CPU_HEAD_GEMM");
+  const char* env = std::getenv("FLASHKD_CPU_16BIT_GEMM");
   return parse_choice(env ? env : "");
 }
 
@@ -76,17 +76,17 @@ void accumulate_mm(const at::Tensor& acc_in, const at::Tensor& a, const at::Tens
 
 }  // namespace
 
-bool head_gemm_in_float32(const at::Tensor& hidden) {
-  const at::ScalarType t = hidden.scalar_type();
-  if (!hidden.device().is_cpu() || (t != at::kBFloat16 && t != at::kHalf)) return false;
+bool cpu_gemm_in_float32(const at::Tensor& t) {
+  const at::ScalarType dtype = t.scalar_type();
+  if (!t.device().is_cpu() || (dtype != at::kBFloat16 && dtype != at::kHalf)) return false;
   switch (choice().load()) {
     case CpuHeadGemm::kFloat32: return true;
     case CpuHeadGemm::kNative: return false;
-    default: return !aten_onednn_supports(t);
+    default: return !aten_onednn_supports(dtype);
   }
 }
 
-std::string linear_cpu_gemm(c10::string_view force, bool reset) {
+std::string cpu_16bit_gemm(c10::string_view force, bool reset) {
   if (!force.empty()) choice() = parse_choice(std::string(force));
   else if (reset) choice() = environment_choice();
   return choice_name(choice().load());

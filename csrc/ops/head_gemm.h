@@ -17,19 +17,20 @@
 
 namespace flashkd::ops {
 
-// Whether a head whose hidden states are `hidden` runs its GEMMs in float32:
-// CPU, 16-bit, and linear_cpu_gemm() is "float32", or "auto" where ATen has
-// no oneDNN GEMM for that dtype.
-bool head_gemm_in_float32(const at::Tensor& hidden);
+// Whether flashkd runs GEMMs on operands like `t` in float32 (the linear
+// losses' heads here; QuantLinear's w4a16 product and backward through
+// flashkd.cpu_gemm_dtype): CPU, 16-bit, and cpu_16bit_gemm() is "float32",
+// or "auto" where ATen has no oneDNN GEMM for that dtype.
+bool cpu_gemm_in_float32(const at::Tensor& t);
 
-// The CPU choice for 16-bit heads: "auto", "float32" or "native"; `force`
+// The CPU choice for 16-bit GEMMs: "auto", "float32" or "native"; `force`
 // changes it when non-empty, reset=True with no `force` goes back to the
-// choice of FLASHKD_CPU_HEAD_GEMM (auto without it).
-std::string linear_cpu_gemm(c10::string_view force, bool reset);
+// choice of FLASHKD_CPU_16BIT_GEMM (auto without it).
+std::string cpu_16bit_gemm(c10::string_view force, bool reset);
 
 class HeadGemm {
  public:
-  // `in_float32` from head_gemm_in_float32; `panel_bytes` bounds the float32
+  // `in_float32` from cpu_gemm_in_float32; `panel_bytes` bounds the float32
   // weight panel then (at least one row is used).
   HeadGemm(const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool in_float32, int64_t panel_bytes);
 

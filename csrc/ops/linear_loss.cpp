@@ -140,9 +140,9 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   // On some CPUs a 16-bit head runs its GEMMs in float32 (head_gemm.h): its
   // logits are then float32, and each chunk also holds float32 copies of the
   // hidden states (and of d(hidden)), each head a float32 weight panel.
-  const bool head_f32 = head_gemm_in_float32(hidden);
+  const bool head_f32 = cpu_gemm_in_float32(hidden);
   const bool convert_teacher = t_logits && t_logits2d.scalar_type() == at::kDouble;
-  const bool teacher_f32 = teacher_from_weights && head_gemm_in_float32(t_hidden);
+  const bool teacher_f32 = teacher_from_weights && cpu_gemm_in_float32(t_hidden);
   const int64_t student_logit_bytes = head_f32 ? 4 : hidden.element_size();
   const int64_t teacher_logit_bytes = teacher_from_weights ? (teacher_f32 ? 4 : t_hidden.element_size())
                                       : convert_teacher    ? 4

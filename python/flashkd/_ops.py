@@ -114,13 +114,14 @@ def cpu_isa(force: str = "", reset: bool = False) -> str:
     return ops.cpu_isa(force, reset)
 
 
-def cpu_head_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype in which the linear losses run the GEMMs of a CPU head whose hidden
-    states and weight are `dtype`: float32 for bfloat16 / float16 where ATen has no
-    oneDNN GEMM for them (its fallback is 7-250x slower than float32), else `dtype`.
-    ``torch.ops.flashkd.linear_cpu_gemm("auto" | "float32" | "native")`` or
-    FLASHKD_CPU_HEAD_GEMM chooses."""
-    return torch.float32 if ops.linear_cpu_head_in_float32(dtype) else dtype
+def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which flashkd runs CPU GEMMs on `dtype` operands (the linear
+    losses' heads; QuantLinear's w4a16 product and straight-through backward):
+    float32 for bfloat16 / float16 where ATen has no oneDNN GEMM for them (its
+    fallback loop is 7-250x slower than float32), else `dtype`.
+    ``torch.ops.flashkd.cpu_16bit_gemm("auto" | "float32" | "native")`` or
+    FLASHKD_CPU_16BIT_GEMM chooses."""
+    return torch.float32 if ops.cpu_16bit_gemm_in_float32(dtype) else dtype
 
 
 # --- fused linear losses (cut cross-entropy, linear distillation) -------------

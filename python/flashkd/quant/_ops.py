@@ -7,11 +7,17 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._ops import check_same_device  # (importing it loads the compiled library)
+from .._ops import check_same_device, cpu_gemm_dtype  # (importing it loads the compiled library)
 from .._autocast import autocast_off
 from .formats import dequantize_weight, int4_dequantize, num_groups, quantize_weight
 
 ops = torch.ops.flashkd
+
+
+def _gemm_dtype(t):
+    """The dtype the float GEMMs below run in for operands like `t`: float32 for a
+    16-bit CPU tensor where ATen has no fast 16-bit GEMM (flashkd.cpu_gemm_dtype)."""
+    return cpu_gemm_dtype(t.dtype) if t.device.type == "cpu" else t.dtype
 
 
 @torch.library.register_fake("flashkd::quantize_int8_rows")
@@ -65,7 +71,8 @@ def qat_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     w8a8 / w1.58a8: per-token int8 activations x int8-held weights through the
     int8 GEMM with the dequantizing epilogue. w4a16: x @ dequantized(W).T
     through ATen's GEMM (BLAS), which is faster on CPU than the int4 kernel
-    on freshly packed weights.
+    on freshly packed weights (in float32 for 16-bit x where flashkd.cpu_gemm_dtype
+    says so).
 
     Returns (out, q, scale, zero): the output and the quantized weight it used
     (formats.quantize_weight), which the backward dequantizes instead of
@@ -73,9 +80,10 @@ def qat_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """
     q, scale, zero = quantize_weight(weight, scheme, group_size, per_tensor)
     if scheme == "w4a16":
-        wd = int4_dequantize(q, scale, zero, group_size).to(x.dtype)
+        cd = _gemm_dtype(x)
+        wd = int4_dequantize(q, scale, zero, group_size).to(cd)
         with autocast_off(x.device):  # the result's dtype is x's, as the fake says
-            out = torch.nn.functional.linear(x, wd, None if bias is None else bias.to(x.dtype))
+            out = torch.nn.functional.linear(x.to(cd), wd, None if bias is None else bias.to(cd)).to(x.dtype)
     else:
         qa, a_scale = ops.quantize_int8_rows(x)
         out = ops.int8_linear(qa, q, a_scale, scale, bias, x.dtype)
@@ -100,15 +108,18 @@ def _qat_setup_context(ctx, inputs, output):
 
 
 def _qat_backward(ctx, grad_out, *_quantized_weight_grads):
-    """Straight-through estimator: the rounding is treated as the identity."""
+    """Straight-through estimator: the rounding is treated as the identity. The
+    products run in grad_out's dtype, or in float32 where flashkd.cpu_gemm_dtype
+    says so."""
     x, q, scale, zero = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
+    cd = _gemm_dtype(grad_out)
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     if ctx.needs_input_grad[0]:
-        wd = dequantize_weight(q, scale, zero, ctx.group_size).to(grad_out.dtype)
-        grad_x = (grad_out @ wd).to(x.dtype)
+        wd = dequantize_weight(q, scale, zero, ctx.group_size).to(cd)
+        grad_x = (grad_out.to(cd) @ wd).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        grad_w = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(ctx.weight_dtype)
+        grad_w = (g2.to(cd).T @ x.reshape(-1, x.shape[-1]).to(cd)).to(ctx.weight_dtype)
     if ctx.needs_input_grad[2]:
         grad_b = g2.sum(0).to(ctx.bias_dtype)
     return grad_x, grad_w, grad_b, None, None, None

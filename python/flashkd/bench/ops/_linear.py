@@ -83,14 +83,14 @@ class _GemmsOnly(torch.autograd.Function):
     hidden, the student logits standing in for dlogits (same shape and dtype;
     a GEMM's time does not depend on the values). flashkd computes exactly
     these products, chunk by chunk, in float32 for a 16-bit CPU head where
-    flashkd.cpu_head_dtype says so: then so does this, its operands converted
+    flashkd.cpu_gemm_dtype says so: then so does this, its operands converted
     first (the conversions' time included, as in flashkd's); returns a zero
     scalar to call backward on."""
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight):
         ctx.input_dtype = hidden.dtype
-        if hidden.device.type == "cpu" and flashkd.cpu_head_dtype(hidden.dtype) != hidden.dtype:
+        if hidden.device.type == "cpu" and flashkd.cpu_gemm_dtype(hidden.dtype) != hidden.dtype:
             hidden, weight = hidden.float(), weight.float()
             if teacher_hidden is not None:
                 teacher_hidden, teacher_weight = teacher_hidden.float(), teacher_weight.float()

@@ -48,7 +48,10 @@ prints every error next to its bound.
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -703,6 +706,21 @@ def test_cpu_head_gemm_choice():
     with pytest.raises(ValueError, match="CPU 16-bit GEMM must be auto, float32 or native, got 'fp32'"):
         ops.cpu_16bit_gemm("fp32")
     assert ops.cpu_16bit_gemm() == "auto"
+
+
+def test_cpu_16bit_gemm_from_the_environment():
+    """FLASHKD_CPU_16BIT_GEMM sets the choice a process starts with; a bad value is an
+    error naming the variable."""
+    code = "import torch, flashkd; print(torch.ops.flashkd.cpu_16bit_gemm())"
+
+    def start(value):
+        env = dict(os.environ, FLASHKD_CPU_16BIT_GEMM=value)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+    assert start("float32").stdout.strip() == "float32"
+    bad = start("fp32")
+    assert bad.returncode != 0
+    assert "FLASHKD_CPU_16BIT_GEMM=fp32: CPU 16-bit GEMM must be auto, float32 or native" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- 6. workspace

@@ -1,36 +1,29 @@
 #include "head_gemm.h"
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 #include "tensor_utils.h"
 
 namespace flashkd::ops {
 namespace {
 
-enum class CpuHeadGemm { kAuto, kFloat32, kNative };
+enum class Cpu16BitGemm { kAuto, kFloat32, kNative };
 
-CpuHeadGemm parse_choice(const std::string& name) {
-  if (name.empty() || name == "auto") return CpuHeadGemm::kAuto;
-  if (name == "float32") return CpuHeadGemm::kFloat32;
+Cpu16BitGemm parse_choice(const std::string& name) {
+  if (name.empty() || name == "auto") return Cpu16BitGemm::kAuto;
+  if (name == "float32") return Cpu16BitGemm::kFloat32;
   TORCH_CHECK_VALUE(name == "native", "CPU 16-bit GEMM must be auto, float32 or native, got '", name, "'");
-  return CpuHeadGemm::kNative;
+  return Cpu16BitGemm::kNative;
 }
 
-CpuHeadGemm environment_choice() {
-  const char* env = std::getenv("FLASHKD_CPU_16BIT_GEMM");
-  return parse_choice(env ? env : "");
-}
-
-std::atomic<CpuHeadGemm>& choice() {
-  static std::atomic<CpuHeadGemm> c{environment_choice()};
+NamedChoice<Cpu16BitGemm>& choice() {
+  static NamedChoice<Cpu16BitGemm> c{"FLASHKD_CPU_16BIT_GEMM", parse_choice};
   return c;
 }
 
-const char* choice_name(CpuHeadGemm c) {
+const char* choice_name(Cpu16BitGemm c) {
   switch (c) {
-    case CpuHeadGemm::kFloat32: return "float32";
-    case CpuHeadGemm::kNative: return "native";
+    case Cpu16BitGemm::kFloat32: return "float32";
+    case Cpu16BitGemm::kNative: return "native";
     default: return "auto";
   }
 }
@@ -79,17 +72,16 @@ void accumulate_mm(const at::Tensor& acc_in, const at::Tensor& a, const at::Tens
 bool cpu_gemm_in_float32(const at::Tensor& t) {
   const at::ScalarType dtype = t.scalar_type();
   if (!t.device().is_cpu() || (dtype != at::kBFloat16 && dtype != at::kHalf)) return false;
-  switch (choice().load()) {
-    case CpuHeadGemm::kFloat32: return true;
-    case CpuHeadGemm::kNative: return false;
+  switch (choice().get()) {
+    case Cpu16BitGemm::kFloat32: return true;
+    case Cpu16BitGemm::kNative: return false;
     default: return !aten_onednn_supports(dtype);
   }
 }
 
 std::string cpu_16bit_gemm(c10::string_view force, bool reset) {
-  if (!force.empty()) choice() = parse_choice(std::string(force));
-  else if (reset) choice() = environment_choice();
-  return choice_name(choice().load());
+  choice().update(force, reset);
+  return choice_name(choice().get());
 }
 
 HeadGemm::HeadGemm(const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool in_float32,

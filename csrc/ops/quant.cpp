@@ -17,8 +17,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/_int_mm.h>
 #include <torch/library.h>
-#include <atomic>
-#include <cstdlib>
 #include "tensor_utils.h"
 #include "../cpu/quant_kernels.h"
 #ifdef FLASHKD_WITH_CUDA
@@ -216,19 +214,14 @@ CpuGemm parse_cpu_gemm(const std::string& name) {
   return CpuGemm::kOneDnn;
 }
 
-CpuGemm environment_cpu_gemm() {
-  const char* env = std::getenv("FLASHKD_CPU_INT8_GEMM");
-  return parse_cpu_gemm(env ? env : "");
-}
-
-std::atomic<CpuGemm>& cpu_gemm_choice() {
-  static std::atomic<CpuGemm> choice{environment_cpu_gemm()};
+NamedChoice<CpuGemm>& cpu_gemm_choice() {
+  static NamedChoice<CpuGemm> choice{"FLASHKD_CPU_INT8_GEMM", parse_cpu_gemm};
   return choice;
 }
 
 bool run_on_onednn(int64_t M, int64_t K) {
   if (K == 0) return false;  // nothing to multiply: flashkd's epilogue of zero sums
-  switch (cpu_gemm_choice().load()) {
+  switch (cpu_gemm_choice().get()) {
     case CpuGemm::kOneDnn: return true;
     case CpuGemm::kFlashkd: return false;
     default: return M >= kOneDnnRows && auto_onednn_cpu() && onednn_enabled();
@@ -501,12 +494,8 @@ bool quant_cpu_gemm_onednn(int64_t rows) { return run_on_onednn(rows, 1); }
 // reset=True with no `force` goes back to FLASHKD_CPU_INT8_GEMM's choice (auto
 // without it).
 std::string quant_cpu_gemm(c10::string_view force, bool reset) {
-  if (!force.empty()) {
-    cpu_gemm_choice() = parse_cpu_gemm(std::string(force));
-  } else if (reset) {
-    cpu_gemm_choice() = environment_cpu_gemm();
-  }
-  return cpu_gemm_name(cpu_gemm_choice().load());
+  cpu_gemm_choice().update(force, reset);
+  return cpu_gemm_name(cpu_gemm_choice().get());
 }
 
 // The int8 tensor-core main loop CUDA uses for M > 16 on the current device

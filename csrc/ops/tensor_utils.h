@@ -3,7 +3,10 @@
 // elements), and run a kernel on the tensor's device.
 #pragma once
 #include <ATen/ATen.h>
+#include <atomic>
+#include <cstdlib>
 #include <functional>
+#include <string>
 #include "flashkd/common.h"
 
 namespace flashkd::ops {
@@ -36,6 +39,36 @@ struct DeviceScope {
 void check_launch(const char* error, const char* what);
 
 bool cuda_compiled();
+
+// A process-wide choice among named settings, as the ops that pick a kernel
+// path keep one: `parse` maps a name ("" for the automatic choice) to a value
+// or raises; the environment variable `env` gives the value at first use,
+// update(force) sets another, update("", true) goes back to the variable's.
+template <class E>
+class NamedChoice {
+ public:
+  using Parse = E (*)(const std::string&);
+  NamedChoice(const char* env, Parse parse) : env_(env), parse_(parse), value_(from_environment()) {}
+  E get() const { return value_.load(); }
+  void update(c10::string_view force, bool reset) {
+    if (!force.empty()) value_ = parse_(std::string(force));
+    else if (reset) value_ = from_environment();
+  }
+
+ private:
+  E from_environment() const {
+    const char* v = std::getenv(env_);
+    if (v == nullptr) return parse_("");
+    try {
+      return parse_(v);
+    } catch (const c10::ValueError& e) {
+      C10_THROW_ERROR(ValueError, std::string(env_) + "=" + v + ": " + e.msg());
+    }
+  }
+  const char* env_;
+  Parse parse_;
+  std::atomic<E> value_;
+};
 
 // Numbers and shapes for error messages, formatted with snprintf. (On the GPU
 // machine's torch 2.11 + gcc 13 build, inserting a number into the ostream

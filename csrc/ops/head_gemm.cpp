@@ -95,10 +95,9 @@ HeadGemm::HeadGemm(const at::Tensor& weight, const std::optional<at::Tensor>& bi
 
 at::Tensor HeadGemm::weight_panel(int64_t v0, int64_t rows) {
   at::Tensor panel = panel_.narrow(0, 0, rows);
-  if (held_v0_ != v0 || held_rows_ != rows) {
+  if (held_v0_ != v0) {  // a panel's rows follow from where it starts
     panel.copy_(weight_.narrow(0, v0, rows));
     held_v0_ = v0;
-    held_rows_ = rows;
   }
   return panel;
 }

@@ -52,7 +52,7 @@ class HeadGemm {
   bool in_float32_;
   int64_t panel_rows_ = 0;
   at::Tensor panel_;                         // float32 scratch for weight rows
-  int64_t held_v0_ = -1, held_rows_ = 0;     // which rows panel_ holds
+  int64_t held_v0_ = -1;                     // the first weight row panel_ holds (-1: none)
   at::Tensor h_;                             // the last forward's h (float32 copy in float32 mode)
   at::Tensor h_buffer_, dh_buffer_;          // float32 scratch, sized by the first (largest) chunk
 };

@@ -25,6 +25,10 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std:
   TORCH_CHECK_VALUE(weight.dim() == 2, wname, " must be 2-D (V, D), got ", weight.dim(), " dims");
   TORCH_CHECK_VALUE(weight.size(1) == hidden.size(-1), wname, " has D=", num(weight.size(1)), " but ", hname,
                     " has D=", num(hidden.size(-1)));
+  TORCH_CHECK_VALUE(hidden.size(-1) >= 1, hname, " must have a hidden size D >= 1, got shape ",
+                    shape(hidden.sizes()));
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, wname, " must have at least one row (a vocabulary V >= 1), got shape ",
+                    shape(weight.sizes()));
   kernel_dtype(hidden, hname);  // first: an integer hidden is the error to name, not the mismatch
   TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), wname, " dtype ", weight.scalar_type(),
                    " differs from ", hname, " dtype ", hidden.scalar_type());
@@ -102,10 +106,12 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   p.z_loss = static_cast<float>(z_loss);
   p.softcap = static_cast<float>(softcap.value_or(0.0));
   const int64_t red = reduction_code(reduction);
+  // Without a teacher this op is linear_cross_entropy, whose argument is called targets.
+  const char* labels_name = has_teacher ? "labels" : "targets";
   const at::Tensor labels =
-      checked_labels(labels_in, lead, rows, vocab, ignore_index, hidden.device(), "labels");
+      checked_labels(labels_in, lead, rows, vocab, ignore_index, hidden.device(), labels_name);
   const at::Tensor weights = checked_weights(weights_in, lead, rows, hidden.device());
-  TORCH_CHECK_VALUE(hard_weight == 0 || labels.defined(), "hard_weight > 0 needs targets/labels");
+  TORCH_CHECK_VALUE(hard_weight == 0 || labels.defined(), "hard_weight > 0 needs ", labels_name);
   at::Tensor row_scale;
   if (row_scale_in) {
     TORCH_CHECK_VALUE(row_scale_in->numel() == rows, "row_scale must have one entry per token");

@@ -5,6 +5,8 @@ so backward only multiplies the saved gradient by grad_output, in place.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _C  # noqa: F401  (importing registers torch.ops.flashkd.*)
@@ -90,11 +92,61 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     return grad
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """Stands behind the gradients a fused backward returns under
+    create_graph=True, so that differentiating them again raises instead of
+    silently leaving out this op's second-order terms."""
+
+    @staticmethod
+    def forward(ctx, op_name, count, *grads_then_anchors):
+        ctx.op_name = op_name
+        return tuple(g.view_as(g) for g in grads_then_anchors[:count])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"flashkd.{ctx.op_name} is differentiable once: its backward is a fused kernel without a derivative "
+            "of its own. Gradients taken with create_graph=True are correct, but they cannot be differentiated "
+            "again through this op (double backward, Hessian-vector products).")
+
+
+def first_order_only(op_name: str):
+    """Decorates a backward(ctx, *grad_outputs). With grad mode off (every
+    plain backward, and the backward torch.compile traces) it runs as is; under
+    create_graph=True it runs without recording, and its tensor outputs come
+    back behind a _NoSecondDerivative node. That node hangs on the grad_outputs
+    and saved tensors that require grad, the paths a true second derivative
+    would take, so that torch.autograd.grad(..., inputs=x) reaches it too."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grad_outputs):
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return backward(ctx, *grad_outputs)
+            anchors = [t for t in (*grad_outputs, *ctx.saved_tensors)
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            with torch.no_grad():
+                grads = list(backward(ctx, *grad_outputs))
+            where = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+            if not where or any(type(grads[i]) is not torch.Tensor for i in where):  # traced: fakes, wrappers
+                return tuple(grads)
+            anchors = anchors or [torch.empty(0, requires_grad=True)]  # so that the outputs require grad
+            wrapped = _NoSecondDerivative.apply(op_name, len(where), *(grads[i] for i in where), *anchors)
+            for i, g in zip(where, wrapped):
+                grads[i] = g
+            return tuple(grads)
+
+        return run
+
+    return decorate
+
+
 def _distill_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled [N, V] gradient for the unused grad output
     ctx.save_for_backward(output[1])
 
 
+@first_order_only("distill_loss")
 def _distill_backward(ctx, grad_loss, _grad_grad, _grad_stats, _grad_agree):
     (grad,) = ctx.saved_tensors
     dstudent = None if grad_loss is None else scale_saved_grad(grad, grad_loss)
@@ -163,6 +215,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.save_for_backward(dhidden, dweight, dbias, lse, *saved)
 
 
+@first_order_only("linear_cross_entropy / linear_distill_loss")
 def _linear_backward(ctx, grad_loss, _gdh, _gdw, _gdb, grad_lse, _gstats, _gagree):
     dhidden, dweight, dbias, lse, *saved = ctx.saved_tensors
     inputs = dict(zip(ctx.tensor_names, saved))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import check_same_device  # (importing it loads the library)
+from ._ops import check_same_device, first_order_only  # (importing it loads the library)
 
 ops = torch.ops.flashkd
 
@@ -47,6 +47,7 @@ def _merge_setup(ctx, inputs, output):
     ctx.save_for_backward(unm_idx, src_idx, dst_idx, *saved)
 
 
+@first_order_only("tome.merge")
 def _merge_backward(ctx, grad_out):
     unm_idx, src_idx, dst_idx, x, out = ctx.saved_tensors
     if ctx.mode != "amax":
@@ -90,6 +91,7 @@ def _wavg_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
 
 
+@first_order_only("tome.merge_wavg")
 def _wavg_backward(ctx, grad_out, grad_size_out):
     x, size, out, size_out, unm_idx, src_idx, dst_idx = ctx.saved_tensors
     size_grad = ctx.has_size and ctx.needs_input_grad[1]
@@ -117,6 +119,7 @@ def _unmerge_setup(ctx, inputs, output):
     ctx.save_for_backward(unm_idx, src_idx, dst_idx)
 
 
+@first_order_only("tome.merge's unmerge")
 def _unmerge_backward(ctx, grad_out):
     unm_idx, src_idx, dst_idx = ctx.saved_tensors
     # unmerge copies merged row -> tokens; its adjoint sums the tokens back: a
@@ -152,6 +155,7 @@ def _topk_setup(ctx, inputs, output):
     ctx.save_for_backward(x, scores, output[0], output[1])
 
 
+@first_order_only("prune.topk_tokens")
 def _topk_backward(ctx, grad_out, _grad_index):
     x, scores, out, index = ctx.saved_tensors
     if grad_out is None:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._ops import NUM_STATS, ops, scale_saved_grad
+from ._ops import NUM_STATS, first_order_only, ops, scale_saved_grad
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "taid")
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -45,6 +45,7 @@ class _DistillInplace(torch.autograd.Function):
         return loss, stats, agree
 
     @staticmethod
+    @first_order_only("distill_loss")
     def backward(ctx, grad_loss, _grad_stats, _grad_agree):
         (grad,) = ctx.saved_tensors
         return (scale_saved_grad(grad, grad_loss),) + (None,) * 16

@@ -1,4 +1,5 @@
-"""Gradients taken with create_graph=True.
+"""Autograd beyond one plain backward: gradients taken with create_graph=True,
+and the fused ops inside torch.utils.checkpoint.
 
 The fused ops' backwards are kernels without derivatives of their own: under
 create_graph=True they must return the same first-order gradients, and a second
@@ -8,6 +9,7 @@ made of torch ops, so its second derivative exists and must be the STE's.
 """
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import flashkd
 from flashkd import prune, tome
@@ -66,3 +68,15 @@ def test_quant_linear_second_derivative_is_the_ste(scheme, device):
     wq = dequantized_weight(layer.weight.detach(), scheme, group_size=32).double()
     expected = 2 * (torch.ones(5, 64, dtype=torch.float64, device=device) @ wq.T) @ wq
     torch.testing.assert_close(h.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(_cases("cpu")))
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointed_equals_plain(case, reentrant, device):
+    """Recomputed in backward, each op gives the bits of the plain call (its
+    gradients are made in forward, so the recomputation must make them again)."""
+    base, f = _cases(device)[case]
+    v = base.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(f(v), v)
+    checkpoint(f, v, use_reentrant=reentrant).backward()  # (reentrant checkpoints refuse autograd.grad)
+    torch.testing.assert_close(v.grad, plain, rtol=0, atol=0)

@@ -1493,6 +1493,20 @@ def test_taid_schedule_adaptive():
         flashkd.TAIDSchedule(total_steps=5, mode="adaptive").step()
 
 
+def test_taid_schedule_adaptive_extreme_losses():
+    """A loss rising from near 0 makes the relative change, and the momentum,
+    huge and negative: lambda keeps to the linear floor (math.exp overflowed
+    here before). A non-finite loss is an error, not a momentum."""
+    sched = flashkd.TAIDSchedule(total_steps=10, mode="adaptive", momentum=0.5)
+    sched.step(1e-12)
+    assert sched.step(5.0) == pytest.approx(sched.linear_value(2))
+    state = sched.state_dict()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite loss"):
+            sched.step(bad)
+    assert sched.state_dict() == state  # a refused step changes nothing
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(total_steps=0), dict(total_steps=2.5), dict(total_steps=10, lambda_start=0.9, lambda_end=0.5),
     dict(total_steps=10, lambda_end=1.5), dict(total_steps=10, lambda_start=-0.1), dict(total_steps=10, mode="cosine"),

@@ -5,6 +5,15 @@ from __future__ import annotations
 import math
 
 
+def _sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow: a loss rising from near 0 gives a
+    relative change, and so a momentum, of any size."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
 class TAIDSchedule:
     """Produces lambda in [lambda_start, lambda_end] over ``total_steps``.
 
@@ -53,19 +62,23 @@ class TAIDSchedule:
 
     def step(self, loss: float | None = None) -> float:
         """Advances one training step and returns the new lambda."""
+        if self.mode == "adaptive":
+            if loss is None:
+                raise ValueError("TAIDSchedule(mode='adaptive').step needs the step's loss")
+            loss = float(loss)
+            if not math.isfinite(loss):
+                # A NaN would stay in the momentum for good and pin lambda to the linear floor.
+                raise ValueError(f"TAIDSchedule.step needs a finite loss, got {loss}")
         self.steps += 1
         floor = self.linear_value(self.steps)
         if self.mode == "linear":
             self.value = floor
             return self.value
-        if loss is None:
-            raise ValueError("TAIDSchedule(mode='adaptive').step needs the step's loss")
-        loss = float(loss)
         if self._last_loss is not None:
             delta = (self._last_loss - loss) / (self._last_loss + self.eps)
             self._momentum_value = self.momentum * self._momentum_value + (1 - self.momentum) * delta
         self._last_loss = loss
-        sigmoid = 1.0 / (1.0 + math.exp(-self._momentum_value))
+        sigmoid = _sigmoid(self._momentum_value)
         proposed = self.value + self.rate * sigmoid * (1.0 - self.value)
         self.value = min(self.lambda_end, max(floor, proposed))
         return self.value

@@ -1395,6 +1395,12 @@ def _bad_cases(device):
         "float_labels": (TypeError, "labels", dict(labels=lab.float())),
         "hard_weight_no_labels": (ValueError, r"hard_weight.*labels", dict(hard_weight=0.5)),
         "negative_hard_weight": (ValueError, "hard_weight", dict(hard_weight=-1.0, labels=lab)),
+        # the value is the error, not the missing labels that a positive weight would need
+        "negative_hard_weight_no_labels": (ValueError, "hard_weight must be finite and >= 0", dict(hard_weight=-1.0)),
+        "labels_not_tensor": (TypeError, "labels must be a torch.Tensor", dict(labels=lab.tolist(), hard_weight=0.5)),
+        "weights_not_tensor": (TypeError, "weights must be a torch.Tensor", dict(weights=[[1.0] * 3] * 2)),
+        "ignore_index_float": (TypeError, "ignore_index must be an int", dict(ignore_index=1.5)),
+        "vocab_size_float": (TypeError, "vocab_size must be an int", dict(vocab_size=8.0)),
         "negative_soft_weight": (ValueError, "soft_weight", dict(soft_weight=-1.0)),
         "inf_soft_weight": (ValueError, "soft_weight must be finite", dict(soft_weight=math.inf)),
         "nan_hard_weight": (ValueError, "hard_weight must be finite", dict(hard_weight=math.nan, labels=lab)),

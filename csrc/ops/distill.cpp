@@ -155,10 +155,10 @@ DistillResult distill_forward(const at::Tensor& student_in, const at::Tensor& te
   TORCH_CHECK_VALUE(cols >= 1, "student_logits must have a vocabulary dim of size >= 1");
   const int64_t vocab = vocab_size.value_or(cols);
   TORCH_CHECK_VALUE(vocab >= 1 && vocab <= cols, "vocab_size must be in [1, ", num(cols), "], got ", num(vocab));
-  TORCH_CHECK_VALUE(hard_weight == 0 || labels_in.has_value(), "hard_weight > 0 needs labels");
 
   DistillParams p;
   set_loss_options(p, divergence, temperature, beta, alpha, taid_lambda, hard_weight, soft_weight, t2_scaling);
+  TORCH_CHECK_VALUE(hard_weight == 0 || labels_in.has_value(), "hard_weight > 0 needs labels");
   const int64_t red = reduction_code(reduction);
   p.student_dtype = kernel_dtype(student_in, "student_logits");
   p.teacher_dtype = kernel_dtype(teacher_in, "teacher_logits");

@@ -2,6 +2,7 @@
 shape, dtype and range checks live in the C++ glue, which names the argument."""
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -17,6 +18,25 @@ assert len(STAT_NAMES) == NUM_STATS
 def _check_tensor(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_optional_tensor(x, name):
+    if x is not None:
+        _check_tensor(x, name)
+
+
+def _as_int(x, name, optional=False):
+    """x as a Python int (an int, a NumPy integer or an integer 0-d tensor);
+    a float, even an integral one, is an error rather than truncated."""
+    if x is None and optional:
+        return None
+    try:
+        value = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}") from None
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must fit in 64 bits, got {value}")
+    return value
 
 
 def _check_options(divergence, reduction, taid_lambda):
@@ -118,13 +138,16 @@ def distill_loss(
     """
     _check_tensor(student_logits, "student_logits")
     _check_tensor(teacher_logits, "teacher_logits")
+    _check_optional_tensor(labels, "labels")
+    _check_optional_tensor(weights, "weights")
     _check_options(divergence, reduction, taid_lambda)
     if hard_weight > 0 and labels is None:
         raise ValueError("hard_weight > 0 needs labels")
     options = (
         divergence, float(temperature), float(beta), float(alpha),
-        None if taid_lambda is None else float(taid_lambda), int(ignore_index), float(hard_weight),
-        float(soft_weight), bool(t2_scaling), None if vocab_size is None else int(vocab_size), reduction,
+        None if taid_lambda is None else float(taid_lambda), _as_int(ignore_index, "ignore_index"),
+        float(hard_weight), float(soft_weight), bool(t2_scaling), _as_int(vocab_size, "vocab_size", optional=True),
+        reduction,
         None if num_items is None else float(num_items), bool(return_stats),
     )
     teacher = teacher_logits.detach()

@@ -8,7 +8,7 @@ import torch
 
 from ._autocast import autocast_inputs
 from ._ops import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, ops
-from .functional import _check_options, _check_tensor, _stats_dict
+from .functional import _as_int, _check_optional_tensor, _check_options, _check_tensor, _stats_dict
 
 
 def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -36,6 +36,9 @@ def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
                  return_stats, return_lse, shift, chunk_budget_bytes, float32_weight_grad, labels_name="labels"):
     _check_tensor(hidden, "hidden")
     _check_tensor(weight, "weight")
+    for name, t in (("bias", bias), ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias), ("teacher_logits", teacher_logits), ("weights", weights)):
+        _check_optional_tensor(t, name)
     _check_options(divergence, reduction, taid_lambda)
     # Under torch.autocast the heads run in its dtype, as F.linear would (_autocast.py).
     hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias = autocast_inputs(
@@ -57,11 +60,11 @@ def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
     out = ops.linear_loss(
         hidden, weight, bias, detach(teacher_hidden), detach(teacher_weight), detach(teacher_bias),
         detach(teacher_logits), labels, weights, divergence, float(temperature), float(beta), float(alpha),
-        None if taid_lambda is None else float(taid_lambda), int(ignore_index), float(hard_weight),
-        float(soft_weight), bool(t2_scaling), None if vocab_size is None else int(vocab_size),
+        None if taid_lambda is None else float(taid_lambda), _as_int(ignore_index, "ignore_index"),
+        float(hard_weight), float(soft_weight), bool(t2_scaling), _as_int(vocab_size, "vocab_size", optional=True),
         float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), reduction,
         None if num_items is None else float(num_items), bool(return_stats), bool(return_lse), mask, None,
-        None if chunk_budget_bytes is None else int(chunk_budget_bytes), bool(float32_weight_grad))
+        _as_int(chunk_budget_bytes, "chunk_budget_bytes", optional=True), bool(float32_weight_grad))
     loss, _dh, _dw, _db, lse, stats, agree = out
     return loss, lse, stats, agree
 

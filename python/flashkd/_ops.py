@@ -100,7 +100,8 @@ class _NoSecondDerivative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op_name, count, *grads_then_anchors):
         ctx.op_name = op_name
-        return tuple(g.view_as(g) for g in grads_then_anchors[:count])
+        # detach(), not a view: a view made in a custom Function may not be modified in place later
+        return tuple(g.detach() for g in grads_then_anchors[:count])
 
     @staticmethod
     def backward(ctx, *_):

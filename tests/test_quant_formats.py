@@ -77,6 +77,30 @@ def test_int4_weights_exact(k, group_size, device):
         assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("scheme", ["w1.58a8", "w8a8", "w4a16"])
+def test_non_finite_weights_reach_their_scales(scheme, bad, device):
+    """A NaN or infinite weight makes the scale of its row (int4: of its group,
+    and its zero) what the oracle's is, NaN or inf, so that the outputs it
+    reaches are not finite; a NaN-dropping max had quantized a NaN into valid
+    codes. The other rows are bit-exact; a NaN's own codes are 0."""
+    w = randn((5, 24), gen("nonfinite", scheme), device=device)
+    w[2, 7] = bad
+    got = formats.quantize_weight(w, scheme, 8)
+    want = {"w1.58a8": lambda: ref.ternary_weights(w.cpu()), "w8a8": lambda: ref.int8_weights(w.cpu()),
+            "w4a16": lambda: ref.int4_weights(w.cpu(), 8)}[scheme]()
+    codes, params = got[0].cpu(), [t.cpu() for t in got[1:]]
+    for a, b in zip(params, want[1:]):  # scale (and zero): NaN where the oracle's is NaN
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert not torch.isfinite(params[0][2]).all()
+    clean = [0, 1, 3, 4]
+    assert torch.equal(codes[clean], want[0][clean])
+    if bad != bad:
+        assert codes[2, 7] == 0
+        if scheme != "w4a16":  # the whole row's scale is NaN: every code of the row is 0
+            assert (codes[2] == 0).all()
+
+
 @pytest.mark.parametrize("scheme", ["w1.58a8", "w8a8", "w4a16"])
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_dequantized_weight(scheme, per_tensor):

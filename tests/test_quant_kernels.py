@@ -28,6 +28,19 @@ def test_quantize_activations_exact(shape, dtype, device, kernel_variant):
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
 
 
+def test_quantize_activations_non_finite_rows(device):
+    """A row with a NaN gets a NaN scale, one with an infinity (and no NaN) an
+    infinite scale, as in the oracle, so that their outputs are not finite;
+    a NaN-dropping max had given them finite scales. Other rows are exact."""
+    x = randn((4, 37), gen("act-nonfinite"), device=device)
+    x[1, 5], x[2, 0], x[3, 36] = float("nan"), float("inf"), -float("inf")
+    q, s = quantize_activations(x)
+    q_ref, s_ref = ref.quantize_activations(x.cpu())
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=0, atol=0, equal_nan=True)
+    assert s[1].isnan() and s[2].isinf() and s[3].isinf()
+    assert torch.equal(q[0].cpu(), q_ref[0])
+
+
 def test_quantize_activations_rounds_half_to_even(device):
     # amax 127 makes inv = 1: x * inv is x itself, so ties are exact.
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5]], device=device)

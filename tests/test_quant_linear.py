@@ -132,6 +132,31 @@ def test_freeze_keeps_outputs(scheme, per_tensor, size, dtype, device):
         assert torch.equal(after, before)
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["training", "frozen"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_nan_reaches_the_outputs(scheme, frozen, device):
+    """A NaN weight makes its output column NaN and a NaN activation its output
+    row, as in the oracle (and as in nn.Linear), instead of being quantized
+    into valid codes that hide it; every other output stays what it was."""
+    k, n = 24, 6
+    layer = make_layer(scheme, k, n, 8, True, device=device)
+    x = randn((5, k), gen("nan-out", scheme), device=device)
+    with torch.no_grad():
+        clean = layer(x)
+        layer.weight[4, 3] = float("nan")
+        if frozen:
+            layer.freeze()
+        x[2, 9] = float("nan")
+        out = layer(x)
+    nan_expected = torch.zeros(5, n, dtype=torch.bool)
+    nan_expected[:, 4] = True
+    nan_expected[2, :] = True
+    assert torch.equal(out.isnan().cpu(), nan_expected)
+    rtol, atol = TOL[torch.float32]
+    torch.testing.assert_close(out[~nan_expected.to(out.device)], clean[~nan_expected.to(out.device)],
+                               rtol=rtol, atol=atol)
+
+
 def test_frozen_buffers_and_bytes():
     layer = make_layer("w1.58a8", 130, 8, 128).freeze()
     assert layer.weight_packed.dtype == torch.uint8 and layer.weight_packed.shape == (8, 33)

@@ -32,11 +32,11 @@ __global__ void __launch_bounds__(kThreads)
       load8(xr, c, 1, cols, vec, v);
 #pragma unroll
       for (int j = 0; j < kVec; ++j)
-        if (c + j < cols) amax = fmaxf(amax, fabsf(v[j]));
+        if (c + j < cols) amax = quant::max_keep_nan(amax, fabsf(v[j]));
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float clamped = fmaxf(amax, 1e-5f);
+    for (int o = 16; o > 0; o >>= 1) amax = quant::max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float clamped = amax < 1e-5f ? 1e-5f : amax;  // (a NaN stays: the row's scale is NaN, as on the CPU)
     const float inv = __fdiv_rn(127.f, clamped);
     if (lane == 0) scale[row] = __fdiv_rn(clamped, 127.f);
 

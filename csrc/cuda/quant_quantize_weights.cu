@@ -29,12 +29,12 @@ __device__ __forceinline__ double block_sum(double v, double* scratch) {
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = quant::max_keep_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   float total = scratch[0];
-  for (int w = 1; w < kWarps; ++w) total = fmaxf(total, scratch[w]);
+  for (int w = 1; w < kWarps; ++w) total = quant::max_keep_nan(total, scratch[w]);
   __syncthreads();
   return total;
 }
@@ -53,13 +53,13 @@ __global__ void __launch_bounds__(kThreads) quantize_weights_kernel(const T* w, 
         float lo = INFINITY, hi = -INFINITY;
         for (int64_t k = k0 + lane; k < k1; k += 32) {
           const float v = to_float(wr[k]);
-          lo = fminf(lo, v);
-          hi = fmaxf(hi, v);
+          lo = quant::min_keep_nan(lo, v);
+          hi = quant::max_keep_nan(hi, v);
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
-          lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-          hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+          lo = quant::min_keep_nan(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+          hi = quant::max_keep_nan(hi, __shfl_xor_sync(0xffffffffu, hi, o));
         }
         float scale = 1.f, zero = 0.f;  // an empty group (K = 0)
         if (k1 > k0) {
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) quantize_weights_kernel(const T* w, 
       }
     } else {
       float amax = 0.f;
-      for (int64_t k = threadIdx.x; k < K; k += kThreads) amax = fmaxf(amax, fabsf(to_float(wr[k])));
+      for (int64_t k = threadIdx.x; k < K; k += kThreads) amax = quant::max_keep_nan(amax, fabsf(to_float(wr[k])));
       scale = quant::int8_weight_scale(block_max(amax, fscratch));
     }
     if (threadIdx.x == 0 && !a.tensor_scale) a.scale[r] = scale;

@@ -8,6 +8,7 @@
 #endif
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -183,12 +184,17 @@ inline void store_floats(const float* src, int64_t n, void* dst, DType dtype, in
 
 inline int64_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
-// max_k |x[k]| (0 for an empty row).
+// max_k |x[k]| (0 for an empty row); NaN where some x[k] is NaN (the max
+// reduction itself drops NaNs, so they are counted beside it).
 inline float abs_max(const float* x, int64_t n) {
   float m = 0.f;
-#pragma omp simd reduction(max : m)
-  for (int64_t k = 0; k < n; ++k) m = std::max(m, std::fabs(x[k]));
-  return m;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t k = 0; k < n; ++k) {
+    m = std::max(m, std::fabs(x[k]));
+    nan |= x[k] != x[k];
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 // The least and the greatest of x[0, n), n >= 1. Written as selects, not
@@ -199,13 +205,17 @@ inline float abs_max(const float* x, int64_t n) {
 struct MinMax {
   float lo, hi;
 };
+// A NaN among them makes both NaN, as abs_max does.
 __attribute__((always_inline)) inline MinMax min_max(const float* x, int64_t n) {
   float lo = x[0], hi = x[0];
-#pragma omp simd reduction(min : lo) reduction(max : hi)
+  int nan = 0;
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(| : nan)
   for (int64_t k = 0; k < n; ++k) {
     lo = lo < x[k] ? lo : x[k];
     hi = hi > x[k] ? hi : x[k];
+    nan |= x[k] != x[k];
   }
+  if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();
   return {lo, hi};
 }
 

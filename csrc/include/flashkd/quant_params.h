@@ -35,6 +35,8 @@ FKD_HD int int4_value(uint8_t byte, int i) { return static_cast<int>((byte >> (4
 //    summed in float64, rounded to float32; scale = max(gamma, 1e-5);
 //    q = clamp(rint(w / scale), -1, 1)
 //  * int8 (w8a8): scale = max(max |w|, 1e-5) / 127; q = clamp(rint(w / scale), -127, 127)
+//  (a NaN in a row, or in an int4 group, makes its scale, and int4's zero, NaN
+//  and its codes 0: the outputs it reaches are NaN, as in the oracle)
 //  * int4 (w4a16), per group of group_size along the row: scale =
 //    max(max - min, 1e-5) / 15, zero = clamp(rint(-min / scale), 0, 15),
 //    q = clamp(rint(w / scale) + zero, 0, 15); an empty group (K = 0) has
@@ -61,6 +63,17 @@ FKD_HD float div_rn(float a, float b) {
 }
 
 FKD_HD float clamp_to(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// A rounded value as a code in [lo, hi]; a NaN (the value of a NaN weight, or
+// any weight of a row whose scale is NaN) gets code 0, in every scheme's
+// range, where a float -> int cast of NaN would be undefined. The NaN scale
+// still makes the outputs it reaches NaN.
+FKD_HD float code_in(float v, float lo, float hi) { return v != v ? 0.f : clamp_to(v, lo, hi); }
+
+// max / min that keep a NaN operand, where fmaxf, fminf and std::max drop it:
+// a NaN weight or activation must make its scale NaN, and so its outputs, as
+// torch's amax / amin do in the oracle, not vanish into valid codes.
+FKD_HD float max_keep_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+FKD_HD float min_keep_nan(float a, float b) { return (a < b || a != a) ? a : b; }
 
 // NaN (a row of no values) stays NaN, as torch's clamp_min keeps it.
 FKD_HD float ternary_weight_scale(double abs_sum, int64_t count) {
@@ -68,11 +81,11 @@ FKD_HD float ternary_weight_scale(double abs_sum, int64_t count) {
   return gamma < kWeightEps ? kWeightEps : gamma;
 }
 FKD_HD int8_t ternary_code(float w, float scale) {
-  return static_cast<int8_t>(clamp_to(rint_even(div_rn(w, scale)), -1.f, 1.f));
+  return static_cast<int8_t>(code_in(rint_even(div_rn(w, scale)), -1.f, 1.f));
 }
 FKD_HD float int8_weight_scale(float amax) { return div_rn(amax < kWeightEps ? kWeightEps : amax, 127.f); }
 FKD_HD int8_t int8_code(float w, float scale) {
-  return static_cast<int8_t>(clamp_to(rint_even(div_rn(w, scale)), -127.f, 127.f));
+  return static_cast<int8_t>(code_in(rint_even(div_rn(w, scale)), -127.f, 127.f));
 }
 FKD_HD float int4_weight_scale(float lo, float hi) {
   const float range = hi - lo;
@@ -80,7 +93,7 @@ FKD_HD float int4_weight_scale(float lo, float hi) {
 }
 FKD_HD float int4_zero(float lo, float scale) { return clamp_to(rint_even(div_rn(-lo, scale)), 0.f, 15.f); }
 FKD_HD uint8_t int4_code(float w, float scale, float zero) {
-  return static_cast<uint8_t>(clamp_to(rint_even(div_rn(w, scale)) + zero, 0.f, 15.f));
+  return static_cast<uint8_t>(code_in(rint_even(div_rn(w, scale)) + zero, 0.f, 15.f));
 }
 
 // w (rows, cols) float -> unpacked codes and scales: q8 (rows, cols) int8 and

@@ -161,6 +161,8 @@ def test_bad_inputs_raise():
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="batch, seq"):
         model(torch.zeros(9, dtype=torch.long))
+    with pytest.raises(TypeError, match="tokens must be integer token ids"):
+        model(torch.zeros(1, 4))
 
 
 def test_fused_losses_on_model():

@@ -402,7 +402,7 @@ def test_bad_inputs():
         merge(x[:, :8])
     with pytest.raises(ValueError, match="mode must be one of"):
         merge(x, "max")
-    with pytest.raises(ValueError, match="x must have batch 2 and 7 tokens"):
+    with pytest.raises(ValueError, match=r"x must have batch 2 and 7 tokens \(the merged tokens of the plan\)"):
         unmerge(x)
     with pytest.raises(ValueError, match="size must have shape"):
         tome.merge_wavg(merge, x, torch.ones(2, 9))

@@ -239,6 +239,8 @@ class DecoderLM(nn.Module):
         """tokens (B, T) int64 -> hidden states (B, T, dim) after the final norm."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be integer token ids, got {tokens.dtype}")
         T = tokens.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")

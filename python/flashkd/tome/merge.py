@@ -100,7 +100,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, class_token: bool =
         return ops.tome_merge(x, unm_idx, src_idx, dst_idx, mode, distill)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
-        _check_x(x, batch, merged, "x")
+        _check_x(x, batch, merged, "x", "the merged tokens of the plan")
         return ops.tome_unmerge(x, unm_idx, src_idx, dst_idx, tokens)
 
     # merge_wavg reads the plan here to run its single fused op instead of two merges.
@@ -108,10 +108,10 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, class_token: bool =
     return merge, unmerge
 
 
-def _check_x(x, batch, tokens, name):
+def _check_x(x, batch, tokens, name, whose="those of metric"):
     _check_3d(x, name)
     if x.shape[0] != batch or x.shape[1] != tokens:
-        raise ValueError(f"{name} must have batch {batch} and {tokens} tokens (those of metric), "
+        raise ValueError(f"{name} must have batch {batch} and {tokens} tokens ({whose}), "
                          f"got shape {tuple(x.shape)}")
 
 

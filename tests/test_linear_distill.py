@@ -695,7 +695,7 @@ def _bad(device):
         "temperature": (lambda: f(h, W, th, tW, temperature=0.0), ValueError, r"temperature must be > 0"),
         "hard_without_labels": (lambda: f(h, W, th, tW, hard_weight=1.0), ValueError,
                                 r"hard_weight > 0 needs (targets/)?labels"),
-        "shift_without_labels": (lambda: f(h, W, th, tW, shift=True), ValueError, r"shift=True needs"),
+        "shift_without_labels": (lambda: f(h, W, th, tW, shift=True), ValueError, r"shift=True needs labels"),
     }
 
 

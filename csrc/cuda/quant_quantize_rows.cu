@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = quant::max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float clamped = amax < 1e-5f ? 1e-5f : amax;  // (a NaN stays: the row's scale is NaN, as on the CPU)
+    const float clamped = quant::clip_to_eps(amax);
     const float inv = __fdiv_rn(127.f, clamped);
     if (lane == 0) scale[row] = __fdiv_rn(clamped, 127.f);
 

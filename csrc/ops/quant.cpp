@@ -366,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_weight(const at::Tensor&
   if (tensor_scale) {  // gamma over the whole tensor, summed in float64 (NaN for an empty one)
     scale = (at::sum(wc.abs(), at::kDouble) / static_cast<double>(wc.numel()))  // |w| exact in any dtype
                 .to(at::kFloat)
-                .clamp_min(quant::kWeightEps)
+                .clamp_min(quant::kScaleEps)
                 .reshape({1});
   } else {
     scale = int4 ? new_output({N, groups}, f32) : new_output({N}, f32);

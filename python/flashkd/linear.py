@@ -33,7 +33,10 @@ def _grad_mask(hidden, weight, bias) -> int:
 def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels,
                  weights, *, divergence, temperature, beta, alpha, taid_lambda, ignore_index, hard_weight,
                  soft_weight, t2_scaling, vocab_size, label_smoothing, z_loss, softcap, reduction, num_items,
-                 return_stats, return_lse, shift, chunk_budget_bytes, float32_weight_grad, labels_name="labels"):
+                 return_stats, return_lse, shift, chunk_budget_bytes, float32_weight_grad):
+    # Without a teacher this is linear_cross_entropy, whose argument is called targets (the C++ glue's rule too).
+    has_teacher = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_logits))
+    labels_name = "labels" if has_teacher else "targets"
     _check_tensor(hidden, "hidden")
     _check_tensor(weight, "weight")
     for name, t in (("bias", bias), ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
@@ -53,7 +56,7 @@ def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
         if shift:
             labels = _shift_labels(labels, ignore_index)
     elif shift:
-        raise ValueError("shift=True needs targets/labels")
+        raise ValueError(f"shift=True needs {labels_name}")
     # reduction="none" makes its gradients in backward, from grad_output.
     mask = 0 if reduction == "none" else _grad_mask(hidden, weight, bias)
     detach = lambda t: None if t is None else t.detach()
@@ -123,7 +126,7 @@ def linear_cross_entropy(
         beta=0.5, alpha=0.1, taid_lambda=None, ignore_index=ignore_index, hard_weight=1.0, soft_weight=0.0,
         t2_scaling=False, vocab_size=None, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         reduction=reduction, num_items=num_items, return_stats=False, return_lse=return_lse, shift=shift,
-        chunk_budget_bytes=chunk_budget_bytes, float32_weight_grad=float32_weight_grad, labels_name="targets")
+        chunk_budget_bytes=chunk_budget_bytes, float32_weight_grad=float32_weight_grad)
     return (loss, lse) if return_lse else loss
 
 

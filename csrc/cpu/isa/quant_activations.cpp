@@ -11,8 +11,7 @@ namespace flashkd::cpu::FKD_CPU_ISA {
 void quantize_rows_int8(const quant::QuantizeRowsArgs& a, int64_t row_begin, int64_t row_end) {
   const int64_t K = a.cols;
   for_each_float_row(a.x, a.x_dtype, a.ldx, K, row_begin, row_end, [&](int64_t r, const float* x) {
-    const float amax = abs_max(x, K);
-    const float clipped = amax < 1e-5f ? 1e-5f : amax;  // (a NaN stays, as torch's clamp_min keeps it)
+    const float clipped = quant::clip_to_eps(abs_max(x, K));
     const float inv = 127.f / clipped;
     a.scale[r] = clipped / 127.f;
     int8_t* q = a.q + r * K;

@@ -44,7 +44,7 @@ FKD_HD int int4_value(uint8_t byte, int i) { return static_cast<int>((byte >> (4
 // Divisions are IEEE float32 and rint rounds half to even on both devices.
 enum class WeightScheme : int32_t { kTernary = 0, kInt8 = 1, kInt4 = 2 };
 
-constexpr float kWeightEps = 1e-5f;
+constexpr float kScaleEps = 1e-5f;
 
 FKD_HD float rint_even(float v) {
 #if defined(__CUDA_ARCH__)
@@ -75,21 +75,22 @@ FKD_HD float code_in(float v, float lo, float hi) { return v != v ? 0.f : clamp_
 FKD_HD float max_keep_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 FKD_HD float min_keep_nan(float a, float b) { return (a < b || a != a) ? a : b; }
 
-// NaN (a row of no values) stays NaN, as torch's clamp_min keeps it.
+// max(v, 1e-5) of every scale formula, activations' too; a NaN stays NaN (a
+// row of no values, or one holding a NaN), as torch's clamp_min keeps it.
+FKD_HD float clip_to_eps(float v) { return v < kScaleEps ? kScaleEps : v; }
+
 FKD_HD float ternary_weight_scale(double abs_sum, int64_t count) {
-  const float gamma = static_cast<float>(abs_sum / static_cast<double>(count));
-  return gamma < kWeightEps ? kWeightEps : gamma;
+  return clip_to_eps(static_cast<float>(abs_sum / static_cast<double>(count)));
 }
 FKD_HD int8_t ternary_code(float w, float scale) {
   return static_cast<int8_t>(code_in(rint_even(div_rn(w, scale)), -1.f, 1.f));
 }
-FKD_HD float int8_weight_scale(float amax) { return div_rn(amax < kWeightEps ? kWeightEps : amax, 127.f); }
+FKD_HD float int8_weight_scale(float amax) { return div_rn(clip_to_eps(amax), 127.f); }
 FKD_HD int8_t int8_code(float w, float scale) {
   return static_cast<int8_t>(code_in(rint_even(div_rn(w, scale)), -127.f, 127.f));
 }
 FKD_HD float int4_weight_scale(float lo, float hi) {
-  const float range = hi - lo;
-  return div_rn(range < kWeightEps ? kWeightEps : range, 15.f);
+  return div_rn(clip_to_eps(hi - lo), 15.f);
 }
 FKD_HD float int4_zero(float lo, float scale) { return clamp_to(rint_even(div_rn(-lo, scale)), 0.f, 15.f); }
 FKD_HD uint8_t int4_code(float w, float scale, float zero) {

@@ -1187,6 +1187,61 @@ def test_neg_inf_masked(div, dtype, device):
     assert r.loss[0, 0].abs() <= 4 * EPS32 and (r.grad[0, 0] == 0).all()
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("div", DIVS)
+def test_non_finite_logits_poison_their_row(div, side, bad, device):
+    """A NaN or +inf logit in a counted row makes that row's loss, divergence
+    and entropy (of its side) NaN and its whole gradient row NaN, as torch's
+    log_softmax does and the oracle says; before, the divergences' p > 0
+    masks dropped it for most divergences (loss 0, gradient 0). An ignored row
+    stays exactly 0, and every other row keeps the bits of the clean call.
+
+    Rows: 1 has the bad value among finite logits; 2 behind -inf entries of
+    its lane ([5, -inf x 7, bad, -inf ...]: a max reduction that resets on a
+    NaN ends at -inf there); 3 is ignored; 0 and 4 are clean."""
+    g = gen("nonfinite", div, side, bad)
+    lead, V = (5,), 40
+    s, t = logits((*lead, V), g), logits((*lead, V), g)
+    labels = make_labels(lead, V, g, frac_ignored=0.0)
+    labels[3] = -100
+    labels[2] = 0
+    value = float(bad)
+    dirty = s if side == "student" else t
+    clean = dirty.clone()
+    dirty[1, 13] = value
+    dirty[2] = -math.inf
+    dirty[2, 0], dirty[2, 8] = 5.0, value
+    dirty[3, 20] = value
+    kw = dict(divergence=div, labels=labels.to(device), hard_weight=0.3, temperature=1.5, reduction="none",
+              return_stats=True, **DIV_KW[div])
+
+    def call(x_s, x_t):
+        leaf = x_s.clone().to(device).requires_grad_(True)
+        loss, stats = flashkd.distill_loss(leaf, x_t.to(device), **kw)
+        loss.sum().backward()
+        return loss.cpu(), leaf.grad.cpu(), {k: v.cpu() for k, v in stats.items()}
+
+    loss, grad, stats = call(s, t)
+    if side == "student":
+        clean_loss, clean_grad, _ = call(clean, t)
+    else:
+        clean_loss, clean_grad, _ = call(s, clean)
+    oracle, oracle_stats = R.distill_loss(s.double(), t.double(), **{**kw, "labels": labels})
+    poisoned = torch.tensor([False, True, True, False, False])
+    assert torch.equal(oracle.isnan(), poisoned)
+    assert torch.equal(loss.isnan(), poisoned)
+    assert grad[poisoned].isnan().all() and not grad[~poisoned].isnan().any()
+    assert (loss[3] == 0).all() and (grad[3] == 0).all()
+    for row in (0, 4):
+        assert torch.equal(loss[row], clean_loss[row]) and torch.equal(grad[row], clean_grad[row])
+    for key in ("divergence", f"{side}_entropy"):
+        assert torch.equal(oracle_stats[key][[1, 2]].isnan(), torch.tensor([True, True]))
+        assert stats[key][[1, 2]].isnan().all() and not stats[key][[0, 4]].isnan().any(), key
+    other = "teacher" if side == "student" else "student"
+    assert not stats[f"{other}_entropy"].isnan().any()
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("div", DIVS)
 def test_identical_student_teacher(div, dtype, device):

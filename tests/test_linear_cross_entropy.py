@@ -387,6 +387,32 @@ def test_all_targets_ignored(reduction, extras, device):
         assert g is not None and torch.equal(g, torch.zeros_like(g)), f"grad {k} not exactly 0: {g}"
 
 
+@pytest.mark.parametrize("options", ["plain", "all_options"])
+def test_nan_hidden_poisons_its_token(options, device):
+    """A NaN in a counted token's hidden state makes its loss and hidden
+    gradient row NaN, and so every weight and bias gradient, as
+    F.cross_entropy does; the other tokens keep the bits of the clean call.
+    A NaN in an ignored token's hidden state changes no loss and leaves that
+    token's hidden gradient 0 (F.cross_entropy makes it NaN), but the weight
+    gradient dW = dz^T h takes 0 * NaN from it, as plain torch's does."""
+    kw = dict(label_smoothing=0.1, z_loss=0.05, softcap=5.0) if options == "all_options" else {}
+    kw.update(reduction="none", chunk_budget_bytes=rows_budget(37, 2.5))
+    inp = make_inputs(device, lead=(6,), bias=True)
+    inp["y"][1] = -100
+    clean = run(flashkd.linear_cross_entropy, inp, **kw)
+    inp["h"][1, 0] = math.nan
+    ignored_only = run(flashkd.linear_cross_entropy, inp, **kw)
+    inp["h"][4, 2] = math.nan
+    loss, _, grads = run(flashkd.linear_cross_entropy, inp, **kw)
+    others = torch.tensor([True, False, True, True, False, True])
+    assert torch.equal(ignored_only[0], clean[0])
+    assert torch.equal(ignored_only[2]["h"], clean[2]["h"]) and torch.equal(ignored_only[2]["b"], clean[2]["b"])
+    assert ignored_only[2]["W"][:, 0].isnan().all() and torch.equal(ignored_only[2]["W"][:, 1:], clean[2]["W"][:, 1:])
+    assert loss[4].isnan() and torch.equal(loss[others], clean[0][others])
+    assert grads["h"][4].isnan().all() and torch.equal(grads["h"][others], clean[2]["h"][others])
+    assert grads["W"].isnan().all() and grads["b"].isnan().all()
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_shift_length_one_sequences(reduction, device):
     """shift=True on sequences of length 1: every position is ignored."""

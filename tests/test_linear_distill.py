@@ -544,6 +544,44 @@ def test_teacher_gets_no_gradient(device):
     assert tl.grad is None
 
 
+@pytest.mark.parametrize("where", ["teacher_token", "ignored_teacher_token", "student_token", "teacher_vocab_entry"])
+@pytest.mark.parametrize("teacher", ["weights", "logits"])
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+def test_nan_poisons_its_tokens(div, teacher, where, device):
+    """A NaN reaching a counted token's logits makes that token's loss and
+    hidden-gradient row NaN, and so the weight and bias gradients, as in plain
+    torch; other tokens keep the bits of the clean call. A NaN in an ignored
+    token's teacher changes nothing. A NaN teacher weight or logit column
+    reaches every token."""
+    inp = make_inputs(device, teacher=teacher, sbias=True, lead=(6,))
+    inp["y"][2] = -100
+    kw = dict(divergence=div, **DIV_KW[div], reduction="none", hard_weight=0.3,
+              chunk_budget_bytes=rows_budget(inp, 2.5))
+    clean = run(flashkd.linear_distill_loss, inp, **kw)
+    tkey = "th" if teacher == "weights" else "tl"
+    token = 2 if where == "ignored_teacher_token" else 4
+    poisoned = torch.zeros(6, dtype=torch.bool)
+    if where == "teacher_vocab_entry":  # the teacher's logit column 5, of every token
+        if teacher == "weights":
+            inp["tW"][5, 3] = math.nan
+        else:
+            inp["tl"][:, 5] = math.nan
+        poisoned[:] = True
+        poisoned[2] = False  # ignored
+    else:
+        inp["h" if where == "student_token" else tkey][token, 3] = math.nan
+        poisoned[token] = where != "ignored_teacher_token"
+    loss, _, grads = run(flashkd.linear_distill_loss, inp, **kw)
+    loss = loss.cpu()
+    assert torch.equal(loss.isnan(), poisoned), loss
+    grad_h = grads["h"].cpu()
+    assert grad_h[poisoned].isnan().all() and not grad_h[~poisoned].isnan().any()
+    assert torch.equal(loss[~poisoned], clean[0].cpu()[~poisoned])
+    assert torch.equal(grad_h[~poisoned], clean[2]["h"].cpu()[~poisoned])
+    for k in ("W", "b"):
+        assert grads[k].isnan().all() if poisoned.any() else torch.equal(grads[k], clean[2][k]), k
+
+
 def test_hard_only_equals_linear_cross_entropy(device):
     """soft_weight 0, hard_weight 1: the cross-entropy of linear_cross_entropy."""
     inp = make_inputs(device, sbias=True, ignore=0.3)

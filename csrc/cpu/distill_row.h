@@ -44,8 +44,13 @@ struct RowSoftmax {
 inline RowSoftmax row_softmax(const float* x, int64_t n, float mul, float* e) {
   const float m = row_max(x, n, mul);
   if (m == kNegInf) {
-    std::fill(e, e + n, 0.f);
-    return {LogNorm{}, 0.f, e};
+    // Every entry -inf, or some NaN: the max reduction can drop a NaN (and
+    // what came before it in its lane), which the sum below would otherwise
+    // carry into log_sum. Rare rows, so a scan costs nothing.
+    const bool has_nan = std::any_of(x, x + n, [](float v) { return v != v; });
+    const float fill = has_nan ? kNaN : 0.f;
+    std::fill(e, e + n, fill);
+    return {LogNorm{kNegInf, fill}, fill, e};
   }
   const float sum = row_sum(n, [&](int64_t k) { return e[k] = fkd_exp(x[k] * mul - m); });
   return {LogNorm{m, std::log(sum)}, 1.f / sum, e};
@@ -140,10 +145,14 @@ __attribute__((noinline)) RowResult distill_row(float* s, const float* t, int64_
       divergence = c.v[0];
     }
   }
+  // NaN when either row held a NaN or +inf (LogNorm::poison), else 0.
+  const float poison = rs.A.poison() + rs.B.poison();
+  divergence += poison;
+  const float row_scale = grad_scale + poison;  // a NaN row gets a NaN gradient
   if constexpr (kStats) {
-    out.stats[kStatStudentEntropy] = row_entropy(s, n, inv_t, q);
+    out.stats[kStatStudentEntropy] = row_entropy(s, n, inv_t, q) + rs.A.poison();
     if (soft) {
-      out.stats[kStatTeacherEntropy] = row_entropy(t, n, inv_t, pt);
+      out.stats[kStatTeacherEntropy] = row_entropy(t, n, inv_t, pt) + rs.B.poison();
       out.agree = first_argmax(s, n) == first_argmax(t, n);
     }
     if (label >= 0) {
@@ -176,7 +185,7 @@ __attribute__((noinline)) RowResult distill_row(float* s, const float* t, int64_
           float loss_term = 0.f;
           Math::grad(Entry{lq, lp, lr, q.prob(j), pt.prob(j), 0.f}, rs, k, loss_term);
           return loss_term;
-        });
+        }) + poison;
       }
     }
     if (soft) out.stats[kStatDivergence] = divergence;
@@ -185,8 +194,8 @@ __attribute__((noinline)) RowResult distill_row(float* s, const float* t, int64_
   }
 
   // Gradient pass: overwrites s. Loss terms of pass-free divergences accrue here.
-  const float g_soft = grad_scale * p.soft_weight * inv_t;
-  const float g_hard = hard ? grad_scale * p.hard_weight : 0.f;
+  const float g_soft = row_scale * p.soft_weight * inv_t;
+  const float g_hard = hard ? row_scale * p.hard_weight : 0.f;
   // d(ce + z lse^2)/dz = g_soft_max * softmax (0 without a hard term, where lse1 is unset)
   const float g_soft_max = hard ? g_hard * (1.f + 2.f * p.z_loss * lse1.value()) : 0.f;
   const float g_uniform = g_hard * eps / static_cast<float>(n);
@@ -223,7 +232,7 @@ __attribute__((noinline)) RowResult distill_row(float* s, const float* t, int64_
     }
   }
   if (hard) s[label] -= g_hard * (1.f - eps) * label_cap_grad;  // the one-hot part
-  if constexpr (!Math::kNeedsPass2) divergence = loss_acc;
+  if constexpr (!Math::kNeedsPass2) divergence = loss_acc + poison;
 
   if (soft) out.stats[kStatDivergence] = divergence;
   out.loss = (hard ? p.hard_weight * hard_loss : 0.f) + (soft ? p.soft_weight * divergence : 0.f);

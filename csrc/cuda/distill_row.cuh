@@ -19,25 +19,33 @@ namespace flashkd::cuda {
 
 // Running log-sum-exp of some elements: max m and s = sum exp(x - m).
 // Partials over disjoint elements merge exactly (merge below).
+// m is the max of the entries that are not NaN (fmaxf skips NaN), so that a
+// NaN cannot hide the entries before it; a NaN entry, or a +inf one, makes s
+// NaN instead, and s stays NaN through every later add and merge (0 * NaN),
+// which is how LogNorm::poison finds the row. While m is -inf, s is 0 or NaN.
 struct OnlineLse {
   float m = kNegInf, s = 0.f;
   __device__ __forceinline__ void add(const float (&x)[kVec]) {
     float mm = m;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) mm = fkd_max(mm, x[j]);
-    if (mm == kNegInf) return;
+    for (int j = 0; j < kVec; ++j) mm = fmaxf(mm, x[j]);
+    if (mm == kNegInf) {  // only -inf and NaN entries so far
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) s += x[j] != x[j] ? x[j] : 0.f;
+      return;
+    }
     float acc = s * fkd_exp(m - mm);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) acc += fkd_exp(x[j] - mm);
     s = acc;
     m = mm;
   }
-  __device__ __forceinline__ LogNorm norm() const { return m == kNegInf ? LogNorm{} : LogNorm{m, logf(s)}; }
+  __device__ __forceinline__ LogNorm norm() const { return m == kNegInf ? LogNorm{kNegInf, s} : LogNorm{m, logf(s)}; }
 };
 
 __device__ __forceinline__ OnlineLse merge(const OnlineLse& a, const OnlineLse& b) {
   const float m = fkd_max(a.m, b.m);
-  if (m == kNegInf) return {};
+  if (m == kNegInf) return {kNegInf, a.s + b.s};
   return {m, a.s * fkd_exp(a.m - m) + b.s * fkd_exp(b.m - m)};
 }
 
@@ -49,7 +57,7 @@ __device__ __forceinline__ void block_merge(OnlineLse (&l)[N], float* scratch) {
   for (int i = 0; i < N; ++i) m[i] = l[i].m;
   block_allreduce(m, scratch, MaxOp{});
 #pragma unroll
-  for (int i = 0; i < N; ++i) s[i] = m[i] == kNegInf ? 0.f : l[i].s * fkd_exp(l[i].m - m[i]);
+  for (int i = 0; i < N; ++i) s[i] = m[i] == kNegInf ? l[i].s : l[i].s * fkd_exp(l[i].m - m[i]);
   block_allreduce(s, scratch, SumOp{});
 #pragma unroll
   for (int i = 0; i < N; ++i) l[i] = OnlineLse{m[i], s[i]};
@@ -273,7 +281,10 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
   }
 
   // Sweep 3: gradient (padded columns get 0), pass-free losses, entropies.
-  float scale = ignored ? 0.f : (p.weights ? p.weights[row] : 1.f);
+  // NaN when either row held a NaN or +inf (LogNorm::poison), else 0: it
+  // makes the row's loss, statistics and gradient NaN.
+  const float poison = rs.A.poison() + rs.B.poison();
+  float scale = ignored ? 0.f : (p.weights ? p.weights[row] : 1.f) + poison;
   if (p.grad_scale) scale *= *p.grad_scale;
   if (p.row_scale) scale *= p.row_scale[row];
   const float g_soft = scale * p.soft_weight * inv_t;
@@ -322,7 +333,7 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
   }
 
   if (writes_row) {
-    const float divergence = soft ? (Math::kNeedsPass2 ? rs.c0 : acc.v[0]) : 0.f;
+    const float divergence = soft ? (Math::kNeedsPass2 ? rs.c0 : acc.v[0]) + poison : 0.f;
     float loss = soft ? p.soft_weight * divergence : 0.f;
     if (hard)
       loss += p.hard_weight * (-(1.f - eps) * lse1.log_prob(zlabel) +
@@ -334,8 +345,8 @@ __device__ __forceinline__ void distill_row(const DistillParams& p, int64_t row,
     if (want_stats) {
       float* st = p.stats + row * kNumStats;
       st[kStatDivergence] = divergence;
-      st[kStatStudentEntropy] = -acc.v[1];
-      st[kStatTeacherEntropy] = -acc.v[2];
+      st[kStatStudentEntropy] = -acc.v[1] + rs.A.poison();
+      st[kStatTeacherEntropy] = -acc.v[2] + rs.B.poison();
       st[kStatStudentLogprob] = has_label ? rs.A.log_prob(zlabel * inv_t) : 0.f;
       st[kStatTeacherLogprob] = has_label && soft ? rs.B.log_prob(tlabel * inv_t) : 0.f;
       p.agree[row] = agree;

@@ -128,6 +128,11 @@ def distill_loss(
             another op saved them for its own backward. Ignored when no
             gradient is needed.
 
+    A NaN or +inf among a counted token's logits (student or teacher) makes
+    its loss, its gradient row and its statistics of that side NaN, as
+    ``log_softmax`` does; -inf entries are masked classes; an ignored token
+    stays 0 whatever its logits hold.
+
     When no gradient is needed (``torch.no_grad()``, or student logits that do
     not require grad) only the loss is computed: no gradient buffer, and the
     kernel skips the gradient's sweep.

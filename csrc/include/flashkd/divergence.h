@@ -28,6 +28,11 @@ struct LogNorm {
   float max = kNegInf, log_sum = 0.f;
   FKD_HD float log_prob(float x) const { return (x - max) - log_sum; }
   FKD_HD float value() const { return max + log_sum; }
+  // 0, or NaN when the row held a NaN or +inf (log_sum is then NaN or inf).
+  // The divergence terms alone would drop such a row: xdiff keeps only p > 0,
+  // and a NaN probability is not. Added to a row's loss, statistics and
+  // gradient scale, it makes the whole row NaN, as torch's log_softmax does.
+  FKD_HD float poison() const { return log_sum * 0.f; }
 };
 
 // Per-row scalars: A, B (and R, of the TAID mixture logits), and the two

@@ -57,7 +57,17 @@ def divergence(lq, lp, kind, *, beta=0.5, alpha=0.1, a=None, b=None, taid_lambda
         terms = _xdiff(lr.exp(), lr, lq, live | (lr > NEG_INF))
     else:
         raise ValueError(f"unknown divergence {kind!r}")
-    return terms.sum(-1)
+    return _nan_rows_stay_nan(terms.sum(-1), lq, lp)
+
+
+def _nan_rows_stay_nan(per_row, *log_probs):
+    """per_row, NaN where any of the rows of log_probs holds a NaN (a NaN or
+    +inf logit makes log_softmax's whole row NaN). The `p > 0` masks of
+    _xdiff would otherwise drop such a row as if it were 0."""
+    nan_row = torch.zeros_like(per_row, dtype=torch.bool)
+    for lx in log_probs:
+        nan_row = nan_row | lx.isnan().any(-1)
+    return torch.where(nan_row, float("nan"), per_row)
 
 
 def _reduce(per_token, valid, reduction, num_items):
@@ -99,7 +109,7 @@ def distill_loss(student_logits, teacher_logits, *, divergence="fkl", temperatur
     if not return_stats:
         return loss
     with torch.no_grad():
-        entropy = lambda l: -_xdiff(l.exp(), l, torch.zeros_like(l), l > NEG_INF).sum(-1)
+        entropy = lambda l: _nan_rows_stay_nan(-_xdiff(l.exp(), l, torch.zeros_like(l), l > NEG_INF).sum(-1), l)
         stats = {"divergence": div, "student_entropy": entropy(lq), "teacher_entropy": entropy(lp)}
         if labels is not None:
             idx = torch.where(valid, labels, 0).unsqueeze(-1)

@@ -615,8 +615,8 @@ def _bad(device):
     h, W, y = inp["h"], inp["W"], inp["y"]
     f = flashkd.linear_cross_entropy
     return {
-        "hidden_weight_D": (lambda: f(h, W[:, :7], y), ValueError, r"weight has D=7 but hidden has D=8"),
-        "weight_not_2d": (lambda: f(h, W.unsqueeze(0), y), ValueError, r"weight must be 2-D"),
+        "hidden_weight_D": (lambda: f(h, W[:, :7], y), ValueError, r"^weight has D=7 but hidden has D=8"),
+        "weight_not_2d": (lambda: f(h, W.unsqueeze(0), y), ValueError, r"^weight must be 2-D"),
         "weight_1d": (lambda: f(h, W[0], y), ValueError, r"weight must be 2-D"),
         "target_too_large": (lambda: f(h, W, torch.tensor([0, 1, 10, 2], device=device)), ValueError,
                              r"targets must be in \[0, 10\)"),
@@ -628,8 +628,8 @@ def _bad(device):
         "weight_dtype": (lambda: f(h, W.bfloat16(), y), TypeError, r"weight dtype"),
         "hidden_float64": (lambda: f(h.double(), W.double(), y), TypeError,
                            r"hidden must be float32, bfloat16 or float16"),
-        "hidden_int": (lambda: f(h.long(), W, y), TypeError, r"hidden must be float32, bfloat16 or float16"),
-        "bias_shape": (lambda: f(h, W, y, torch.zeros(9, device=device)), ValueError, r"bias must have shape"),
+        "hidden_int": (lambda: f(h.long(), W, y), TypeError, r"^hidden must be float32, bfloat16 or float16"),
+        "bias_shape": (lambda: f(h, W, y, torch.zeros(9, device=device)), ValueError, r"^bias must have shape"),
         "weights_shape": (lambda: f(h, W, y, weights=torch.ones(3, device=device)), ValueError,
                           r"weights must have shape"),
         "negative_weights": (lambda: f(h, W, y, weights=-torch.ones(4, device=device)), ValueError,
@@ -652,9 +652,9 @@ def _bad(device):
                                        r"teacher_hidden must have a hidden size D >= 1"),
         "hidden_not_tensor": (lambda: f(h.tolist(), W, y), TypeError, r"hidden must be a torch.Tensor"),
         # a meta tensor beside real ones reaches the fake kernel, which must not answer with empty memory
-        "weight_meta": (lambda: f(h, W.to("meta"), y), ValueError, r"weight must be on the device of hidden"),
+        "weight_meta": (lambda: f(h, W.to("meta"), y), ValueError, r"^weight must be on the device of hidden"),
         "teacher_logits_meta": (lambda: flashkd.linear_distill_loss(h, W, teacher_logits=torch.zeros(
-            4, 10, device="meta")), ValueError, r"teacher_logits must be on the device of hidden"),
+            4, 10, device="meta")), ValueError, r"^teacher_logits must be on the device of student_hidden"),
     }
 
 

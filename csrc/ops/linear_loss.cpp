@@ -55,8 +55,16 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
                              std::optional<double> num_items, bool return_stats, bool return_lse,
                              int64_t grad_mask, const std::optional<at::Tensor>& row_scale_in,
                              std::optional<int64_t> chunk_budget_bytes, bool float32_weight_grad) {
-  check_linear(hidden_in, weight, bias, "hidden", "weight", "bias");
   const bool teacher_from_weights = t_hidden_in.has_value() || t_weight.has_value();
+  const bool has_teacher = teacher_from_weights || t_logits.has_value();
+  // Errors name the arguments as the caller wrote them: without a teacher this
+  // op is linear_cross_entropy (hidden, weight, bias, targets), with one
+  // linear_distill_loss (student_hidden, student_weight, student_bias, labels).
+  // The Python layer (linear.py) follows the same rule.
+  const char* hname = has_teacher ? "student_hidden" : "hidden";
+  const char* labels_name = has_teacher ? "labels" : "targets";
+  check_linear(hidden_in, weight, bias, hname, has_teacher ? "student_weight" : "weight",
+               has_teacher ? "student_bias" : "bias");
   TORCH_CHECK_VALUE(!(teacher_from_weights && t_logits.has_value()),
                     "give the teacher either as teacher_hidden + teacher_weight or as teacher_logits, not both");
   if (teacher_from_weights) {
@@ -64,7 +72,6 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
                       "teacher_hidden and teacher_weight must be given together");
     check_linear(*t_hidden_in, *t_weight, t_bias, "teacher_hidden", "teacher_weight", "teacher_bias");
   }
-  const bool has_teacher = teacher_from_weights || t_logits.has_value();
   TORCH_CHECK_VALUE(has_teacher || soft_weight == 0 || hard_weight > 0,
                     "a loss without teacher needs hard_weight > 0");
 
@@ -76,11 +83,11 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   at::Tensor t_hidden, t_w;
   if (teacher_from_weights) {
     TORCH_CHECK_VALUE(t_hidden_in->sizes().slice(0, t_hidden_in->dim() - 1) == lead,
-                      "teacher_hidden must have the leading shape ", shape(lead), " of hidden, got ",
+                      "teacher_hidden must have the leading shape ", shape(lead), " of student_hidden, got ",
                       shape(t_hidden_in->sizes()));
     TORCH_CHECK_VALUE(t_weight->size(0) >= V, "teacher_weight has a vocabulary of ", num(t_weight->size(0)),
                       ", smaller than the student's ", num(V));
-    TORCH_CHECK_VALUE(t_hidden_in->device() == hidden.device(), "teacher_hidden must be on the device of hidden");
+    TORCH_CHECK_VALUE(t_hidden_in->device() == hidden.device(), "teacher_hidden must be on the device of student_hidden");
     t_hidden = matrix_of(*t_hidden_in);
     t_w = t_weight->narrow(0, 0, V);
   }
@@ -92,7 +99,7 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
     TORCH_CHECK_VALUE(t_logits->size(-1) >= V, "teacher_logits has a vocabulary of ", num(t_logits->size(-1)),
                       ", smaller than the student's ", num(V));
     TORCH_CHECK_TYPE(at::isFloatingType(t_logits->scalar_type()), "teacher_logits must be a float tensor");
-    TORCH_CHECK_VALUE(t_logits->device() == hidden.device(), "teacher_logits must be on the device of hidden");
+    TORCH_CHECK_VALUE(t_logits->device() == hidden.device(), "teacher_logits must be on the device of student_hidden");
     t_logits2d = matrix_of(*t_logits).narrow(1, 0, V);
   }
 
@@ -106,8 +113,6 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   p.z_loss = static_cast<float>(z_loss);
   p.softcap = static_cast<float>(softcap.value_or(0.0));
   const int64_t red = reduction_code(reduction);
-  // Without a teacher this op is linear_cross_entropy, whose argument is called targets.
-  const char* labels_name = has_teacher ? "labels" : "targets";
   const at::Tensor labels =
       checked_labels(labels_in, lead, rows, vocab, ignore_index, hidden.device(), labels_name);
   const at::Tensor weights = checked_weights(weights_in, lead, rows, hidden.device());

@@ -2,12 +2,13 @@
 the [tokens x vocab] logits never exist in memory (DESIGN.md §3)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from ._autocast import autocast_inputs
-from ._ops import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, ops
+from ._ops import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, linear_loss_name, ops
 from .functional import _as_int, _check_optional_tensor, _check_options, _check_tensor, _stats_dict
 
 
@@ -34,14 +35,14 @@ def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
                  weights, *, divergence, temperature, beta, alpha, taid_lambda, ignore_index, hard_weight,
                  soft_weight, t2_scaling, vocab_size, label_smoothing, z_loss, softcap, reduction, num_items,
                  return_stats, return_lse, shift, chunk_budget_bytes, float32_weight_grad):
-    # Without a teacher this is linear_cross_entropy, whose argument is called targets (the C++ glue's rule too).
     has_teacher = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_logits))
-    labels_name = "labels" if has_teacher else "targets"
-    _check_tensor(hidden, "hidden")
-    _check_tensor(weight, "weight")
-    for name, t in (("bias", bias), ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                    ("teacher_bias", teacher_bias), ("teacher_logits", teacher_logits), ("weights", weights)):
-        _check_optional_tensor(t, name)
+    name = functools.partial(linear_loss_name, has_teacher=has_teacher)  # as the caller wrote them
+    labels_name = name("labels")
+    _check_tensor(hidden, name("hidden"))
+    _check_tensor(weight, name("weight"))
+    for arg, t in (("bias", bias), ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                   ("teacher_bias", teacher_bias), ("teacher_logits", teacher_logits), ("weights", weights)):
+        _check_optional_tensor(t, name(arg))
     _check_options(divergence, reduction, taid_lambda)
     # Under torch.autocast the heads run in its dtype, as F.linear would (_autocast.py).
     hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias = autocast_inputs(
@@ -51,8 +52,8 @@ def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
         if labels.is_floating_point():
             raise TypeError(f"{labels_name} must be an integer tensor, got {labels.dtype}")
         if labels.shape != hidden.shape[:-1]:
-            raise ValueError(f"{labels_name} must have shape {list(hidden.shape[:-1])} (hidden without its last "
-                             f"dim), got {list(labels.shape)}")
+            raise ValueError(f"{labels_name} must have shape {list(hidden.shape[:-1])} ({name('hidden')} without "
+                             f"its last dim), got {list(labels.shape)}")
         if shift:
             labels = _shift_labels(labels, ignore_index)
     elif shift:

@@ -425,6 +425,29 @@ def test_shift_length_one_sequences(reduction, device):
     check_case(device, lead=(3, 1), bias=True, shift=True, reduction=reduction, return_lse=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lse_gradient_from_forwards_logits(dtype):
+    """CPU, 16-bit inputs, head GEMMs in float32 (cpu_16bit_gemm "float32", the
+    default where ATen has no fast 16-bit GEMM): the LSE comes from float32
+    logits, so its gradient must be formed from them too. Until 2026-12-07 the
+    backward recomputed the logits in 16 bits: softmax(z) was off by their
+    rounding (at |z| ~ 30, 6% in bfloat16), 10 float16 ulps in a random case.
+    Bound: one rounding of each d(logit) (u per product of d hidden's sum) and
+    one of the result."""
+    inp = make_inputs("cpu", lead=(16,), V=300, D=32, dtype=dtype, scale=10.0)
+    with cpu_16bit_gemm("float32"):
+        h = inp["h"].clone().requires_grad_()
+        _, lse = flashkd.linear_cross_entropy(h, inp["W"], inp["y"], return_lse=True,
+                                              chunk_budget_bytes=rows_budget(300, 5))
+        lse.sum().backward()
+    h64 = inp["h"].double().requires_grad_()
+    z = h64 @ inp["W"].double().T
+    torch.logsumexp(z, -1).sum().backward()
+    terms = torch.softmax(z.detach(), -1) @ inp["W"].double().abs()
+    err = (h.grad.double() - h64.grad).abs()
+    assert (err <= UNIT[dtype] * (2 * terms + h64.grad.abs())).all(), (err / terms).max().item()
+
+
 def test_lse_values_all_tokens(device):
     """return_lse gives the LSE of every token, ignored ones included (as the oracle)."""
     inp = make_inputs(device, bias=True, ignore=0.5, lead=(13,))

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ._autocast import autocast_inputs
-from ._ops import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, linear_loss_name, ops
+from ._ops import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, cpu_gemm_dtype, linear_loss_name, ops
 from .functional import _as_int, _check_optional_tensor, _check_options, _check_tensor, _stats_dict
 
 
@@ -197,11 +197,20 @@ def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_byte
     """start + the gradient of sum(grad_lse * lse) w.r.t. hidden/weight/bias, recomputing
     the logits chunk by chunk: d lse / d z = softmax(z) (times the cap's derivative).
     start: {"hidden"|"weight"|"bias": the loss's gradient or None}; the sum is formed in
-    float32 and rounded once to each input's dtype."""
+    float32 and rounded once to each input's dtype.
+
+    The logits are recomputed as forward's head made them (head_gemm.h): in float32
+    where the CPU has no fast 16-bit GEMM, the weight converted a panel of rows at a
+    time. Recomputed in 16 bits there, they would be off from the ones the LSE came
+    from by their rounding (a float16 gradient was 10 ulps off), and slow."""
     h = hidden.reshape(-1, hidden.shape[-1])
     g = grad_lse.reshape(-1).float()
     budget = chunk_budget_bytes or ((512 << 20) if h.is_cuda else (32 << 20))
-    chunk = max(1, budget // (weight.shape[0] * 4))
+    V, D = weight.shape
+    chunk = max(1, budget // (V * 4))
+    in_float32 = h.device.type == "cpu" and cpu_gemm_dtype(h.dtype) != h.dtype
+    panel = max(1, budget // (D * 4)) if in_float32 else V
+    as_gemm = (lambda t: t.float()) if in_float32 else (lambda t: t)
 
     def accumulator(name, like, wanted):
         if not wanted:
@@ -215,20 +224,24 @@ def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_byte
     db = accumulator("bias", bias, grad_mask & GRAD_BIAS and bias is not None)
     lse_flat = lse.reshape(-1)
     for r0 in range(0, h.shape[0], chunk):
-        hc = h[r0:r0 + chunk]
-        z = (hc @ weight.T if bias is None else torch.addmm(bias, hc, weight.T)).float()
-        if softcap:
-            z = softcap * torch.tanh(z / softcap)
-        dz = torch.exp(z - lse_flat[r0:r0 + chunk, None]) * g[r0:r0 + chunk, None]
-        if softcap:
-            dz = dz * (1 - (z / softcap) ** 2)
-        dz = dz.to(h.dtype)
-        if dh is not None:
-            dh[r0:r0 + chunk] += (dz @ weight).float()
-        if dw is not None:
-            dw += (dz.T @ hc).float()
-        if db is not None:
-            db += dz.float().sum(0)
+        hc = as_gemm(h[r0:r0 + chunk])
+        rows = slice(r0, r0 + chunk)
+        for v0 in range(0, V, panel):
+            cols = slice(v0, v0 + panel)
+            w = as_gemm(weight[cols])
+            z = (hc @ w.T if bias is None else torch.addmm(as_gemm(bias[cols]), hc, w.T)).float()
+            if softcap:
+                z = softcap * torch.tanh(z / softcap)
+            dz = torch.exp(z - lse_flat[rows, None]) * g[rows, None]
+            if softcap:
+                dz = dz * (1 - (z / softcap) ** 2)
+            dz = dz.to(hc.dtype)
+            if dh is not None:
+                dh[rows] += (dz @ w).float()
+            if dw is not None:
+                dw[cols] += (dz.T @ hc).float()
+            if db is not None:
+                db[cols] += dz.float().sum(0)
     return {"hidden": None if dh is None else dh.to(hidden.dtype).reshape(hidden.shape),
             "weight": None if dw is None else dw.to(weight.dtype),
             "bias": None if db is None else db.to(bias.dtype)}

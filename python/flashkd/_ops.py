@@ -229,6 +229,14 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.save_for_backward(dhidden, dweight, dbias, lse, *saved)
 
 
+def _float32_scaled(grad, grad_output):
+    """grad * grad_output in float32: a float32 gradient saved by forward is scaled in
+    place (no second weight-sized tensor), a 16-bit one converted."""
+    if grad.dtype == torch.float32 and grad.numel():
+        return scale_saved_grad(grad, grad_output)
+    return grad.float() * grad_output
+
+
 @first_order_only("linear_cross_entropy / linear_distill_loss")
 def _linear_backward(ctx, grad_loss, _gdh, _gdw, _gdb, grad_lse, _gstats, _gagree):
     dhidden, dweight, dbias, lse, *saved = ctx.saved_tensors
@@ -244,7 +252,7 @@ def _linear_backward(ctx, grad_loss, _gdh, _gdw, _gdb, grad_lse, _gstats, _gagre
                      grad_mask=mask)
             _, dh, dw, db, *_ = ops.linear_loss(*(a.get(k) for k in LINEAR_LOSS_ARGS))
         elif with_lse:  # scaled in float32: the LSE's gradient is added before the one rounding
-            dh, dw, db = (g.float() * grad_loss for g in (dhidden, dweight, dbias))
+            dh, dw, db = (_float32_scaled(g, grad_loss) for g in (dhidden, dweight, dbias))
         else:  # gradients were made in forward: scale them by grad_output
             dh, dw, db = (scale_saved_grad(g, grad_loss) if g.numel() else g for g in (dhidden, dweight, dbias))
         grads.update(hidden=dh if mask & GRAD_HIDDEN else None, weight=dw if mask & GRAD_WEIGHT else None,

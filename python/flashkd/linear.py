@@ -195,21 +195,24 @@ def linear_distill_loss(
 
 def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_bytes, grad_mask, start):
     """start + the gradient of sum(grad_lse * lse) w.r.t. hidden/weight/bias, recomputing
-    the logits chunk by chunk: d lse / d z = softmax(z) (times the cap's derivative).
+    the logits tile by tile: d lse / d z = softmax(z) (times the cap's derivative).
     start: {"hidden"|"weight"|"bias": the loss's gradient or None}; the sum is formed in
-    float32 and rounded once to each input's dtype.
+    float32 (in place when start is float32) and rounded once to each input's dtype.
 
     The logits are recomputed as forward's head made them (head_gemm.h): in float32
-    where the CPU has no fast 16-bit GEMM, the weight converted a panel of rows at a
-    time. Recomputed in 16 bits there, they would be off from the ones the LSE came
-    from by their rounding (a float16 gradient was 10 ulps off), and slow."""
+    where the CPU has no fast 16-bit GEMM. Recomputed in 16 bits there, they would be
+    off from the ones the LSE came from by their rounding (a float16 gradient was 10
+    ulps off), and slow. Tiles of tokens x vocabulary keep the workspace within the
+    budget: a tile's float32 logits and the weight panel (converted to float32 where
+    the GEMMs run in it) each take at most a quarter of it; a tile's softmax is made
+    in place, and float32 products are added in place."""
     h = hidden.reshape(-1, hidden.shape[-1])
     g = grad_lse.reshape(-1).float()
     budget = chunk_budget_bytes or ((512 << 20) if h.is_cuda else (32 << 20))
     V, D = weight.shape
-    chunk = max(1, budget // (V * 4))
+    panel = min(V, max(1, budget // 4 // (D * 4)))
+    chunk = max(1, budget // 4 // (panel * 4))
     in_float32 = h.device.type == "cpu" and cpu_gemm_dtype(h.dtype) != h.dtype
-    panel = max(1, budget // (D * 4)) if in_float32 else V
     as_gemm = (lambda t: t.float()) if in_float32 else (lambda t: t)
 
     def accumulator(name, like, wanted):
@@ -219,27 +222,36 @@ def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_byte
         return torch.zeros(like.shape, dtype=torch.float32, device=h.device) if s is None else \
             s.reshape(like.shape).float()
 
+    def accumulate(acc, a, b):  # acc += a @ b, acc float32
+        if a.dtype == torch.float32:
+            acc.addmm_(a, b)
+        else:
+            acc += (a @ b).float()
+
     dh = accumulator("hidden", h, grad_mask & GRAD_HIDDEN)
     dw = accumulator("weight", weight, grad_mask & GRAD_WEIGHT)
     db = accumulator("bias", bias, grad_mask & GRAD_BIAS and bias is not None)
     lse_flat = lse.reshape(-1)
-    for r0 in range(0, h.shape[0], chunk):
-        hc = as_gemm(h[r0:r0 + chunk])
-        rows = slice(r0, r0 + chunk)
-        for v0 in range(0, V, panel):
-            cols = slice(v0, v0 + panel)
-            w = as_gemm(weight[cols])
-            z = (hc @ w.T if bias is None else torch.addmm(as_gemm(bias[cols]), hc, w.T)).float()
+    for v0 in range(0, V, panel):
+        cols = slice(v0, v0 + panel)
+        w = as_gemm(weight[cols])
+        b = None if bias is None else as_gemm(bias[cols])
+        for r0 in range(0, h.shape[0], chunk):
+            rows = slice(r0, r0 + chunk)
+            hc = as_gemm(h[rows])
+            dz = (hc @ w.T if b is None else torch.addmm(b, hc, w.T)).float()
             if softcap:
-                z = softcap * torch.tanh(z / softcap)
-            dz = torch.exp(z - lse_flat[rows, None]) * g[rows, None]
-            if softcap:
-                dz = dz * (1 - (z / softcap) ** 2)
+                capped = dz.div_(softcap).tanh_()  # tanh(z / c): the cap is c times it
+                dz = capped.mul(softcap).sub_(lse_flat[rows, None]).exp_().mul_(g[rows, None])
+                dz.mul_(capped.square_().neg_().add_(1))  # the cap's derivative 1 - tanh^2
+                del capped
+            else:
+                dz.sub_(lse_flat[rows, None]).exp_().mul_(g[rows, None])
             dz = dz.to(hc.dtype)
             if dh is not None:
-                dh[rows] += (dz @ w).float()
+                accumulate(dh[rows], dz, w)
             if dw is not None:
-                dw[cols] += (dz.T @ hc).float()
+                accumulate(dw[cols], dz.T, hc)
             if db is not None:
                 db[cols] += dz.float().sum(0)
     return {"hidden": None if dh is None else dh.to(hidden.dtype).reshape(hidden.shape),

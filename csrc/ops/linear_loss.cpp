@@ -61,10 +61,9 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
   // op is linear_cross_entropy (hidden, weight, bias, targets), with one
   // linear_distill_loss (student_hidden, student_weight, student_bias, labels).
   // The Python layer (linear.py) follows the same rule.
-  const char* hname = has_teacher ? "student_hidden" : "hidden";
   const char* labels_name = has_teacher ? "labels" : "targets";
-  check_linear(hidden_in, weight, bias, hname, has_teacher ? "student_weight" : "weight",
-               has_teacher ? "student_bias" : "bias");
+  check_linear(hidden_in, weight, bias, has_teacher ? "student_hidden" : "hidden",
+               has_teacher ? "student_weight" : "weight", has_teacher ? "student_bias" : "bias");
   TORCH_CHECK_VALUE(!(teacher_from_weights && t_logits.has_value()),
                     "give the teacher either as teacher_hidden + teacher_weight or as teacher_logits, not both");
   if (teacher_from_weights) {
@@ -87,7 +86,8 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
                       shape(t_hidden_in->sizes()));
     TORCH_CHECK_VALUE(t_weight->size(0) >= V, "teacher_weight has a vocabulary of ", num(t_weight->size(0)),
                       ", smaller than the student's ", num(V));
-    TORCH_CHECK_VALUE(t_hidden_in->device() == hidden.device(), "teacher_hidden must be on the device of student_hidden");
+    TORCH_CHECK_VALUE(t_hidden_in->device() == hidden.device(),
+                      "teacher_hidden must be on the device of student_hidden");
     t_hidden = matrix_of(*t_hidden_in);
     t_w = t_weight->narrow(0, 0, V);
   }
@@ -99,7 +99,8 @@ LinearLossResult linear_loss(const at::Tensor& hidden_in, const at::Tensor& weig
     TORCH_CHECK_VALUE(t_logits->size(-1) >= V, "teacher_logits has a vocabulary of ", num(t_logits->size(-1)),
                       ", smaller than the student's ", num(V));
     TORCH_CHECK_TYPE(at::isFloatingType(t_logits->scalar_type()), "teacher_logits must be a float tensor");
-    TORCH_CHECK_VALUE(t_logits->device() == hidden.device(), "teacher_logits must be on the device of student_hidden");
+    TORCH_CHECK_VALUE(t_logits->device() == hidden.device(),
+                      "teacher_logits must be on the device of student_hidden");
     t_logits2d = matrix_of(*t_logits).narrow(1, 0, V);
   }
 

@@ -185,8 +185,19 @@ def test_state_dict_roundtrip(scheme, per_tensor):
     dst_frozen.load_state_dict(_roundtrip(src.state_dict()))
     assert set(src.state_dict()) == set(dst_frozen.state_dict())
     assert torch.equal(dst_frozen(x), src(x))
-    with pytest.raises(RuntimeError, match="weight"):
-        make_layer(scheme, 37, 9, 8, per_tensor=per_tensor).load_state_dict(src.state_dict())
+    # A state of the other form is refused with the fix, also under strict=False
+    # (which would otherwise skip it and keep the old weights).
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"^QuantLinear: .*frozen layer's packed buffers.*call freeze\(\)"):
+            make_layer(scheme, 37, 9, 8, per_tensor=per_tensor).load_state_dict(src.state_dict(), strict=strict)
+        with pytest.raises(RuntimeError, match=r"^QuantLinear: the state holds a training-form weight"):
+            dst_frozen.load_state_dict(dst.state_dict(), strict=strict)
+    model = torch.nn.Sequential(torch.nn.Identity(), make_layer(scheme, 37, 9, 8, per_tensor=per_tensor))
+    with pytest.raises(RuntimeError, match=r"^QuantLinear '1': the state holds a frozen"):
+        model.load_state_dict({"1." + k: v for k, v in src.state_dict().items()})
+    # A state without this layer's keys is still torch's business (missing keys).
+    with pytest.raises(RuntimeError, match="Missing key"):
+        dst.load_state_dict({})
 
 
 def test_opcheck(device):

@@ -153,6 +153,21 @@ class QuantLinear(nn.Module):
         (x,) = autocast_inputs(input.device, input)
         return frozen_linear(x, buffers, self.bias, self.scheme, self.group_size)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state of the other form would otherwise fail as bare missing and
+        # unexpected keys, or, under strict=False, be skipped and leave this
+        # layer's weights as they were.
+        has_frozen = any(prefix + name in state_dict for name in FROZEN_BUFFERS[self.scheme])
+        has_training = prefix + "weight" in state_dict
+        where = f"QuantLinear {prefix[:-1]!r}" if prefix else "QuantLinear"
+        if has_frozen and not has_training and not self.frozen:
+            raise RuntimeError(f"{where}: the state holds a frozen layer's packed buffers, but this layer is in "
+                               "training form; call freeze() on it (or on the model) before loading")
+        if has_training and not has_frozen and self.frozen:
+            raise RuntimeError(f"{where}: the state holds a training-form weight, but this layer is frozen; load "
+                               "it into the training form and freeze() after")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.scheme == "w4a16" else ""
         extra += ", per_tensor=True" if self.per_tensor else ""

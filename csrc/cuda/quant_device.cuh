@@ -3,6 +3,7 @@
 // float epilogue of flashkd/quant_params.h.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 #include "device_utils.cuh"
 #include "host_utils.cuh"
 #include "flashkd/quant_params.h"
@@ -111,37 +112,55 @@ __device__ __forceinline__ uint4 decode_int4x8(uint32_t p, uint32_t zero_pair) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-__device__ __forceinline__ float load_as_float(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case DType::kFloat16: return to_float(static_cast<const __half*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-__device__ __forceinline__ void store_from_float(void* p, DType t, int64_t i, float v) {
-  switch (t) {
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = from_float<__nv_bfloat16>(v); break;
-    case DType::kFloat16: static_cast<__half*>(p)[i] = from_float<__half>(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
-
 // out[m, n] from the exact accumulator: the int32 itself, or
 // float(acc) * a_scale[m] * w_scale[n] + bias[n] in that order with every
 // operation rounded separately (_rn intrinsics are never fused into an FMA),
 // so the result equals a plain float32 evaluation on the CPU bit for bit.
-__device__ __forceinline__ void store_epilogue(const quant::GemmEpilogue& e, int64_t m, int64_t n,
-                                               int32_t acc) {
-  const int64_t at = m * e.ldo + n;
-  if (e.out_int32) {
-    e.out_int32[at] = acc;
-    return;
+//
+// One store type per variant (int32; output dtype x bias dtype or none), and
+// with_epilogue_store() hands a kernel's store loop the one its epilogue
+// needs, so the loop holds no branch on the epilogue's fields. With one
+// generic store per element, the compiler duplicated the unrolled store loops
+// (64 or 128 stores per thread) once per path through those branches, and
+// ptxas took minutes per kernel (the wgmma GEMM's PTX was 189k lines).
+struct StoreInt32 {
+  const quant::GemmEpilogue& e;
+  __device__ __forceinline__ void operator()(int64_t m, int64_t n, int32_t acc) const {
+    e.out_int32[m * e.ldo + n] = acc;
   }
-  const float ws = e.w_scale[e.w_scale_per_row ? n : 0];
-  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), e.a_scale[m]), ws);
-  if (e.bias) v = __fadd_rn(v, load_as_float(e.bias, e.bias_dtype, n));
-  store_from_float(e.out, e.out_dtype, at, v);
+};
+
+template <typename Out, typename Bias>  // Bias void: no bias
+struct StoreScaled {
+  const quant::GemmEpilogue& e;
+  __device__ __forceinline__ void operator()(int64_t m, int64_t n, int32_t acc) const {
+    // Read-only loads (__ldg): no kernel writes the scales or the bias.
+    const float ws = __ldg(e.w_scale + (e.w_scale_per_row ? n : 0));
+    float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), __ldg(e.a_scale + m)), ws);
+    if constexpr (!std::is_void_v<Bias>) v = __fadd_rn(v, to_float(__ldg(static_cast<const Bias*>(e.bias) + n)));
+    static_cast<Out*>(e.out)[m * e.ldo + n] = from_float<Out>(v);
+  }
+};
+
+template <typename Out, class F>
+__device__ __forceinline__ void with_bias_store(const quant::GemmEpilogue& e, const F& f) {
+  if (!e.bias) return f(StoreScaled<Out, void>{e});
+  switch (e.bias_dtype) {
+    case DType::kBFloat16: return f(StoreScaled<Out, __nv_bfloat16>{e});
+    case DType::kFloat16: return f(StoreScaled<Out, __half>{e});
+    default: return f(StoreScaled<Out, float>{e});
+  }
+}
+
+// Calls f(store) with the store for e; store(m, n, acc) writes out[m, n].
+template <class F>
+__device__ __forceinline__ void with_epilogue_store(const quant::GemmEpilogue& e, const F& f) {
+  if (e.out_int32) return f(StoreInt32{e});
+  switch (e.out_dtype) {
+    case DType::kBFloat16: return with_bias_store<__nv_bfloat16>(e, f);
+    case DType::kFloat16: return with_bias_store<__half>(e, f);
+    default: return with_bias_store<float>(e, f);
+  }
 }
 
 __device__ __forceinline__ int32_t warp_sum(int32_t v) {
@@ -154,6 +173,33 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// The GEMVs' end: sums each of a warp's MT x R partial results across the
+// warp and stores result t = R i + r from lane t % 32, so the stores leave
+// from all lanes at once rather than one after another from lane 0. The
+// butterfly sums leave every total in every lane, bitwise the same in each
+// (each step adds the same two values, and IEEE addition commutes), so any
+// lane may store it. Each kernel then inlines ceil(MT R / 32) store sites,
+// not MT R: with one site per result, the compiler duplicated the unrolled
+// sums once per epilogue variant (output dtype x bias dtype x ...) and ptxas
+// took two minutes for the MT = 16 int8 GEMV alone.
+template <int MT, int R, typename T, class Store>
+__device__ __forceinline__ void warp_sum_and_store(const T (&partial)[MT][R], int lane, const Store& store) {
+  constexpr int kItems = MT * R, kPerLane = (kItems + 31) / 32;
+  T mine[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) mine[j] = T(0);
+#pragma unroll
+  for (int t = 0; t < kItems; ++t) {
+    const T total = warp_sum(partial[t / R][t % R]);
+    if (t % 32 == lane) mine[t / 32] = total;
+  }
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int t = 32 * j + lane;
+    if (t < kItems) store(t / R, t % R, mine[j]);
+  }
 }
 
 }  // namespace flashkd::cuda

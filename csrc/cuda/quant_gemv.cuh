@@ -116,13 +116,10 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int32_t v = warp_sum(acc[i][r]);
-        if (lane == 0 && m0 + i < M && n0 + r < N) store_epilogue(epi, m0 + i, n0 + r, v);
-      }
+    warp_sum_and_store(acc, lane, [&](int i, int r, int32_t v) {
+      if (m0 + i < M && n0 + r < N)
+        with_epilogue_store(epi, [&](const auto& store) { store(m0 + i, n0 + r, v); });
+    });
   }
 }
 

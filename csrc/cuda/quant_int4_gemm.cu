@@ -144,14 +144,10 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const float v = warp_sum(acc[i][r]);
-        const int64_t m = m0 + i, n = n0 + r;
-        if (lane == 0 && m < M && n < N) out[m * ldo + n] = from_float<T>(bias ? v + to_float(bias[n]) : v);
-      }
+    warp_sum_and_store(acc, lane, [&](int i, int r, float v) {
+      const int64_t m = m0 + i, n = n0 + r;
+      if (m < M && n < N) out[m * ldo + n] = from_float<T>(bias ? v + to_float(bias[n]) : v);
+    });
   }
 }
 

@@ -245,7 +245,7 @@ struct Int4TileDecode {
 };
 
 // ---- math policies: stage() runs one k tile's MMAs into the accumulators,
-// store() writes one output value.
+// with_store(f) calls f(store), store(m, n, acc) writing one output value.
 
 // Exact int32 accumulators and the dequantizing epilogue.
 struct Int8Math {
@@ -266,7 +266,10 @@ struct Int8Math {
         for (int ni = 0; ni < 4; ++ni) mma_16x8x32(acc[mi][ni], af[mi], bf[ni]);
     }
   }
-  __device__ __forceinline__ void store(int64_t m, int64_t n, int32_t v) const { store_epilogue(epi, m, n, v); }
+  template <class F>
+  __device__ __forceinline__ void with_store(const F& f) const {
+    with_epilogue_store(epi, f);
+  }
 };
 
 // T (bf16/fp16) activations x the integer weights q - zero: each k tile's
@@ -315,8 +318,9 @@ struct GroupScaledMath {
         for (int j = 0; j < 4; ++j) acc[mi][ni][j] = fmaf(d[j], s[ni][j & 1], acc[mi][ni][j]);
       }
   }
-  __device__ __forceinline__ void store(int64_t m, int64_t n, float v) const {
-    out[m * ldo + n] = from_float<T>(bias ? v + to_float(bias[n]) : v);
+  template <class F>
+  __device__ __forceinline__ void with_store(const F& f) const {
+    f([this](int64_t m, int64_t n, float v) { out[m * ldo + n] = from_float<T>(bias ? v + to_float(bias[n]) : v); });
   }
 };
 
@@ -383,16 +387,18 @@ __global__ void __launch_bounds__(kThreads, Math::kMinBlocks)
   // C fragment (both MMA shapes): registers 0,1 = (row g, cols 2t, 2t+1),
   // 2,3 = (row g+8, same cols), g = lane / 4, t = lane % 4.
   const int g = lane >> 2, t = lane & 3;
+  math.with_store([&](const auto& store) {
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi)
+    for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+      for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t m = wt.m0 + mi * 16 + g + 8 * (j >> 1);
-        const int64_t n = wt.n0 + ni * 8 + 2 * t + (j & 1);
-        if (m < M && n < N) math.store(m, n, acc[mi][ni][j]);
-      }
+        for (int j = 0; j < 4; ++j) {
+          const int64_t m = wt.m0 + mi * 16 + g + 8 * (j >> 1);
+          const int64_t n = wt.n0 + ni * 8 + 2 * t + (j & 1);
+          if (m < M && n < N) store(m, n, acc[mi][ni][j]);
+        }
+  });
 }
 
 // K is the activations' row length: a_ld.row_bytes bytes in k tiles of kBK.

@@ -284,14 +284,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kCluster > 1) cluster_arrive();
 
     const int g = lane >> 2, t = lane & 3;
+    with_epilogue_store(epi, [&](const auto& store) {
 #pragma unroll
-    for (int i = 0; i < kAcc / 4; ++i)
+      for (int i = 0; i < kAcc / 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t m = m0 + consumer * 64 + warp * 16 + g + 8 * (j >> 1);
-        const int64_t n = n0 + 8 * i + 2 * t + (j & 1);
-        if (m < M && n < N) store_epilogue(epi, m, n, d[4 * i + j]);
-      }
+        for (int j = 0; j < 4; ++j) {
+          const int64_t m = m0 + consumer * 64 + warp * 16 + g + 8 * (j >> 1);
+          const int64_t n = n0 + 8 * i + 2 * t + (j & 1);
+          if (m < M && n < N) store(m, n, d[4 * i + j]);
+        }
+    });
   }
   if (kCluster > 1) cluster_wait();  // a peer's consumers may still arrive on this block's barriers
 #else

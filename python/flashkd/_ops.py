@@ -188,23 +188,27 @@ LINEAR_LOSS_ARGS = (
 )
 
 
-def linear_loss_name(arg, has_teacher):
-    """The name the caller wrote for the linear_loss op's argument `arg`, for
-    error messages: with a teacher the op is linear_distill_loss, whose
-    student arguments are student_hidden, student_weight and student_bias;
-    without one it is linear_cross_entropy, whose labels are called targets.
-    The C++ glue (csrc/ops/linear_loss.cpp) follows the same rule."""
-    if has_teacher and arg in ("hidden", "weight", "bias"):
-        return "student_" + arg
-    return "targets" if arg == "labels" and not has_teacher else arg
+def linear_loss_namer(teacher_hidden, teacher_weight, teacher_logits):
+    """name(arg): the name the caller wrote for the linear_loss op's argument
+    `arg`, for error messages. With a teacher the op is linear_distill_loss,
+    whose student arguments are student_hidden, student_weight and
+    student_bias; without one it is linear_cross_entropy, whose labels are
+    called targets. The C++ glue (csrc/ops/linear_loss.cpp) follows the same rule."""
+    has_teacher = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_logits))
+
+    def name(arg):
+        if has_teacher and arg in ("hidden", "weight", "bias"):
+            return "student_" + arg
+        return "targets" if arg == "labels" and not has_teacher else arg
+
+    return name
 
 
 @torch.library.register_fake("flashkd::linear_loss")
 def _linear_loss_fake(*args):
     a = dict(zip(LINEAR_LOSS_ARGS, args))
-    has_teacher = any(a[k] is not None for k in ("teacher_hidden", "teacher_weight", "teacher_logits"))
-    check_same_device(linear_loss_name("hidden", has_teacher),
-                      {linear_loss_name(k, has_teacher): t for k, t in a.items()})
+    name = linear_loss_namer(a["teacher_hidden"], a["teacher_weight"], a["teacher_logits"])
+    check_same_device(name("hidden"), {name(k): t for k, t in a.items()})
     hidden, weight, bias, mask = a["hidden"], a["weight"], a["bias"], a["grad_mask"]
     lead = hidden.shape[:-1]
     empty = lambda: hidden.new_empty((0,))  # one per absent gradient: outputs never alias

@@ -2,13 +2,12 @@
 the [tokens x vocab] logits never exist in memory (DESIGN.md §3)."""
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from ._autocast import autocast_inputs
-from ._ops import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, cpu_gemm_dtype, linear_loss_name, ops
+from ._ops import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, cpu_gemm_dtype, linear_loss_namer, ops
 from .functional import _as_int, _check_optional_tensor, _check_options, _check_tensor, _stats_dict
 
 
@@ -35,8 +34,7 @@ def _linear_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
                  weights, *, divergence, temperature, beta, alpha, taid_lambda, ignore_index, hard_weight,
                  soft_weight, t2_scaling, vocab_size, label_smoothing, z_loss, softcap, reduction, num_items,
                  return_stats, return_lse, shift, chunk_budget_bytes, float32_weight_grad):
-    has_teacher = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_logits))
-    name = functools.partial(linear_loss_name, has_teacher=has_teacher)  # as the caller wrote them
+    name = linear_loss_namer(teacher_hidden, teacher_weight, teacher_logits)  # as the caller wrote them
     labels_name = name("labels")
     _check_tensor(hidden, name("hidden"))
     _check_tensor(weight, name("weight"))

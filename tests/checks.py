@@ -18,9 +18,12 @@ DIV_KW = {
 }
 
 
-# How many cases each random-draw test runs (test_random_* in every op's module):
-# FLASHKD_RANDOM_CASES=N for a longer exploration.
-RANDOM_CASES = int(os.environ.get("FLASHKD_RANDOM_CASES", "32"))
+# The case numbers each random-draw test runs (test_random_* in every op's module;
+# each case's generator is seeded by its number): FLASHKD_RANDOM_CASES=N for a
+# longer exploration, FLASHKD_RANDOM_FIRST=K to start at case K, so that a new
+# run draws cases no earlier run has seen.
+_FIRST_RANDOM_CASE = int(os.environ.get("FLASHKD_RANDOM_FIRST", "0"))
+RANDOM_CASES = range(_FIRST_RANDOM_CASE, _FIRST_RANDOM_CASE + int(os.environ.get("FLASHKD_RANDOM_CASES", "32")))
 
 
 def random_lead(rng, low_precision):

@@ -952,7 +952,7 @@ def draw_options(rng):
     return kw, lead, V, labels
 
 
-@pytest.mark.parametrize("case", range(RANDOM_CASES))
+@pytest.mark.parametrize("case", RANDOM_CASES)
 def test_random_option_combinations(case, device):
     rng = random.Random(f"distill-{case}")
     kw, lead, V, label_plan = draw_options(rng)

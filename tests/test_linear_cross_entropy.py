@@ -512,7 +512,7 @@ def test_backward_twice_raises(device):
 # which logits happen to round luckily: both round them to the dtype).
 
 
-@pytest.mark.parametrize("case", range(RANDOM_CASES))
+@pytest.mark.parametrize("case", RANDOM_CASES)
 def test_random_option_combinations(case, device):
     rng = random.Random(f"linear_ce-{case}")
     dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16])

@@ -448,7 +448,7 @@ def test_noncontiguous_teacher_logits(div, device):
 # gradient, a sign per element, flips where rounding moves p_j - q_j across 0).
 
 
-@pytest.mark.parametrize("case", range(RANDOM_CASES))
+@pytest.mark.parametrize("case", RANDOM_CASES)
 def test_random_option_combinations(case, device):
     rng = random.Random(f"linear_distill-{case}")
     div = rng.choice(DIVS)

@@ -111,7 +111,7 @@ def test_backward_skips_out_of_range_index(device):
     assert torch.equal(grad_x, want)
 
 
-@pytest.mark.parametrize("seed", range(RANDOM_CASES))
+@pytest.mark.parametrize("seed", RANDOM_CASES)
 def test_random_awkward(device, seed):
     """Random batch, token (half the cases past one CUDA rank tile of 256) and
     channel counts (channel tails 1 to 70), keep,

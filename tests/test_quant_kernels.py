@@ -290,7 +290,7 @@ def random_mnk(rng):
     return m, n, k
 
 
-@pytest.mark.parametrize("case", range(RANDOM_CASES))
+@pytest.mark.parametrize("case", RANDOM_CASES)
 def test_random_shapes_exact(case, device, kernel_variant):
     """quantize_activations, int8 and ternary GEMMs: bit-exact on random shapes."""
     rng = random.Random(f"quant-{case}")
@@ -305,7 +305,7 @@ def test_random_shapes_exact(case, device, kernel_variant):
     assert torch.equal(ternary_matmul(a, pack(wt, "w1.58a8")).cpu().long(), ref.int_matmul(a, wt)), (m, n, k)
 
 
-@pytest.mark.parametrize("case", range(RANDOM_CASES))
+@pytest.mark.parametrize("case", RANDOM_CASES)
 def test_random_shapes_int4(case, device, kernel_variant):
     """int4_linear on random shapes and group sizes, within float32 accumulation."""
     rng = random.Random(f"int4-{case}")

@@ -276,7 +276,7 @@ def test_merge_wavg_size_requires_grad_only_through_size(device):
     assert size_out.requires_grad
 
 
-@pytest.mark.parametrize("seed", range(RANDOM_CASES))
+@pytest.mark.parametrize("seed", RANDOM_CASES)
 def test_merges_random_awkward(device, seed):
     """Random batch, token count, channel count (vector tails: 1 to 70), r,
     flags, dtype and a strided x: merge (each mode), unmerge, merge_wavg with

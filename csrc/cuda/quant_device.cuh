@@ -163,6 +163,13 @@ __device__ __forceinline__ void with_epilogue_store(const quant::GemmEpilogue& e
   }
 }
 
+// The int4 kernels' output element: their float32 sum plus the bias (of the
+// output's dtype T; none when null), rounded to T once.
+template <typename T>
+__device__ __forceinline__ T add_bias_and_round(float v, const T* bias, int64_t n) {
+  return from_float<T>(bias ? v + to_float(bias[n]) : v);
+}
+
 __device__ __forceinline__ int32_t warp_sum(int32_t v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
 
     warp_sum_and_store(acc, lane, [&](int i, int r, float v) {
       const int64_t m = m0 + i, n = n0 + r;
-      if (m < M && n < N) out[m * ldo + n] = from_float<T>(bias ? v + to_float(bias[n]) : v);
+      if (m < M && n < N) out[m * ldo + n] = add_bias_and_round(v, bias, n);
     });
   }
 }

@@ -320,7 +320,7 @@ struct GroupScaledMath {
   }
   template <class F>
   __device__ __forceinline__ void with_store(const F& f) const {
-    f([this](int64_t m, int64_t n, float v) { out[m * ldo + n] = from_float<T>(bias ? v + to_float(bias[n]) : v); });
+    f([this](int64_t m, int64_t n, float v) { out[m * ldo + n] = add_bias_and_round(v, bias, n); });
   }
 };
 

@@ -311,10 +311,15 @@ def test_merges_random_awkward(device, seed):
     eye = torch.eye(tokens, dtype=dtype, device=device).expand(batch, tokens, tokens)
     assert torch.equal(source, ref.merge(eye, plan, "amax", distill_token))
     if dtype == torch.float32:
+        # No worse than the oracle's formula run in float32, plus a floor: a size's
+        # gradient sums a product per channel, and its float32 noise grows with C
+        # (case 204115: C = 70, 1.7e-6 off at -0.017; the float32 formula 2.1e-6 off).
         got = grad_of(lambda t, s: tome.merge_wavg(merge, t, s), x, size)
         want = grad_of(lambda t, s: ref.merge_wavg(ref_merge, t, s), x.double(), size.double())
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6)
+        plain = grad_of(lambda t, s: ref.merge_wavg(ref_merge, t, s), x, size)
+        for a, b, p in zip(got, want, plain):
+            plain_err = (p.double() - b).abs().max().item()
+            torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6 + 2 * plain_err)
 
 def test_gradcheck_linear_ops():
     """sum / mean merge and unmerge are linear: float32 gradcheck is exact enough."""

@@ -112,9 +112,7 @@ def make_inputs(device, *, lead=(2, 7), V=37, D=24, dtype=torch.float32, bias=Fa
 def plain_ce(h, W, y, b=None, *, ignore_index=-100, softcap=None, label_smoothing=0.0, z_loss=0.0, weights=None,
              reduction="mean", num_items=None, shift=False, return_lse=False, chunk_budget_bytes=None):
     """What a user writes in plain torch, computed in the inputs' dtype."""
-    z = F.linear(h, W, b)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = R.soft_cap(F.linear(h, W, b), softcap)
     if shift:
         y2 = torch.full_like(y, ignore_index)
         y2[..., :-1] = y[..., 1:]
@@ -203,7 +201,7 @@ def grad_terms(inp, view, kw, seed=1):
     out = R.cross_entropy(z, inp["y"], weights=inp.get("weights"), **kw)
     loss, lse = out if kw.get("return_lse") else (out, None)
     objective(loss, lse, seed).backward()
-    capped = z.detach() if kw.get("softcap") is None else kw["softcap"] * torch.tanh(z.detach() / kw["softcap"])
+    capped = R.soft_cap(z.detach(), kw.get("softcap"))
     lead = tuple(z.shape[:-1])
     per_token, red = token_factors(lead, loss_options(inp["y"], inp.get("weights"), kw), 0.0, 1.0)
     probe_loss = torch.zeros(lead if red == "none" else (), dtype=torch.float64, requires_grad=True)
@@ -224,9 +222,7 @@ def loss_magnitude(inp, view, kw):
     (the target's and, with label smoothing, the mean logit), capped logits; the largest
     token's for reduction "none"."""
     h = inp["h"] if view is None else view(inp["h"])
-    z = R.head_logits(h, inp["W"], inp["b"], torch.float64).cpu()
-    if kw.get("softcap") is not None:
-        z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+    z = R.soft_cap(R.head_logits(h, inp["W"], inp["b"], torch.float64).cpu(), kw.get("softcap"))
     lse = torch.logsumexp(z, -1).abs()
     per_token = lse * (1 + 2 * kw.get("z_loss", 0.0) * lse) + z.abs().amax(-1)
     coef, red = token_factors(tuple(z.shape[:-1]), loss_options(inp["y"], inp.get("weights"), kw), 0.0, 1.0)
@@ -330,7 +326,7 @@ def test_softcap_accuracy(cap, device):
     W = torch.ones(1, 1, device=device)
     _, lse = flashkd.linear_cross_entropy(h, W, torch.zeros(z.shape, dtype=torch.long, device=device),
                                           softcap=cap, return_lse=True, reduction="none")
-    want = cap * torch.tanh(z.double() / cap)
+    want = R.soft_cap(z.double(), cap)
     mag32 = want.float().abs()
     ulp = (torch.nextafter(mag32, torch.tensor(math.inf)) - mag32).double()
     err_ulp = (lse.cpu().double() - want).abs() / ulp

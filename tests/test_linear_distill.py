@@ -108,9 +108,7 @@ def plain_distill(h, W, th=None, tW=None, *, teacher_logits=None, student_bias=N
                   softcap=None, shift=False, chunk_budget_bytes=None, labels=None, ignore_index=-100, **opts):
     """Plain torch: logits by F.linear in the inputs' dtype, then the loss (reference
     formulas, float32 math for fp32/bf16/fp16 logits)."""
-    zs = F.linear(h, W, student_bias)
-    if softcap is not None:
-        zs = softcap * torch.tanh(zs / softcap)
+    zs = R.soft_cap(F.linear(h, W, student_bias), softcap)
     V = zs.shape[-1]
     zt = F.linear(th, tW, teacher_bias)[..., :V] if teacher_logits is None else teacher_logits[..., :V]
     if zt.dtype == torch.float64:
@@ -216,9 +214,7 @@ def oracle_on_rounded_logits(inp, view, kw):
 def oracle_logits(inp, kw, view=None):
     """float64 student and teacher logits over the used vocabulary (for the tolerance
     and the argmax check)."""
-    zs = R.head_logits(student_input(inp, view), inp["W"], inp["b"], torch.float64)
-    if kw.get("softcap") is not None:
-        zs = kw["softcap"] * torch.tanh(zs / kw["softcap"])
+    zs = R.soft_cap(R.head_logits(student_input(inp, view), inp["W"], inp["b"], torch.float64), kw.get("softcap"))
     V = kw.get("vocab_size") or zs.shape[-1]
     return zs[..., :V], teacher_logits64(inp)[..., :V]
 
@@ -289,9 +285,7 @@ def check_case(device, *, budget_rows=3.5, requires=("h", "W", "b"), view=None, 
         zs, zt = oracle_logits(inp, kw, view)
         clear = (top2_gap(zs) > 1e-3) & (top2_gap(zt) > 1e-3)
         if low:
-            zs_r, zt_r = (z[..., :zs.shape[-1]] for z in rounded[2:])
-            if kw.get("softcap") is not None:
-                zs_r = kw["softcap"] * torch.tanh(zs_r / kw["softcap"])
+            zs_r, zt_r = R.soft_cap(rounded[2], kw.get("softcap"))[..., :zs.shape[-1]], rounded[3][..., :zs.shape[-1]]
             clear &= (top2_gap(zs_r) > 1e-3) & (top2_gap(zt_r) > 1e-3)
         agree = os_["agree"]
         assert ks["agree"].dtype == torch.bool and ks["agree"].shape == agree.shape

@@ -4,7 +4,7 @@ op family, re-exported here: ``flashkd.reference.distill_loss`` etc."""
 from . import quant  # noqa: F401  (flashkd.reference.quant: quantized matmuls)
 from . import tome  # noqa: F401  (flashkd.reference.tome: token merging and pruning)
 from .losses import (cross_entropy, distill_loss, divergence, head_logits, linear_cross_entropy, linear_distill_loss,
-                     taid_logit)
+                     soft_cap, taid_logit)
 
 __all__ = ["cross_entropy", "distill_loss", "divergence", "linear_cross_entropy", "linear_distill_loss", "taid_logit",
-           "head_logits"]
+           "head_logits", "soft_cap"]

@@ -133,12 +133,16 @@ def _shifted(labels, ignore_index):
     return out
 
 
+def soft_cap(logits, softcap):
+    """softcap * tanh(logits / softcap): the logit soft cap of the linear losses
+    (DESIGN.md §2); the logits unchanged when softcap is None."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
 def cross_entropy(logits, targets, *, ignore_index=-100, softcap=None, label_smoothing=0.0, z_loss=0.0,
                   weights=None, reduction="mean", num_items=None, shift=False, return_lse=False):
     """The loss of :func:`linear_cross_entropy` on given (pre-cap) logits (..., V)."""
-    z = logits
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = soft_cap(logits, softcap)
     labels = _shifted(targets, ignore_index) if shift else targets
     valid = labels != ignore_index
     lse = torch.logsumexp(z, -1)
@@ -164,9 +168,7 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
                         chunk_budget_bytes=None, labels=None, ignore_index=-100, **options):
     """Oracle of :func:`flashkd.linear_distill_loss`: materializes both logits."""
     dt = _compute_dtype(student_hidden, student_weight)
-    zs = head_logits(student_hidden, student_weight, student_bias, dt)
-    if softcap is not None:
-        zs = softcap * torch.tanh(zs / softcap)
+    zs = soft_cap(head_logits(student_hidden, student_weight, student_bias, dt), softcap)
     V = zs.shape[-1]
     if teacher_logits is not None:
         zt = teacher_logits[..., :V].to(dt)

@@ -196,12 +196,12 @@ summary_line() { grep -sE '(passed|failed|skipped|deselected|errors?|no tests ra
 # calls on a warm machine), so a later call with FLASHKD_SUITE_STEPS=bench uses them too.
 FALLBACK_FILE=build/gpu-suite-fallbacks.env
 FALLBACKS=()
-# id|pytest -k expression|file|fallbacks|benchmark providers to skip, when its tests fail.
+# id|pytest -k expression|test files (a glob)|fallbacks|benchmark providers to skip, when its tests fail.
 # Fallbacks are VAR=kernel in order of preference: the first whose kernel has not failed is
 # exported (none, for a kernel that is not the default: wgmma-1cta, the wgmma loop without
 # clusters, only leaves the later steps; the clustered wgmma then falls back to it, or to
 # mma.sync if it failed too).
-NEW_KERNELS=("cuda-cluster|cuda-cluster|tests/test_distill.py|FLASHKD_DISTILL_KERNEL=stream|"
+NEW_KERNELS=("cuda-cluster|cuda-cluster|tests/test_distill*.py|FLASHKD_DISTILL_KERNEL=stream|"
              "wgmma-1cta|wgmma-1cta|tests/test_quant_kernels.py||quant_linear:flashkd-wgmma-1cta"
              "wgmma|wgmma and not wgmma-1cta|tests/test_quant_kernels.py|FLASHKD_INT8_MAINLOOP=wgmma-1cta FLASHKD_INT8_MAINLOOP=mma.sync|")
 BENCH_SKIP=""
@@ -233,8 +233,9 @@ elif [ $BUILT = 1 ]; then
     FAILED_KERNELS=" "
     for spec in "${NEW_KERNELS[@]}"; do
         IFS='|' read -r id expr file fallbacks skip <<< "$spec"
+        # shellcheck disable=SC2086 # $file may be a glob of test files
         limited "tests-$id" "$WORK/pytest-$id.log" "${FLASHKD_NEW_KERNEL_TIMEOUT:-150}" \
-            "${PYTEST_RUN[@]}" "$file" -k "$expr"
+            "${PYTEST_RUN[@]}" $file -k "$expr"
         rc=$?
         if [ "$rc" -ne 0 ] && [ "$rc" -ne 125 ]; then
             FAILED_KERNELS+="$id "
@@ -265,7 +266,7 @@ fi
 
 # 5. compute-sanitizer; without the caching allocator, so memcheck sees each allocation's bounds
 SANITIZER=()
-SAN_TESTS=${FLASHKD_SANITIZER_TESTS:-tests/test_distill.py tests/test_tome.py tests/test_prune.py tests/test_quant_kernels.py}
+SAN_TESTS=${FLASHKD_SANITIZER_TESTS:-tests/test_distill*.py tests/test_tome.py tests/test_prune.py tests/test_quant_kernels.py}
 SAN_SUBSET=${FLASHKD_SANITIZER_SUBSET:-gradcheck or identical or inf or tie or matmul_exact or strided or empty or non_contiguous or merge_wavg_grad or row_split and fkl or prune.py and test_grad or out_of_range or many_tokens}
 for line in "${FALLBACKS[@]}"; do SAN_SUBSET="($SAN_SUBSET) and not ${line%% failed*}"; done
 if ! wanted sanitizer; then

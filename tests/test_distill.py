@@ -4,8 +4,6 @@ weights, statistics, in-place and loss-only forms, layouts and shapes, the
 CPU's fixed summation order, the CUDA kernels' row splits, grad_output
 scaling; and the kernel's gradient against finite differences of its own
 loss. The tolerance model: tests/distill_cases.py."""
-from __future__ import annotations
-
 import math
 import os
 

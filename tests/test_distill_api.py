@@ -1,8 +1,6 @@
 """flashkd.distill_loss as a torch op and a module: torch.library.opcheck,
 torch.compile, flashkd.nn.DistillLoss, and bad inputs that must raise a clear
 error naming the argument."""
-from __future__ import annotations
-
 import math
 
 import pytest

@@ -1,7 +1,5 @@
 """flashkd.distill_loss on extreme inputs: +-1e4 logits, large offsets,
 -inf (masked) classes, NaN and inf rows, identical student and teacher."""
-from __future__ import annotations
-
 import math
 
 import pytest
@@ -15,10 +13,6 @@ from distill_cases import (  # noqa: F401  (fixture)
     DIVS, DTYPES, EPS32, check_run, device, gen, logits, make_labels, run_all,
 )
 
-
-# ----------------------------------------------------------------------------
-# Extreme inputs
-# ----------------------------------------------------------------------------
 
 def _extreme_pair(g, V, device):
     """Rows of +-1e4 logits: a dominant +1e4 class in the student and in the

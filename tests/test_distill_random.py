@@ -1,8 +1,6 @@
 """flashkd.distill_loss on random combinations of every option at once
 (checks.RANDOM_CASES cases), judged by the tolerance model of
 tests/distill_cases.py."""
-from __future__ import annotations
-
 import math
 import random
 
@@ -14,10 +12,6 @@ from distill_cases import (  # noqa: F401  (fixture)
     DIVS, DTYPES, check_run, default_cot, device, gen, logits, make_weights, run_all,
 )
 
-
-# ----------------------------------------------------------------------------
-# Random option combinations
-# ----------------------------------------------------------------------------
 
 # test_distill.py varies one or two options at a time. Here each case draws all
 # of them at once (divergence and its parameter, dtypes, leading dims,

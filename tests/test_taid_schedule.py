@@ -1,7 +1,5 @@
 """flashkd.TAIDSchedule: the linear and adaptive schedules of TAID's
 lambda, their state, bad arguments, and lambda driving distill_loss."""
-from __future__ import annotations
-
 import pytest
 import torch
 
@@ -9,10 +7,6 @@ import flashkd
 
 from distill_cases import device, gen, logits  # noqa: F401  (fixture)
 
-
-# ----------------------------------------------------------------------------
-# TAIDSchedule
-# ----------------------------------------------------------------------------
 
 def test_taid_schedule_linear():
     sched = flashkd.TAIDSchedule(total_steps=10, lambda_start=0.2, lambda_end=0.9)

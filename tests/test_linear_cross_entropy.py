@@ -22,7 +22,7 @@ u being, for gradients, the unit roundoff of their dtype (2^-8 bf16, 2^-11 fp16,
 2^-24 fp32; 0 for the float32 loss and LSE): one rounding of the largest element
 to the stored dtype, which neither the kernel nor torch avoids and in which
 torch may be luckier on a given case. For the loss, max|oracle| is at least the
-size of what it is made of (loss_magnitude): a token whose target logit
+size of what it is made of (tolerance_terms): a token whose target logit
 dominates has a loss LSE - z_y near 0, the difference of two values of size |z|,
 each known to float32 noise at that size (found by a random case, 100991: a
 loss of 9.7e-4 from logits up to 14.4, off by 5.9e-8, a 15th of an ulp of the
@@ -44,7 +44,7 @@ the oracle's value by luck, which makes it no guide at that size.
 
 The bound above is on the largest error of a tensor; gradients also get a
 per-element term for what a maximum does not see (tests/linear_tolerance.py,
-grad_terms): an element of d hidden = G @ W or d weight = G^T h is a dot product
+tolerance_terms): an element of d hidden = G @ W or d weight = G^T h is a dot product
 that keeps the noise of its products however much it cancels, and each entry of
 G = a_t (p_j - target_j) carries noise of order a_t p_j (in bf16/fp16, one
 rounding of it) however small the difference. FLASHKD_TEST_REPORT_TOL=1 pytest -s
@@ -177,8 +177,8 @@ def run(impl, inp, *, dtype=None, requires=("h", "W", "b"), view=None, seed=1, *
 
 def check_against(kern, oracle, plain, *, V, D, dtype=torch.float32, rounded=None, terms=None, loss_terms=0.0):
     """kern/oracle/plain: results of `run`. Applies the tolerance model of the module docstring;
-    `rounded`: the oracle's loss and lse on logits rounded to a bf16/fp16 `dtype`; `terms`:
-    grad_terms of the case; `loss_terms`: loss_magnitude of the case."""
+    `rounded`: the oracle's loss and lse on logits rounded to a bf16/fp16 `dtype`; `terms`,
+    `loss_terms`: tolerance_terms of the case."""
     noise = K_FLOOR * EPS32 * math.sqrt(D + V)
     for i, name in enumerate(("loss", "lse")):
         extra = SLACK * max_err(rounded[name], oracle[i]) if rounded is not None and oracle[i] is not None else 0.0
@@ -189,13 +189,20 @@ def check_against(kern, oracle, plain, *, V, D, dtype=torch.float32, rounded=Non
                     terms=None if terms is None else terms[k])
 
 
-def grad_terms(inp, view, kw, seed=1):
-    """Per element of d hidden, d weight, d bias: linear_tolerance.product_magnitudes
-    with M = |G| + a_t P_tj, G the oracle's d objective / d logits, P the softmax of the
-    (capped) logits and a_t the token's softmax coefficient in G: its loss cotangent
-    (token weight, mean divisor, objective) times 1 + 2 z_loss |LSE|, plus its LSE
-    cotangent. An element a_t (p_j - target_j) carries float32 noise of order a_t p_j
-    however much it cancels; a dot product, noise relative to its products' magnitudes."""
+def tolerance_terms(inp, view, kw, seed=1):
+    """The per-case terms of the tolerance model, from the float64 logits z (capped: zc):
+    * grad terms, per element of d hidden, d weight, d bias: linear_tolerance.product_magnitudes
+      with M = |G| + a_t P_tj, G the oracle's d objective / d logits, P = softmax(zc) and a_t
+      the token's softmax coefficient in G: its loss cotangent (token weight, mean divisor,
+      objective) times 1 + 2 z_loss |LSE_t|, plus its LSE cotangent. An element a_t (p_j -
+      target_j) carries float32 noise of order a_t p_j however much it cancels; a dot product,
+      noise relative to its products' magnitudes;
+    * the loss magnitude, the size of the terms the loss is made of where it cancels to ~0 (a
+      token whose target logit dominates: LSE_t - z_ty ~ 0 from two operands of size |z|): the
+      sum over tokens of their loss coefficients times |LSE_t| (1 + 2 z_loss |LSE_t|) +
+      max_j |zc_tj| (the target's and, with label smoothing, the mean logit); the largest
+      token's for reduction "none".
+    Returns (grad terms, loss magnitude)."""
     h = inp["h"] if view is None else view(inp["h"])
     z = R.head_logits(h, inp["W"], inp["b"], torch.float64).detach().requires_grad_()
     out = R.cross_entropy(z, inp["y"], weights=inp.get("weights"), **kw)
@@ -207,27 +214,15 @@ def grad_terms(inp, view, kw, seed=1):
     probe_loss = torch.zeros(lead if red == "none" else (), dtype=torch.float64, requires_grad=True)
     probe_lse = torch.zeros(lead, dtype=torch.float64, requires_grad=True) if kw.get("return_lse") else None
     objective(probe_loss, probe_lse, seed).backward()
-    lse_capped = torch.logsumexp(capped, -1).cpu()
-    a = per_token * probe_loss.grad.abs() * (1 + 2 * kw.get("z_loss", 0.0) * lse_capped.abs())
+    lse_capped = torch.logsumexp(capped, -1).abs().cpu()
+    lse_factor = 1 + 2 * kw.get("z_loss", 0.0) * lse_capped
+    a = per_token * probe_loss.grad.abs() * lse_factor
     if probe_lse is not None:
         a = a + probe_lse.grad.abs()
     M = z.grad.abs() + a.to(z.device).unsqueeze(-1) * torch.softmax(capped, -1)
-    return product_magnitudes(inp, view, M)
-
-
-def loss_magnitude(inp, view, kw):
-    """The size of the terms the loss is made of, where it cancels to ~0 (a token whose
-    target logit dominates: LSE_t - z_ty ~ 0 from two operands of size |z|): the sum over
-    tokens of their loss coefficients times |LSE_t| (1 + 2 z_loss |LSE_t|) + max_j |z_tj|
-    (the target's and, with label smoothing, the mean logit), capped logits; the largest
-    token's for reduction "none"."""
-    h = inp["h"] if view is None else view(inp["h"])
-    z = R.soft_cap(R.head_logits(h, inp["W"], inp["b"], torch.float64).cpu(), kw.get("softcap"))
-    lse = torch.logsumexp(z, -1).abs()
-    per_token = lse * (1 + 2 * kw.get("z_loss", 0.0) * lse) + z.abs().amax(-1)
-    coef, red = token_factors(tuple(z.shape[:-1]), loss_options(inp["y"], inp.get("weights"), kw), 0.0, 1.0)
-    weighted = coef * per_token
-    return (weighted.amax() if red == "none" else weighted.sum()).item() if weighted.numel() else 0.0
+    weighted = per_token * (lse_capped * lse_factor + capped.abs().amax(-1).cpu())
+    magnitude = (weighted.amax() if red == "none" else weighted.sum()).item() if weighted.numel() else 0.0
+    return product_magnitudes(inp, view, M), magnitude
 
 
 def check_case(device, *, dtype=torch.float32, lead=(2, 7), V=37, D=24, bias=False, scale=3.0, ignore=0.0,
@@ -243,8 +238,8 @@ def check_case(device, *, dtype=torch.float32, lead=(2, 7), V=37, D=24, bias=Fal
     oracle = run(R.linear_cross_entropy, inp, dtype=torch.float64, requires=requires, view=kv, **kw)
     plain = run(plain_ce, inp, requires=requires, view=kv, **kw)
     rounded = None if dtype == torch.float32 else oracle_on_rounded_logits(inp, kv, **kw)
-    check_against(kern, oracle, plain, V=V, D=D, dtype=dtype, rounded=rounded, terms=grad_terms(inp, kv, kw),
-                  loss_terms=loss_magnitude(inp, kv, kw))
+    terms, loss_terms = tolerance_terms(inp, kv, kw)
+    check_against(kern, oracle, plain, V=V, D=D, dtype=dtype, rounded=rounded, terms=terms, loss_terms=loss_terms)
     return kern, oracle
 
 

@@ -1,258 +1,25 @@
-"""Tests of flashkd.linear_cross_entropy (fused LM head + cross-entropy that never
-materializes the [tokens x vocab] logits, DESIGN.md sections 2, 3 and 5) and of the
-op behind it, torch.ops.flashkd.linear_loss.
-
-How results are judged
-----------------------
-Each case runs three computations on the same input values:
-  * the kernel: flashkd.linear_cross_entropy, chunked over tokens (most cases
-    force many chunks with a tiny chunk_budget_bytes, so that a chunk boundary
-    falls inside the tokens and the last chunk is partial);
-  * the oracle: flashkd.reference.linear_cross_entropy on float64 copies of the
-    very same (already rounded) inputs, with float64 autograd: "the truth";
-  * plain torch: F.cross_entropy(F.linear(hidden, weight, bias), ...) in the
-    inputs' own dtype, with torch autograd: what a user would otherwise write.
-
-For every output (loss, lse, d hidden, d weight, d bias) a case passes when
-
-    |kernel - oracle| <= SLACK * max|plain - oracle| + floor,
-    floor = (K_FLOOR * EPS32 * sqrt(D + V) + u) * max|oracle|,
-
-u being, for gradients, the unit roundoff of their dtype (2^-8 bf16, 2^-11 fp16,
-2^-24 fp32; 0 for the float32 loss and LSE): one rounding of the largest element
-to the stored dtype, which neither the kernel nor torch avoids and in which
-torch may be luckier on a given case. For the loss, max|oracle| is at least the
-size of what it is made of (tolerance_terms): a token whose target logit
-dominates has a loss LSE - z_y near 0, the difference of two values of size |z|,
-each known to float32 noise at that size (found by a random case, 100991: a
-loss of 9.7e-4 from logits up to 14.4, off by 5.9e-8, a 15th of an ulp of the
-logit, which a bound relative to the loss itself failed).
-
-SLACK = 2 allows for a different order of summation ("no worse than torch").
-The K_FLOOR term is a float32 noise level: logits are dot products of length D
-and the softmax normaliser a sum of V terms, each carrying about sqrt(length)
-units of float32 roundoff for random rounding; plain torch in float32 is
-sometimes much luckier than that on a given case, and the kernel must not be
-failed for it (measured: the kernel stays under 0.1 of this bound in float32).
-In bf16/fp16 the SLACK term dominates for the gradients (both the kernel and
-torch round the logits and the gradients to the input dtype: the error has the
-same origin). The loss and LSE get one more term, SLACK times how far the
-oracle's own loss and LSE move when its logits are rounded to the dtype first
-(as the kernel's GEMM and torch's F.linear round them): torch returns its loss
-in the dtype, and an fp16 loss of 19.47, stored to +-0.008, may land next to
-the oracle's value by luck, which makes it no guide at that size.
-
-The bound above is on the largest error of a tensor; gradients also get a
-per-element term for what a maximum does not see (tests/linear_tolerance.py,
-tolerance_terms): an element of d hidden = G @ W or d weight = G^T h is a dot product
-that keeps the noise of its products however much it cancels, and each entry of
-G = a_t (p_j - target_j) carries noise of order a_t p_j (in bf16/fp16, one
-rounding of it) however small the difference. FLASHKD_TEST_REPORT_TOL=1 pytest -s
-prints every error next to its bound.
-"""
+"""flashkd.linear_cross_entropy (LM head + cross-entropy that never materializes the
+[tokens x vocab] logits) and the op behind it, torch.ops.flashkd.linear_loss: values and
+gradients against the float64 oracle for every option, random option combinations, finite
+differences, opcheck, torch.compile, bad inputs. The tolerance model: tests/linear_ce_cases.py."""
 from __future__ import annotations
 
 import math
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import flashkd
 from flashkd import reference as R
-from flashkd._ops import LINEAR_LOSS_ARGS
 
-import memory
-from checks import (CPU_16BIT_GEMMS, RANDOM_CASES, assert_compile_matches_eager, cpu_16bit_gemm,
-                    directional_check, loss_options, random_lead, scalar_objective, token_factors)
-from linear_tolerance import EPS32, K_FLOOR, SLACK, UNIT, check_close, max_err, product_magnitudes
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from checks import (CPU_16BIT_GEMMS, RANDOM_CASES, assert_compile_matches_eager, cpu_16bit_gemm, directional_check,
+                    random_lead)
+from linear_tolerance import UNIT
+from linear_ce_cases import DTYPES, check_against, check_case, make_inputs, op_args, plain_ce, rows_budget, run
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def rows_budget(V, rows, elem=4):
-    """A chunk_budget_bytes that fits `rows` (fractional) rows of float32 logits:
-    the glue uses floor(budget / (V * elem)) rows per chunk."""
-    return int(rows * V * elem)
-
-
-def float32_head_budget(rows, V, D, heads):
-    """A chunk_budget_bytes that gives `rows` rows per chunk to 16-bit heads run in
-    float32 on the CPU (csrc/ops/head_gemm.h), `heads` of them with hidden size D: a
-    quarter of the budget goes to the weight panels, and each row of the rest holds
-    float32 logits and hidden states per head and the student's float32 d hidden."""
-    row = heads * (V + D) * 4 + D * 4
-    return (rows * row + row // 2) * 4 // 3
-
-
-def make_inputs(device, *, lead=(2, 7), V=37, D=24, dtype=torch.float32, bias=False, scale=3.0, ignore=0.0,
-                ignore_index=-100, weights=False, seed=0):
-    """Random hidden (lead..., D), weight (V, D), targets (lead...) and optional bias and
-    per-token weights. Logits have a standard deviation of about `scale`."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(*lead, D, generator=g)
-    W = torch.randn(V, D, generator=g) * (scale / math.sqrt(D))
-    b = torch.randn(V, generator=g) if bias else None
-    y = torch.randint(0, V, lead, generator=g)
-    if ignore:
-        y[torch.rand(lead, generator=g) < ignore] = ignore_index
-    w = (torch.rand(lead, generator=g) * 1.5 + 0.25) if weights else None
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
-    return dict(h=cast(h), W=cast(W), b=cast(b), y=y.to(device),
-                weights=None if w is None else w.to(device))
-
-
-def plain_ce(h, W, y, b=None, *, ignore_index=-100, softcap=None, label_smoothing=0.0, z_loss=0.0, weights=None,
-             reduction="mean", num_items=None, shift=False, return_lse=False, chunk_budget_bytes=None):
-    """What a user writes in plain torch, computed in the inputs' dtype."""
-    z = R.soft_cap(F.linear(h, W, b), softcap)
-    if shift:
-        y2 = torch.full_like(y, ignore_index)
-        y2[..., :-1] = y[..., 1:]
-        y = y2
-    V = z.shape[-1]
-    per = F.cross_entropy(z.reshape(-1, V), y.reshape(-1), ignore_index=ignore_index,
-                          label_smoothing=label_smoothing, reduction="none").reshape(y.shape)
-    lse = torch.logsumexp(z, -1)
-    valid = y != ignore_index
-    if z_loss:
-        per = per + z_loss * torch.where(valid, lse * lse, torch.zeros_like(lse))
-    if weights is not None:
-        per = per * weights.to(per.dtype)
-    if reduction == "none":
-        loss = per
-    elif reduction == "sum":
-        loss = per.sum()
-    else:
-        denom = num_items if num_items is not None else valid.sum().clamp_min(1)
-        loss = per.sum() / denom
-    return (loss, lse) if return_lse else loss
-
-
-def objective(loss, lse, seed):
-    """The scalar `run` differentiates: the loss times a non-trivial cotangent
-    (checks.scalar_objective) plus, when the LSE is returned, a random linear function
-    of it (multiples of 1/256 in [-1/8, 1/8], exact in every dtype)."""
-    g = torch.Generator().manual_seed(seed)
-    obj = scalar_objective(loss, g)
-    if lse is not None:
-        cot = (torch.randint(-32, 33, lse.shape, generator=g, dtype=torch.float64) / 256).to(lse.device)
-        obj = obj + (lse * cot.to(lse.dtype)).sum()
-    return obj
-
-
-def run(impl, inp, *, dtype=None, requires=("h", "W", "b"), view=None, seed=1, **kw):
-    """Forward + backward of `impl` (flashkd, the oracle or plain torch) on copies of the
-    inputs cast to `dtype` (float64 for the oracle). The objective multiplies the loss by a
-    non-trivial cotangent (a scalar for sum/mean, a random per-token tensor for "none") and
-    adds a random linear function of the LSE when it is returned, so that backward sees
-    grad_output != 1. `view` maps the leaf hidden to the hidden passed in (layout tests).
-    Returns the loss, the lse and the gradients of the leaves, all in float64."""
-    leaves = {}
-    for k in ("h", "W", "b"):
-        t = inp[k]
-        if t is None:
-            leaves[k] = None
-            continue
-        t = t.detach().clone() if dtype is None else t.detach().to(dtype)
-        leaves[k] = t.requires_grad_(k in requires)
-    h = leaves["h"] if view is None else view(leaves["h"])
-    out = impl(h, leaves["W"], inp["y"], leaves["b"], weights=inp.get("weights"), **kw)
-    loss, lse = out if kw.get("return_lse") else (out, None)
-    obj = objective(loss, lse, seed)
-    grads = {}
-    if obj.requires_grad:
-        obj.backward()
-        grads = {k: None if (t is None or t.grad is None) else t.grad.double() for k, t in leaves.items()}
-    lse64 = None if lse is None else lse.detach().double()
-    return loss.detach().double(), lse64, grads
-
-
-def check_against(kern, oracle, plain, *, V, D, dtype=torch.float32, rounded=None, terms=None, loss_terms=0.0):
-    """kern/oracle/plain: results of `run`. Applies the tolerance model of the module docstring;
-    `rounded`: the oracle's loss and lse on logits rounded to a bf16/fp16 `dtype`; `terms`,
-    `loss_terms`: tolerance_terms of the case."""
-    noise = K_FLOOR * EPS32 * math.sqrt(D + V)
-    for i, name in enumerate(("loss", "lse")):
-        extra = SLACK * max_err(rounded[name], oracle[i]) if rounded is not None and oracle[i] is not None else 0.0
-        check_close(name, kern[i], oracle[i], plain[i], noise, min_scale=loss_terms if i == 0 else 0.0,
-                    extra=extra)
-    for k in ("h", "W", "b"):
-        check_close(f"grad {k}", kern[2].get(k), oracle[2].get(k), plain[2].get(k), noise, unit=UNIT[dtype],
-                    terms=None if terms is None else terms[k])
-
-
-def tolerance_terms(inp, view, kw, seed=1):
-    """The per-case terms of the tolerance model, from the float64 logits z (capped: zc):
-    * grad terms, per element of d hidden, d weight, d bias: linear_tolerance.product_magnitudes
-      with M = |G| + a_t P_tj, G the oracle's d objective / d logits, P = softmax(zc) and a_t
-      the token's softmax coefficient in G: its loss cotangent (token weight, mean divisor,
-      objective) times 1 + 2 z_loss |LSE_t|, plus its LSE cotangent. An element a_t (p_j -
-      target_j) carries float32 noise of order a_t p_j however much it cancels; a dot product,
-      noise relative to its products' magnitudes;
-    * the loss magnitude, the size of the terms the loss is made of where it cancels to ~0 (a
-      token whose target logit dominates: LSE_t - z_ty ~ 0 from two operands of size |z|): the
-      sum over tokens of their loss coefficients times |LSE_t| (1 + 2 z_loss |LSE_t|) +
-      max_j |zc_tj| (the target's and, with label smoothing, the mean logit); the largest
-      token's for reduction "none".
-    Returns (grad terms, loss magnitude)."""
-    h = inp["h"] if view is None else view(inp["h"])
-    z = R.head_logits(h, inp["W"], inp["b"], torch.float64).detach().requires_grad_()
-    out = R.cross_entropy(z, inp["y"], weights=inp.get("weights"), **kw)
-    loss, lse = out if kw.get("return_lse") else (out, None)
-    objective(loss, lse, seed).backward()
-    capped = R.soft_cap(z.detach(), kw.get("softcap"))
-    lead = tuple(z.shape[:-1])
-    per_token, red = token_factors(lead, loss_options(inp["y"], inp.get("weights"), kw), 0.0, 1.0)
-    probe_loss = torch.zeros(lead if red == "none" else (), dtype=torch.float64, requires_grad=True)
-    probe_lse = torch.zeros(lead, dtype=torch.float64, requires_grad=True) if kw.get("return_lse") else None
-    objective(probe_loss, probe_lse, seed).backward()
-    lse_capped = torch.logsumexp(capped, -1).abs().cpu()
-    lse_factor = 1 + 2 * kw.get("z_loss", 0.0) * lse_capped
-    a = per_token * probe_loss.grad.abs() * lse_factor
-    if probe_lse is not None:
-        a = a + probe_lse.grad.abs()
-    M = z.grad.abs() + a.to(z.device).unsqueeze(-1) * torch.softmax(capped, -1)
-    weighted = per_token * (lse_capped * lse_factor + capped.abs().amax(-1).cpu())
-    magnitude = (weighted.amax() if red == "none" else weighted.sum()).item() if weighted.numel() else 0.0
-    return product_magnitudes(inp, view, M), magnitude
-
-
-def check_case(device, *, dtype=torch.float32, lead=(2, 7), V=37, D=24, bias=False, scale=3.0, ignore=0.0,
-               weights=False, seed=0, budget_rows=None, requires=("h", "W", "b"), view=None, **kw):
-    ignore_index = kw.get("ignore_index", -100)
-    inp = make_inputs(device, lead=lead, V=V, D=D, dtype=dtype, bias=bias, scale=scale, ignore=ignore,
-                      ignore_index=ignore_index, weights=weights, seed=seed)
-    if view is not None:
-        inp["h"] = view["make"](inp["h"])
-    kv = view["view"] if view is not None else None
-    budget = None if budget_rows is None else rows_budget(V, budget_rows, torch.empty((), dtype=dtype).element_size())
-    kern = run(flashkd.linear_cross_entropy, inp, requires=requires, view=kv, chunk_budget_bytes=budget, **kw)
-    oracle = run(R.linear_cross_entropy, inp, dtype=torch.float64, requires=requires, view=kv, **kw)
-    plain = run(plain_ce, inp, requires=requires, view=kv, **kw)
-    rounded = None if dtype == torch.float32 else oracle_on_rounded_logits(inp, kv, **kw)
-    terms, loss_terms = tolerance_terms(inp, kv, kw)
-    check_against(kern, oracle, plain, V=V, D=D, dtype=dtype, rounded=rounded, terms=terms, loss_terms=loss_terms)
-    return kern, oracle
-
-
-def oracle_on_rounded_logits(inp, view=None, *, return_lse=False, **kw):
-    """The float64 oracle's loss and LSE on the logits rounded to the inputs' dtype, as the
-    kernel's GEMM (like F.linear) rounds them: {"loss": ..., "lse": ... or None}."""
-    h = inp["h"] if view is None else view(inp["h"])
-    z = F.linear(h, inp["W"], inp["b"]).double()
-    loss, lse = R.cross_entropy(z, inp["y"], weights=inp.get("weights"), return_lse=True, **kw)
-    return {"loss": loss, "lse": lse if return_lse else None}
-
-
-# ----------------------------------------------------------------------------- 1. values and gradients
+# ----------------------------------------------------------------------------- values and gradients
 
 
 OPTION_CASES = {
@@ -350,7 +117,7 @@ LOWP_CASES = {
 @pytest.mark.parametrize("case", list(LOWP_CASES))
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_low_precision(dtype, case, device, cpu_gemm_mode):
-    # Judged against plain torch in the same dtype (module docstring): both round the
+    # Judged against plain torch in the same dtype (linear_ce_cases.py): both round the
     # logits and gradients to bf16/fp16; the kernel keeps the loss math in float32.
     check_case(device, dtype=DTYPES[dtype], lead=(4, 16), V=300, D=64, budget_rows=7.5, **LOWP_CASES[case])
 
@@ -556,7 +323,7 @@ def test_random_option_combinations(case, device):
     with cpu_16bit_gemm(rng.choice(CPU_16BIT_GEMMS)):
         check_case(device, **kw)
 
-# ----------------------------------------------------------------------------- 2. finite differences
+# ----------------------------------------------------------------------------- finite differences
 
 
 # Finite-difference gradient checks: see checks.directional_check.
@@ -587,21 +354,7 @@ def test_gradcheck_linear_cross_entropy(case, device):
     directional_check(f, [inp["h"], inp["W"], inp["b"]], device)
 
 
-# ----------------------------------------------------------------------------- 3. opcheck, torch.compile
-
-
-def op_args(inp, *, bias=True, reduction="mean", grad_mask=7, return_lse=False, label_smoothing=0.0,
-            z_loss=0.0, softcap=None, budget=None, float32_weight_grad=True):
-    a = dict.fromkeys(LINEAR_LOSS_ARGS)
-    rg = lambda t, bit: t.detach().clone().requires_grad_(bool(grad_mask & bit))
-    a.update(hidden=rg(inp["h"], 1), weight=rg(inp["W"], 2), bias=rg(inp["b"], 4) if bias else None,
-             labels=inp["y"], weights=inp["weights"], divergence="fkl", temperature=1.0, beta=0.5, alpha=0.1,
-             taid_lambda=None, ignore_index=-100, hard_weight=1.0, soft_weight=0.0, t2_scaling=False,
-             vocab_size=None, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-             reduction=reduction, num_items=None, return_stats=False, return_lse=return_lse,
-             grad_mask=grad_mask, row_scale=None, chunk_budget_bytes=budget,
-             float32_weight_grad=float32_weight_grad)
-    return tuple(a[k] for k in LINEAR_LOSS_ARGS)
+# ----------------------------------------------------------------------------- opcheck, torch.compile
 
 
 OPCHECK_CASES = {
@@ -654,7 +407,7 @@ def test_compile_fullgraph(device):
     assert_compile_matches_eager(f, lambda: [inp[k].clone().requires_grad_() for k in ("h", "W", "b")])
 
 
-# ----------------------------------------------------------------------------- 4. bad inputs
+# ----------------------------------------------------------------------------- bad inputs
 
 
 def _bad(device):
@@ -710,278 +463,3 @@ def test_bad_inputs(case, device):
     fn, exc, pattern = _bad(device)[case]
     with pytest.raises(exc, match=pattern):
         fn()
-
-
-# ----------------------------------------------------------------------------- 5. 16-bit heads on the CPU
-
-
-@pytest.mark.parametrize("panel_rows", [1, 7, 300])
-@pytest.mark.parametrize("fn", [flashkd.linear_cross_entropy, flashkd.linear_distill_loss],
-                         ids=["cross_entropy", "distill"])
-def test_float32_heads_compute_the_float32_values(panel_rows, fn):
-    """A bf16 head run in float32 on the CPU computes what the same call on the inputs
-    converted to float32 computes, rounded once to bf16: its weight panels (here of
-    1 and 7 rows, 300 not a multiple of 7, and one panel for the whole weight) and
-    chunks only change the order of float32 sums. A panel read twice or skipped, or
-    logits written to the wrong columns, would be off by far more than 1e-5. (d weight
-    summed in bf16: test_weight_grad_summed_in_its_dtype.)"""
-    N, V, D = 30, 300, 24
-    inp = make_inputs("cpu", lead=(N,), V=V, D=D, dtype=torch.bfloat16, bias=True, ignore=0.2)
-    heads = 1 if fn is flashkd.linear_cross_entropy else 2
-    # the panel takes a quarter of the budget: 4 bytes x D per row, shared by the heads
-    budget = panel_rows * heads * D * 4 * 4
-
-    def call(dtype, **kw):
-        h = inp["h"].to(dtype).requires_grad_()
-        W = inp["W"].to(dtype).requires_grad_()
-        b = inp["b"].to(dtype).requires_grad_()
-        if fn is flashkd.linear_cross_entropy:
-            loss = fn(h, W, inp["y"], b, label_smoothing=0.1, **kw)
-        else:
-            loss = fn(h, W, h.detach().flip(-1), W.detach().flip(0), student_bias=b, teacher_bias=b.detach().flip(0),
-                      labels=inp["y"], hard_weight=0.5, divergence="jsd", **kw)
-        loss.backward()
-        return loss.detach(), h.grad, W.grad, b.grad
-
-    want = call(torch.float32)
-    with cpu_16bit_gemm("float32"):
-        got = call(torch.bfloat16, chunk_budget_bytes=budget)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, msg="loss")
-    for name, g, w in zip(("d hidden", "d weight", "d bias"), got[1:], want[1:]):
-        assert g.dtype == torch.bfloat16
-        tol = 2.0 ** -8 * w.abs() + 1e-5 * w.abs().max()  # one rounding to bf16, float32 noise
-        err = (g.float() - w).abs()
-        assert (err <= tol).all(), f"{name}: max excess {(err - tol).max().item():.3e}"
-
-
-@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags
-def test_cpu_head_gemm_choice():
-    """cpu_16bit_gemm: "auto" runs a 16-bit head in float32 exactly where ATen has no
-    oneDNN GEMM for its dtype (or oneDNN is disabled), in the dtype elsewhere, as
-    flashkd.cpu_gemm_dtype reports; a bad name is refused, and reset goes back to auto."""
-    ops = torch.ops.flashkd
-    inp = make_inputs("cpu", lead=(16,), V=50, D=8, dtype=torch.bfloat16)
-
-    def bits():
-        h, W = inp["h"].clone().requires_grad_(), inp["W"].clone().requires_grad_()
-        loss = flashkd.linear_cross_entropy(h, W, inp["y"])
-        loss.backward()
-        return loss.detach(), h.grad, W.grad
-
-    def same(a, b):
-        return all(torch.equal(x, y) for x, y in zip(a, b))
-
-    runs = {}
-    for mode in ("native", "float32"):
-        with cpu_16bit_gemm(mode):
-            runs[mode] = bits()
-    assert not same(runs["native"], runs["float32"])  # the two really differ, so the checks below can fail
-    assert ops.cpu_16bit_gemm("", True) == "auto"
-    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert same(bits(), runs["native" if onednn else "float32"])
-    assert flashkd.cpu_gemm_dtype(torch.bfloat16) == (torch.bfloat16 if onednn else torch.float32)
-    assert flashkd.cpu_gemm_dtype(torch.float32) == torch.float32
-    with torch.backends.mkldnn.flags(enabled=False):
-        assert same(bits(), runs["float32"])
-        assert flashkd.cpu_gemm_dtype(torch.bfloat16) == torch.float32
-    with cpu_16bit_gemm("native"):
-        assert flashkd.cpu_gemm_dtype(torch.float16) == torch.float16
-    with pytest.raises(ValueError, match="CPU 16-bit GEMM must be auto, float32 or native, got 'fp32'"):
-        ops.cpu_16bit_gemm("fp32")
-    assert ops.cpu_16bit_gemm() == "auto"
-
-
-def test_cpu_16bit_gemm_from_the_environment():
-    """FLASHKD_CPU_16BIT_GEMM sets the choice a process starts with; a bad value is an
-    error naming the variable."""
-    code = "import torch, flashkd; print(torch.ops.flashkd.cpu_16bit_gemm())"
-
-    def start(value):
-        env = dict(os.environ, FLASHKD_CPU_16BIT_GEMM=value)
-        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-
-    assert start("float32").stdout.strip() == "float32"
-    bad = start("fp32")
-    assert bad.returncode != 0
-    assert "FLASHKD_CPU_16BIT_GEMM=fp32: CPU 16-bit GEMM must be auto, float32 or native" in bad.stderr
-
-
-# ----------------------------------------------------------------------------- 6. workspace
-
-
-def test_memory_helper(device):
-    """tests/memory.py reconstructs a known peak (CPU); on CUDA it reads the allocator."""
-    if device == "cpu":
-        memory.self_test()
-    m = memory.measure(lambda: torch.empty(1 << 20, dtype=torch.uint8, device=device), device)
-    assert m.peak >= 1 << 20 and m.net >= 1 << 20
-
-
-WORKSPACE_SHAPES = [(64, 4000, 32), (64, 32000, 32), (300, 4000, 16), (5, 32000, 64)]
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("N,V,D", WORKSPACE_SHAPES)
-def test_workspace_forward(N, V, D, reduction, device):
-    """The op call (the loss and its gradients are computed during forward) needs at most
-    chunk_budget_bytes + a small constant beyond the gradients it returns, whatever V."""
-    budget = 256 << 10  # 256 KiB; the full logits are 1-75 MiB
-    inp = make_inputs(device, lead=(N,), V=V, D=D, ignore=0.1)
-    args = op_args(dict(inp, weights=None), bias=False, reduction=reduction, grad_mask=3, budget=budget)
-    torch.ops.flashkd.linear_loss(*args)  # warm-up: one-time allocations (cuBLAS workspace) are not workspace
-    m = memory.measure(lambda: torch.ops.flashkd.linear_loss(*args), device)
-    loss, dh, dw = m.result[:3]
-    returned = memory.nbytes(m.result)
-    assert dh.shape == inp["h"].shape and dw.shape == inp["W"].shape
-    workspace = m.peak - returned
-    assert workspace <= budget + memory.glue_allowance(N), \
-        f"N={N} V={V} D={D}: workspace {workspace} B > budget {budget} B + {memory.glue_allowance(N)} B"
-
-
-# A training step holds the gradients once: backward scales the ones made in
-# forward in place (no zero-filled grads for unused outputs, no out-of-place
-# products), and reduction="none" makes them only in backward.
-@pytest.mark.parametrize("with_lse", [False, True], ids=["loss", "loss_and_lse"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("N,V,D", [(64, 4000, 32), (64, 32000, 32)])
-def test_workspace_training_step(N, V, D, reduction, with_lse, device):
-    """A whole training step, loss = linear_cross_entropy(...); loss.backward(): peak memory
-    beyond the final .grad tensors stays within chunk_budget_bytes + a small constant
-    (DESIGN.md section 3: peak extra memory = dweight + dhidden + the budget), also when
-    the returned LSE is differentiated (its backward recomputes the logits in tiles;
-    before 2026-12-07 it held two more weight-sized tensors, 33x the budget at V=32000)."""
-    budget = 256 << 10
-    inp = make_inputs(device, lead=(N,), V=V, D=D, ignore=0.1)
-    h, W = inp["h"].requires_grad_(), inp["W"].requires_grad_()
-
-    def step():
-        out = flashkd.linear_cross_entropy(h, W, inp["y"], chunk_budget_bytes=budget, reduction=reduction,
-                                           return_lse=with_lse)
-        (out[0].sum() + out[1].sum() if with_lse else out.sum()).backward()
-        return None
-
-    step()  # warm-up
-    h.grad = W.grad = None
-    m = memory.measure(step, device)
-    workspace = m.peak - memory.nbytes([h.grad, W.grad])
-    assert workspace <= budget + memory.glue_allowance(N), \
-        f"N={N} V={V} D={D}: workspace {workspace} B > budget {budget} B + {memory.glue_allowance(N)} B " \
-        f"(gradients {memory.nbytes([h.grad, W.grad])} B)"
-
-
-# float32_weight_grad=False: d(weight) summed over the chunks in its own dtype.
-
-
-def _heads(fn, inp, **kw):
-    """Loss, d hidden and d weight of linear_cross_entropy or linear_distill_loss (the
-    student against a teacher head made from the same inputs)."""
-    h, W = inp["h"].detach().clone().requires_grad_(), inp["W"].detach().clone().requires_grad_()
-    if fn is flashkd.linear_cross_entropy:
-        loss = fn(h, W, inp["y"], **kw)
-    else:
-        loss = fn(h, W, h.detach().flip(-1), W.detach().flip(0), labels=inp["y"], hard_weight=0.5,
-                  divergence="jsd", **kw)
-    loss.backward()
-    return loss.detach(), h.grad, W.grad
-
-
-@pytest.mark.parametrize("fn", [flashkd.linear_cross_entropy, flashkd.linear_distill_loss],
-                         ids=["cross_entropy", "distill"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_weight_grad_summed_in_its_dtype(fn, dtype, device, cpu_gemm_mode):
-    """The loss and d hidden do not depend on how d weight is summed (the same bits);
-    in float32 neither does d weight. In 16 bits, d weight differs from the float32 sum
-    by at most one rounding per chunk: |err| <= chunks * u * sum_t |G_tj| |h_td| (+ the
-    last rounding), G the oracle's d loss / d logits. Four chunks, so that a chunk summed
-    twice or not at all (a quarter of that sum) would fail."""
-    dt = DTYPES[dtype]
-    if dt == torch.float32 and cpu_gemm_mode == "float32":
-        pytest.skip("a float32 head has one way to run")
-    N, V, D = 40, 300, 24
-    inp = make_inputs(device, lead=(N,), V=V, D=D, dtype=dt, ignore=0.2)
-    heads = 1 if fn is flashkd.linear_cross_entropy else 2
-    if cpu_gemm_mode == "float32" and device == "cpu":
-        budget = float32_head_budget(10, V, D, heads)
-    else:
-        budget = rows_budget(V, 10, dt.itemsize * heads)
-    loss32, dh32, dw32 = _heads(fn, inp, chunk_budget_bytes=budget)
-    loss, dh, dw = _heads(fn, inp, chunk_budget_bytes=budget, float32_weight_grad=False)
-    assert dw.dtype == dt
-    assert torch.equal(loss, loss32) and torch.equal(dh, dh32)
-    if dt == torch.float32:
-        assert torch.equal(dw, dw32)
-        return
-    z = R.head_logits(inp["h"], inp["W"], None, torch.float64).detach().requires_grad_()
-    if fn is flashkd.linear_cross_entropy:
-        R.cross_entropy(z, inp["y"]).backward()
-    else:
-        teacher = R.head_logits(inp["h"].flip(-1), inp["W"].flip(0), None, torch.float64)
-        R.distill_loss(z, teacher, labels=inp["y"], hard_weight=0.5, divergence="jsd").backward()
-    terms = z.grad.abs().T @ inp["h"].double().abs()
-    chunks = -(-N // 10)
-    u = UNIT[dt]
-    err = (dw.double() - dw32.double()).abs()
-    bound = chunks * u * terms + u * dw32.double().abs()
-    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3e}"
-    assert not torch.equal(dw, dw32)  # the option did change the summation
-
-
-@pytest.mark.parametrize("float32_weight_grad", [True, False])
-def test_workspace_of_the_weight_grad_sum(float32_weight_grad, device, cpu_gemm_mode):
-    """bf16: the float32 sum of d weight is workspace the size of two bf16 gradients;
-    summed in bf16 it is gone, and what is left is the budget and the GEMMs' own
-    scratch (ATen's CPU bf16 GEMMs pack or widen operands: 1-4 MB at these sizes; heads
-    run in float32 on the CPU have none that the allocator sees, so there the budget
-    holds to the glue's allowance)."""
-    budget = 256 << 10
-    N, V, D = 64, 32000, 64
-    inp = make_inputs(device, lead=(N,), V=V, D=D, dtype=torch.bfloat16, ignore=0.1)
-    args = op_args(dict(inp, weights=None), bias=False, reduction="mean", grad_mask=3, budget=budget,
-                   float32_weight_grad=float32_weight_grad)
-    torch.ops.flashkd.linear_loss(*args)  # warm-up
-    m = memory.measure(lambda: torch.ops.flashkd.linear_loss(*args), device)
-    workspace = m.peak - memory.nbytes(m.result)
-    float32_sum = V * D * 4
-    if float32_weight_grad:
-        assert workspace >= float32_sum, f"workspace {workspace} B < the float32 sum's {float32_sum} B"
-    else:
-        assert workspace < float32_sum / 2, f"workspace {workspace} B: a float32 sum of {float32_sum} B is left"
-        if cpu_gemm_mode == "float32" and device == "cpu":
-            assert workspace <= budget + memory.glue_allowance(N), f"workspace {workspace} B > budget {budget} B"
-
-
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_no_gradients_without_autograd(mode, device):
-    """Under torch.no_grad() / inference_mode the op makes no gradients (one GEMM per
-    chunk, not three), although the parameters require grad: the call's whole peak stays
-    within the budget (d weight alone would be 8 MiB), and the loss is the same."""
-    budget = 256 << 10
-    inp = make_inputs(device, lead=(64,), V=32000, D=64, ignore=0.1)
-    h, W = inp["h"].requires_grad_(), inp["W"].requires_grad_()
-    with_grad = flashkd.linear_cross_entropy(h, W, inp["y"], chunk_budget_bytes=budget)
-
-    def call():
-        with getattr(torch, mode)():
-            return flashkd.linear_cross_entropy(h, W, inp["y"], chunk_budget_bytes=budget)
-
-    call()  # warm-up
-    m = memory.measure(call, device)
-    assert not m.result.requires_grad
-    assert torch.equal(m.result, with_grad.detach())
-    assert m.peak <= budget + memory.glue_allowance(64), f"peak {m.peak} B > budget {budget} B + allowance"
-
-
-def test_workspace_independent_of_vocab(device):
-    """Same budget, 8x the vocabulary: the workspace beyond the gradients stays within the
-    same bound (the logits are never materialized; only the gradient grows with V)."""
-    budget = 256 << 10
-    spaces = {}
-    for V in (4000, 32000):
-        inp = make_inputs(device, lead=(128,), V=V, D=32)
-        args = op_args(dict(inp, weights=None), bias=False, reduction="mean", grad_mask=3, budget=budget)
-        torch.ops.flashkd.linear_loss(*args)  # warm-up
-        m = memory.measure(lambda: torch.ops.flashkd.linear_loss(*args), device)
-        spaces[V] = m.peak - memory.nbytes(m.result)
-        assert spaces[V] <= budget + memory.glue_allowance(128), spaces
-    # 32000 x 128 float32 logits would be 16 MiB, 4000 x 128 2 MiB: neither shows up.
-    assert abs(spaces[32000] - spaces[4000]) <= memory.glue_allowance(128), spaces

@@ -293,7 +293,7 @@ def check_case(device, *, budget_rows=3.5, requires=("h", "W", "b"), view=None, 
     return kern, oracle, plain
 
 
-# ----------------------------------------------------------------------------- 5. against the oracle
+# ----------------------------------------------------------------------------- against the oracle
 
 
 @pytest.mark.parametrize("div", DIVS)
@@ -687,7 +687,7 @@ def test_compile_fullgraph_teacher_logits(teacher, device):
     assert_compile_matches_eager(f, lambda: [inp[k].clone().requires_grad_() for k in ("h", "W", "b")], scale=1.3)
 
 
-# ----------------------------------------------------------------------------- 4. bad inputs
+# ----------------------------------------------------------------------------- bad inputs
 
 
 def _bad(device):
@@ -753,7 +753,7 @@ def test_bad_inputs(case, device):
         fn()
 
 
-# ----------------------------------------------------------------------------- 6. workspace
+# ----------------------------------------------------------------------------- workspace
 
 
 @pytest.mark.parametrize("teacher", ["weights", "logits_fp64"])

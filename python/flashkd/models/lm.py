@@ -20,7 +20,6 @@ config and seed give bit-identical parameters, and the global RNG is untouched.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -29,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import ReferenceModel, TransformerConfig
+
 __all__ = ["LMConfig", "PRESETS", "DecoderLM", "RMSNorm", "Attention", "SwiGLU", "Block"]
 
 
 @dataclass(frozen=True)
-class LMConfig:
+class LMConfig(TransformerConfig):
     """Shape of a :class:`DecoderLM`.
 
     vocab_size: number of token ids (the head's output width).
@@ -60,33 +61,20 @@ class LMConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
+    KIND = "LM"
+    POSITIVE_INTS = ("vocab_size", "dim", "n_layers", "n_heads", "mlp_hidden", "max_seq_len")
+
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "mlp_hidden", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LMConfig.{name} must be a positive int, got {value!r}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"LMConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"LMConfig: head size dim // n_heads = {self.dim // self.n_heads} must be even "
+        super().__post_init__()
+        if self.head_dim % 2:
+            raise ValueError(f"LMConfig: head size dim // n_heads = {self.head_dim} must be even "
                              "(rotary embeddings rotate pairs of channels)")
         if not self.rope_base > 1:
             raise ValueError(f"LMConfig.rope_base must be > 1, got {self.rope_base!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"LMConfig.norm_eps must be > 0, got {self.norm_eps!r}")
-        if not self.init_std > 0:
-            raise ValueError(f"LMConfig.init_std must be > 0, got {self.init_std!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "LMConfig":
-        """A named preset (see :data:`PRESETS`), with any field overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown LM preset {name!r}; choose from {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+    def _presets(cls) -> dict:
+        return PRESETS
 
     def num_parameters(self) -> int:
         """Parameter count of a :class:`DecoderLM` with this config (tied head counted once)."""
@@ -184,7 +172,7 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(ReferenceModel):
     """Decoder-only LM. ``forward(tokens)`` -> final-normed hidden states (B, T, dim).
 
     Args:
@@ -196,11 +184,7 @@ class DecoderLM(nn.Module):
 
     def __init__(self, config: LMConfig | str, *, seed: int = 0, device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        if isinstance(config, str):
-            config = LMConfig.preset(config)
-        if not isinstance(config, LMConfig):
-            raise TypeError(f"config must be an LMConfig or a preset name, got {type(config).__name__}")
-        self.config = cfg = config
+        self.config = cfg = LMConfig.resolve(config)
         with torch.random.fork_rng(devices=[]):  # torch's default inits are overwritten below; keep the global RNG
             self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -253,10 +237,3 @@ class DecoderLM(nn.Module):
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Materialized logits (B, T, vocab_size) — for evaluation and small vocabularies."""
         return self.forward(tokens) @ self.head_weight.T
-
-    def num_parameters(self) -> int:
-        """Number of distinct parameters (a tied head is counted once)."""
-        return sum(p.numel() for p in self.parameters())
-
-    def extra_repr(self) -> str:
-        return f"params={self.num_parameters():,}"

@@ -24,7 +24,6 @@ and seed give bit-identical parameters, and the global RNG is untouched.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Protocol
 
@@ -32,12 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import ReferenceModel, TransformerConfig
+
 __all__ = ["ViTConfig", "VIT_PRESETS", "VisionTransformer", "Attention", "AttentionOutput", "Block",
            "TokenReduction", "TokenReducer"]
 
 
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(TransformerConfig):
     """Shape of a :class:`VisionTransformer`.
 
     img_size: side of the square input image, in pixels.
@@ -64,23 +65,13 @@ class ViTConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
 
+    KIND = "ViT"
+    POSITIVE_INTS = ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "n_heads", "mlp_hidden")
+
     def __post_init__(self):
-        for name in ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "n_heads", "mlp_hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
+        super().__post_init__()
         if self.img_size % self.patch_size:
             raise ValueError(f"ViTConfig.patch_size ({self.patch_size}) must divide img_size ({self.img_size})")
-        if self.dim % self.n_heads:
-            raise ValueError(f"ViTConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if not self.norm_eps > 0:
-            raise ValueError(f"ViTConfig.norm_eps must be > 0, got {self.norm_eps!r}")
-        if not self.init_std > 0:
-            raise ValueError(f"ViTConfig.init_std must be > 0, got {self.init_std!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     @property
     def num_patches(self) -> int:
@@ -92,11 +83,8 @@ class ViTConfig:
         return self.num_patches + 1
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ViTConfig":
-        """A named preset (see :data:`VIT_PRESETS`), with any field overridden."""
-        if name not in VIT_PRESETS:
-            raise ValueError(f"unknown ViT preset {name!r}; choose from {sorted(VIT_PRESETS)}")
-        return dataclasses.replace(VIT_PRESETS[name], **overrides)
+    def _presets(cls) -> dict:
+        return VIT_PRESETS
 
     def num_parameters(self) -> int:
         """Parameter count of a :class:`VisionTransformer` with this config."""
@@ -224,7 +212,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ReferenceModel):
     """ViT classifier. ``forward(images)`` -> logits (B, num_classes).
 
     Args:
@@ -240,11 +228,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, config: ViTConfig | str, *, seed: int = 0, device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        if isinstance(config, str):
-            config = ViTConfig.preset(config)
-        if not isinstance(config, ViTConfig):
-            raise TypeError(f"config must be a ViTConfig or a preset name, got {type(config).__name__}")
-        self.config = cfg = config
+        self.config = cfg = ViTConfig.resolve(config)
         self.token_reduction: Optional[TokenReduction] = None
         with torch.random.fork_rng(devices=[]):  # torch's default inits are overwritten below; keep the global RNG
             self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
@@ -294,10 +278,3 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
         return self.head(self.features(images)[:, 0])
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def extra_repr(self) -> str:
-        return f"params={self.num_parameters():,}"
-

@@ -15,6 +15,7 @@ import torch
 import flashkd
 
 from ..cases import DTYPES, Inputs, Provider, Unsupported
+from ..errors import error_record, max_abs_diff
 
 GEMM = "gemm"
 ROW_TENSORS = ("hidden", "targets", "teacher_hidden")
@@ -146,20 +147,9 @@ def oracle_errors(inputs, outputs, oracle_sum):
         ref["weight"] += dw
         total += part.detach()
     ref_loss = total.item() / n
-    ref_max = {}
-    for leaf, grad in ref.items():
+    for grad in ref.values():
         grad /= n
-        ref_max[leaf] = max(grad.abs().max().item(), 1e-300)
-    result = {}
-    for name, (loss, grads) in outputs.items():
-        abs_err = {leaf: (grads[leaf].to(device=ref[leaf].device, dtype=torch.float64) - ref[leaf]).abs().max().item()
-                   for leaf in GRAD_NAMES}  # NaN propagates
-        rel_err = {leaf: abs_err[leaf] / ref_max[leaf] for leaf in GRAD_NAMES}
-        worst = max(GRAD_NAMES, key=lambda leaf: (math.isnan(rel_err[leaf]), rel_err[leaf]))
-        result[name] = {
-            "loss_rel_err": abs(loss - ref_loss) / max(abs(ref_loss), 1e-300),
-            "grad_err": rel_err[worst],
-            "grad_max_abs_err": abs_err[worst],
-            **{f"grad_err_{leaf}": rel_err[leaf] for leaf in GRAD_NAMES},
-        }
-    return result
+    return {name: error_record(abs(loss - ref_loss), ref_loss,
+                               {leaf: (max_abs_diff(grads[leaf], ref[leaf]), ref[leaf].abs().max().item())
+                                for leaf in GRAD_NAMES})
+            for name, (loss, grads) in outputs.items()}

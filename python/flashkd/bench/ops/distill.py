@@ -18,6 +18,7 @@ import flashkd
 from flashkd import reference
 
 from ..cases import DTYPES, Inputs, Provider, Unsupported, import_peer, under_kernel_choice
+from ..errors import error_record
 
 NAME = "distill_loss"
 VARIANTS = ("fkl", "jsd", "rkl", "tvd")
@@ -168,12 +169,5 @@ def errors(case, inputs, outputs):
             got = grads["student"][r0:r0 + rows].to(device=grad.device, dtype=torch.float64)
             diff_max[name] = torch.maximum(diff_max[name], (got - grad).abs().max())  # NaN propagates
     ref_loss = loss_sum.item() / n
-    result = {}
-    for name, (loss, _) in outputs.items():
-        abs_err = diff_max[name].item()
-        result[name] = {
-            "loss_rel_err": abs(loss - ref_loss) / max(abs(ref_loss), 1e-300),
-            "grad_err": abs_err / max(ref_max.item(), 1e-300),
-            "grad_max_abs_err": abs_err,
-        }
-    return result
+    return {name: error_record(abs(loss - ref_loss), ref_loss, {"student": (diff_max[name].item(), ref_max.item())})
+            for name, (loss, _) in outputs.items()}

@@ -46,6 +46,7 @@ from flashkd.quant.linear import frozen_buffers, frozen_linear
 from flashkd.reference import quant as ref
 
 from ..cases import DTYPES, Inputs, Provider, Unsupported, import_peer, under_kernel_choice
+from ..errors import error_record, max_abs_diff
 
 NAME = "quant_linear"
 SCHEMES = ("w1.58a8", "w8a8", "w4a16")
@@ -312,16 +313,9 @@ def errors(case, inputs, outputs):
         if name not in oracles:  # cublas-int8: integer accumulators without scales, no oracle here
             continue
         ref_loss, ref_grads = oracles[name]
-        rec = {"loss_rel_err": abs(loss - ref_loss) / max(abs(ref_loss), 1e-300)}
-        worst = None
-        for leaf, got in grads.items():
-            want = ref_grads[leaf].cpu()
-            abs_err = (got.double() - want).abs().max().item()
-            rel = abs_err / max(want.abs().max().item(), 1e-300)
-            if worst is None or rel > worst[0]:
-                worst = (rel, abs_err)
-        if worst is not None:
-            rec["grad_err"], rec["grad_max_abs_err"] = worst
+        rec = error_record(abs(loss - ref_loss), ref_loss,
+                           {leaf: (max_abs_diff(got, ref_grads[leaf].cpu()), ref_grads[leaf].abs().max().item())
+                            for leaf, got in grads.items()})
         packed = name.startswith("flashkd") and _inference(case)
         if name == "torchao":
             rec["bytes_per_weight"] = _torchao_bytes_per_weight(case, inputs.tensors)

@@ -29,6 +29,7 @@ import flashkd.tome
 from flashkd.reference import tome as oracle
 
 from ..cases import DTYPES, Inputs, Provider, Unsupported
+from ..errors import error_record, max_abs_diff
 
 NAME = "tome_merge"
 VARIANTS = ("r8", "r16", "r32")
@@ -138,12 +139,6 @@ def errors(case, inputs, outputs):
     out = merge_step(oracle, x, t["metric"], t["size"], _dims(case)[-1])
     (grad,) = torch.autograd.grad(out, x, inputs.grad_output.double())
     out, grad = out.detach().cpu(), grad.cpu()
-    result = {}
-    for name, (got, grads) in outputs.items():
-        grad_abs = (grads["x"].double() - grad).abs().max().item()
-        result[name] = {
-            "loss_rel_err": (got.double() - out).abs().max().item() / max(out.abs().max().item(), 1e-300),
-            "grad_err": grad_abs / max(grad.abs().max().item(), 1e-300),
-            "grad_max_abs_err": grad_abs,
-        }
-    return result
+    return {name: error_record(max_abs_diff(got, out), out.abs().max().item(),
+                               {"x": (max_abs_diff(grads["x"], grad), grad.abs().max().item())})
+            for name, (got, grads) in outputs.items()}

@@ -36,6 +36,7 @@ from flashkd.models import VIT_PRESETS, VisionTransformer
 from flashkd.reference import tome as oracle
 
 from ..cases import DTYPES, Inputs, Provider, Unsupported
+from ..errors import error_record, max_abs_diff
 
 NAME = "vit_tome"
 VARIANTS = tuple(VIT_PRESETS)
@@ -162,14 +163,6 @@ def errors(case, inputs, outputs):
         logits.append(out.detach().cpu())
         grads.append(grad.cpu())
     ref, ref_grad = torch.cat(logits), torch.cat(grads)
-    result = {}
-    for name, (got, got_grads) in outputs.items():
-        if name == "unmerged":
-            continue
-        grad_abs = (got_grads["images"].double() - ref_grad).abs().max().item()
-        result[name] = {
-            "loss_rel_err": (got.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-300),
-            "grad_err": grad_abs / max(ref_grad.abs().max().item(), 1e-300),
-            "grad_max_abs_err": grad_abs,
-        }
-    return result
+    return {name: error_record(max_abs_diff(got, ref), ref.abs().max().item(),
+                               {"images": (max_abs_diff(got_grads["images"], ref_grad), ref_grad.abs().max().item())})
+            for name, (got, got_grads) in outputs.items() if name != "unmerged"}

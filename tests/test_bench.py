@@ -1,15 +1,17 @@
 """The benchmark harness (python -m flashkd.bench, the main job) end to end on
 a small case: it measures, writes its JSON, and its exit status tells a failed
-flashkd measurement from a case skipped by design; and the warm-up of providers
-that prepare each input set."""
+flashkd measurement from a case skipped by design; the warm-up of providers
+that prepare each input set; and the accuracy record every op reports."""
 import importlib.util
 import json
+import math
 
 import torch
 
 from flashkd.bench import measure as M
 from flashkd.bench.__main__ import main
 from flashkd.bench.cases import Case, Provider
+from flashkd.bench.errors import error_record, max_abs_diff
 from flashkd.bench.ops import quant
 from flashkd.bench.timing import Budget
 
@@ -195,3 +197,16 @@ def test_cuda_timing_queues_the_timed_calls_behind_a_gpu_sleep(monkeypatch):
     cycles = log[sleeps[1]][1]
     assert 0 <= cycles <= timing.CUDA_MAX_SLEEP_MS * 5e5
     assert log[sleeps[1] + 1:].count("event") == 10  # every timed event pair comes after it
+
+
+def test_error_record_reports_the_worst_gradient_and_counts_nan_worst():
+    rec = error_record(0.5, -2.0, {"x": (1e-3, 1.0), "weight": (1e-4, 1e-3), "bias": (0.0, 0.0)})
+    assert rec["loss_rel_err"] == 0.25  # relative to |oracle|
+    assert rec["grad_err"] == 0.1 and rec["grad_max_abs_err"] == 1e-4  # weight: 1e-4 / 1e-3 beats x's 1e-3
+    assert rec["grad_err_x"] == 1e-3 and rec["grad_err_bias"] == 0.0  # a zero oracle with no error is 0
+    rec = error_record(0.0, 1.0, {"x": (1.0, 1.0), "weight": (float("nan"), 1.0)})
+    assert math.isnan(rec["grad_err"]) and math.isnan(rec["grad_max_abs_err"])
+    assert set(error_record(0.0, 0.0, {})) == {"loss_rel_err"}  # forward-only; a zero loss divides safely
+    assert set(error_record(0.0, 1.0, {"x": (0.0, 1.0)})) == {"loss_rel_err", "grad_err", "grad_max_abs_err"}
+    assert math.isnan(max_abs_diff(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0], dtype=torch.float64)))
+    assert max_abs_diff(torch.tensor([1.0, 2.5], dtype=torch.bfloat16), torch.tensor([1.0, 2.0])) == 0.5

@@ -146,11 +146,6 @@ def student_input(inp, view):
     return inp["h"] if view is None else view(inp["h"])
 
 
-def teacher_logits64(inp):
-    """The teacher's float64 logits, all Vt columns."""
-    return R.head_logits(inp["th"], inp["tW"], inp["tb"], torch.float64) if inp["tl"] is None else inp["tl"].double()
-
-
 def oracle_from_logits(zs, zt, inp, kw, seed=1):
     """The float64 oracle's loss (and stats) on given student logits zs (pre-cap, float64,
     made a leaf here) and teacher logits zt; with the objective of `run`, its gradient
@@ -180,24 +175,24 @@ def token_coefficients(inp, kw, view=None, seed=1):
     return loss_c, grad_c * probe.grad.abs()
 
 
-def grad_terms(inp, view, kw):
+def grad_terms(inp, view, kw, logits, grad_coef):
     """Per element of d hidden, d weight, d bias: the magnitudes of the products it is
     summed from, M @ |W|, M^T |h| and sum M, where M = |G| + c_t P_tj: G the oracle's
     d objective / d logits, P_tj the largest probability at that logit (student and
     teacher at T, student at T = 1, TAID's mixture) and c_t the token's gradient
-    coefficient. An element q_j (x_j - sum_k q_k x_k) carries float32 noise of order
-    q_j however much its bracket cancels; a dot product, noise relative to the sum of
-    its products' magnitudes. In the leaves' layouts (through the view's autograd)."""
-    zs = R.head_logits(student_input(inp, view), inp["W"], inp["b"], torch.float64)
-    G = oracle_from_logits(zs, teacher_logits64(inp), inp, kw)[2].grad.abs()
-    capped, zt = oracle_logits(inp, kw, view)
+    coefficient (`grad_coef`, of token_coefficients). An element q_j (x_j - sum_k q_k x_k)
+    carries float32 noise of order q_j however much its bracket cancels; a dot product,
+    noise relative to the sum of its products' magnitudes. In the leaves' layouts
+    (through the view's autograd). `logits`: oracle_logits of the case."""
+    G = oracle_from_logits(*logits, inp, kw)[2].grad.abs()
+    capped, zt = used_logits(logits, kw)
     T = kw.get("temperature", 1.0)
     probs = [torch.softmax(capped / T, -1), torch.softmax(zt / T, -1), torch.softmax(capped, -1)]
     if kw.get("taid_lambda") is not None:
         probs.append(torch.softmax(R.taid_logit(capped / T, zt / T, kw["taid_lambda"]), -1))
     P = torch.stack(probs).amax(0)
     M = G.clone()
-    M[..., :P.shape[-1]] += token_coefficients(inp, kw, view)[1].to(M.device).unsqueeze(-1) * P
+    M[..., :P.shape[-1]] += grad_coef.to(M.device).unsqueeze(-1) * P
     return product_magnitudes(inp, view, M)
 
 
@@ -211,21 +206,29 @@ def oracle_on_rounded_logits(inp, view, kw):
     return loss, stats, zs.double(), zt.double()
 
 
-def oracle_logits(inp, kw, view=None):
-    """float64 student and teacher logits over the used vocabulary (for the tolerance
-    and the argmax check)."""
-    zs = R.soft_cap(R.head_logits(student_input(inp, view), inp["W"], inp["b"], torch.float64), kw.get("softcap"))
+def oracle_logits(inp, view):
+    """The float64 logits, formed once per case: the student's before the soft cap
+    (all V columns) and the teacher's (all Vt)."""
+    zs = R.head_logits(student_input(inp, view), inp["W"], inp["b"], torch.float64)
+    zt = R.head_logits(inp["th"], inp["tW"], inp["tb"], torch.float64) if inp["tl"] is None else inp["tl"].double()
+    return zs, zt
+
+
+def used_logits(logits, kw):
+    """The student's capped logits and the teacher's over the used vocabulary, from
+    oracle_logits: what the tolerance and the argmax check look at."""
+    zs = R.soft_cap(logits[0], kw.get("softcap"))
     V = kw.get("vocab_size") or zs.shape[-1]
-    return zs[..., :V], teacher_logits64(inp)[..., :V]
+    return zs[..., :V], logits[1][..., :V]
 
 
-def logit_spread(inp, kw):
+def logit_spread(used, kw):
     """Largest max - min of a row of logits, at the scale the log-probabilities are formed
     (/ T, and at T = 1 for the hard loss): a log-probability z - LSE carries an absolute
     float32 error of about EPS32 times that, and divergences such as rkl multiply it into
     the gradient (q_j (log q_j - log p_j - KL))."""
     worst = 0.0
-    for z in oracle_logits(inp, kw):
+    for z in used:
         if z.numel():
             worst = max(worst, (z.amax(-1) - z.amin(-1)).max().item())
     return worst / min(kw.get("temperature", 1.0), 1.0)
@@ -252,7 +255,9 @@ def check_case(device, *, budget_rows=3.5, requires=("h", "W", "b"), view=None, 
     oracle = run(R.linear_distill_loss, inp, dtype=torch.float64, requires=requires, view=view, **kw)
     plain = run(plain_distill, inp, requires=requires, view=view, **kw)
     V, D = inp["W"].shape
-    noise = K_FLOOR * EPS32 * (math.sqrt(D + V) + logit_spread(inp, kw))
+    logits = oracle_logits(inp, view)
+    used = used_logits(logits, kw)
+    noise = K_FLOOR * EPS32 * (math.sqrt(D + V) + logit_spread(used, kw))
     # bf16: the loss and statistics may move as far as rounding the logits moves the oracle's
     low = inp["h"].dtype != torch.float32
     rounded = oracle_on_rounded_logits(inp, view, kw) if low else None
@@ -260,11 +265,11 @@ def check_case(device, *, budget_rows=3.5, requires=("h", "W", "b"), view=None, 
     def rounding_shift(r, o):
         return SLACK * max_err(r, o) if low else 0.0
 
-    loss_c = token_coefficients(inp, kw, view)[0]
+    loss_c, grad_c = token_coefficients(inp, kw, view)
     loss_scale = loss_c.amax().item() if kw.get("reduction") == "none" and loss_c.numel() else loss_c.sum().item()
     check_close("loss", kern[0], oracle[0], plain[0], noise, min_scale=max(1.0, loss_scale),
                 extra=rounding_shift(rounded and rounded[0], oracle[0]))
-    terms = grad_terms(inp, view, kw)
+    terms = grad_terms(inp, view, kw, logits, grad_c)
     for k in ("h", "W", "b"):
         o = oracle[2].get(k)
         if o is None:
@@ -282,7 +287,7 @@ def check_case(device, *, budget_rows=3.5, requires=("h", "W", "b"), view=None, 
         # may see are not within float32 noise. In bf16 those are the logits as a
         # native 16-bit GEMM rounds them, or (CPU "float32" GEMM mode) unrounded, so
         # both margins must be clear: there the two argmaxes are the same.
-        zs, zt = oracle_logits(inp, kw, view)
+        zs, zt = used
         clear = (top2_gap(zs) > 1e-3) & (top2_gap(zt) > 1e-3)
         if low:
             zs_r, zt_r = R.soft_cap(rounded[2], kw.get("softcap"))[..., :zs.shape[-1]], rounded[3][..., :zs.shape[-1]]

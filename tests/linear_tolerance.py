@@ -1,6 +1,5 @@
-"""The tolerance model shared by the two linear-loss test modules
-(test_linear_cross_entropy.py, test_linear_distill.py; their docstrings give the
-reasoning). A result passes when, element by element,
+"""The tolerance model shared by the tests of the two linear losses
+(linear_ce_cases.py and linear_distill_cases.py give the reasoning). A result passes when, element by element,
 
     |kernel - oracle| <= SLACK * max|plain - oracle| + (noise + u) * scale + extra
                          + K_TERMS * (noise + u) * terms,
@@ -21,7 +20,7 @@ from flashkd import reference as R
 EPS32 = 2.0 ** -24
 SLACK = 2.0  # "no worse than plain torch", with room for a different summation order
 K_FLOOR = 8.0
-# Calibrated on the random cases of test_linear_distill: 12000 pass at 0.25, one of
+# Calibrated on the random cases of test_linear_distill_random.py: 12000 pass at 0.25, one of
 # 6000 fails at 0.1; at 0.25 a gradient scaled by 1 + 1e-4 still fails 94 of the 207
 # float32 cases among the first 300 (108 without this term; the others have zero
 # gradients or coarser bounds elsewhere).

@@ -61,6 +61,7 @@ TORCH_LIBRARY(flashkd, m) {
       "float soft_weight, bool t2_scaling, int? vocab_size, str reduction, float? num_items, bool return_stats) "
       "-> (Tensor loss, Tensor stats, Tensor agree)");
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
+  m.def("soft_cap(Tensor z, float cap) -> Tensor");
   m.def(
       "linear_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, Tensor? teacher_weight, "
       "Tensor? teacher_bias, Tensor? teacher_logits, Tensor? labels, Tensor? weights, str divergence, "
@@ -81,6 +82,7 @@ TORCH_LIBRARY_IMPL(flashkd, CPU, m) {
   m.impl("distill_loss_", &flashkd::ops::distill_loss_inplace);
   m.impl("distill_loss_value", &flashkd::ops::distill_loss_value);
   m.impl("scale_rows_", &flashkd::ops::scale_rows);
+  m.impl("soft_cap", &flashkd::ops::soft_cap);
   m.impl("linear_loss", &linear_loss_op);
 }
 
@@ -90,6 +92,7 @@ TORCH_LIBRARY_IMPL(flashkd, CUDA, m) {
   m.impl("distill_loss_", &flashkd::ops::distill_loss_inplace);
   m.impl("distill_loss_value", &flashkd::ops::distill_loss_value);
   m.impl("scale_rows_", &flashkd::ops::scale_rows);
+  m.impl("soft_cap", &flashkd::ops::soft_cap);
   m.impl("linear_loss", &linear_loss_op);
 }
 #endif

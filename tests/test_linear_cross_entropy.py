@@ -14,7 +14,7 @@ import flashkd
 from flashkd import reference as R
 
 from checks import (CPU_16BIT_GEMMS, RANDOM_CASES, assert_compile_matches_eager, cpu_16bit_gemm, directional_check,
-                    random_lead)
+                    random_lead, results_per_cpu_isa)
 from linear_tolerance import UNIT
 from linear_ce_cases import DTYPES, check_against, check_case, make_inputs, op_args, plain_ce, rows_budget, run
 
@@ -93,6 +93,48 @@ def test_softcap_accuracy(cap, device):
     ulp = (torch.nextafter(mag32, torch.tensor(math.inf)) - mag32).double()
     err_ulp = (lse.cpu().double() - want).abs() / ulp
     assert err_ulp.max() <= 8.0, f"worst {err_ulp.max():.1f} ulp at z = {z[err_ulp.argmax()]:.6g}"
+
+
+@pytest.mark.parametrize("cap", [30.0, 4.0])
+def test_lse_gradient_through_softcap(cap, device):
+    """With V = 1 the softmax is exactly 1 when it is formed from the capped logits
+    the LSE came from, so d lse / dz is the cap's derivative 1 - (lse / c)^2 up to
+    that formula's own rounding. The backward recomputes the capped logits: until
+    2026-12-08 with torch's tanh, whose last bits differ from the kernels' soft cap,
+    and exp(capped - lse) then missed 1 by up to 48 units of 2^-24 at c = 30
+    (random case 1540075 under the portable kernels). Every CPU instruction set."""
+    z = torch.linspace(-2 * cap, 2 * cap, 4001)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def run():
+        h = z[:, None].to(device).requires_grad_()
+        _, lse = flashkd.linear_cross_entropy(h, torch.ones(1, 1, device=device),
+                                              torch.full(z.shape, -100, device=device), softcap=cap,
+                                              return_lse=True, reduction="none")
+        (lse * g.float().to(device)).sum().backward()
+        return lse.detach().cpu().double(), h.grad[:, 0].cpu().double()
+
+    for where, (lse, dz) in (results_per_cpu_isa(run) if device == "cpu" else {"cuda": run()}).items():
+        err = (dz - g * (1 - (lse / cap) ** 2)).abs() / g.abs()
+        assert err.max() <= 4 * 2.0 ** -24, f"{where}: {err.max() / 2 ** -24:.1f} x 2^-24 at z = {z[err.argmax()]:.6g}"
+
+
+def test_soft_cap_op(device):
+    """torch.ops.flashkd.soft_cap, which that backward uses: any layout in, a
+    contiguous float32 result equal to the LSE of one-logit rows (the row
+    kernel's cap); opcheck; bad inputs named."""
+    z = (torch.randn(7, 9, generator=torch.Generator().manual_seed(1)) * 40).to(device).t()  # a transposed view
+    got = torch.ops.flashkd.soft_cap(z, 30.0)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    _, lse = flashkd.linear_cross_entropy(z.reshape(-1, 1), torch.ones(1, 1, device=device),
+                                          torch.full((63,), -100, device=device), softcap=30.0, return_lse=True,
+                                          reduction="none")
+    assert torch.equal(got.reshape(-1), lse)
+    torch.library.opcheck(torch.ops.flashkd.soft_cap.default, (z, 30.0))
+    with pytest.raises(TypeError, match="z must be float32"):
+        torch.ops.flashkd.soft_cap(z.double(), 30.0)
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        torch.ops.flashkd.soft_cap(z, 0.0)
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_extreme_logits(reduction, device):

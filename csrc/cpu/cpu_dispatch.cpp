@@ -71,4 +71,6 @@ void scale_rows(void* grad, DType dtype, const RowLayout& layout, int64_t begin,
   FKD_CPU_DISPATCH(scale_rows, grad, dtype, layout, begin, end, cols, factor, per_row);
 }
 
+void soft_cap_values(float* z, int64_t n, float cap) { FKD_CPU_DISPATCH(soft_cap_values, z, n, cap); }
+
 }  // namespace flashkd::cpu

@@ -11,6 +11,7 @@ namespace flashkd::cpu {
   void distill_rows(const DistillParams& p, int64_t begin, int64_t end); \
   void scale_rows(void* grad, DType dtype, const RowLayout& layout, int64_t begin, int64_t end, int64_t cols, \
                   const float* factor, bool per_row); \
+  void soft_cap_values(float* z, int64_t n, float cap); \
   }
 
 FKD_DECLARE_CPU_KERNELS(avx2)
@@ -44,5 +45,9 @@ void distill_rows(const DistillParams& p, int64_t begin, int64_t end);
 // in float32, rounded once; rows whose factor is 1 are skipped.
 void scale_rows(void* grad, DType dtype, const RowLayout& layout, int64_t begin, int64_t end, int64_t cols,
                 const float* factor, bool per_row);
+
+// z[j] = cap * tanh(z[j] / cap) for j < n, with the row kernel's soft cap: the
+// same bits as the logits its LSE and gradients were formed from.
+void soft_cap_values(float* z, int64_t n, float cap);
 
 }  // namespace flashkd::cpu

@@ -22,4 +22,8 @@ const char* last_distill_kernel();
 const char* scale_rows(void* grad, DType dtype, const RowLayout& layout, int64_t rows, int64_t cols,
                        const float* factor, bool factor_per_row, void* stream);
 
+// z[i] = cap * tanh(z[i] / cap) for i < n (float32, contiguous), with the row
+// programs' soft cap.
+const char* soft_cap_values(float* z, int64_t n, float cap, void* stream);
+
 }  // namespace flashkd::cuda

@@ -27,4 +27,8 @@ LinearLossResult linear_loss(const at::Tensor& hidden, const at::Tensor& weight,
                              int64_t grad_mask, const std::optional<at::Tensor>& row_scale,
                              std::optional<int64_t> chunk_budget_bytes, bool float32_weight_grad);
 
+// flashkd::soft_cap: cap * tanh(z / cap) of float32 logits, as the row kernels
+// cap them (the LSE backward recomputes the capped logits with it).
+at::Tensor soft_cap(const at::Tensor& z, double cap);
+
 }  // namespace flashkd::ops

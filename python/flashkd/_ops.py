@@ -68,6 +68,11 @@ def _scale_rows_fake(grad, factor):
     return None
 
 
+@torch.library.register_fake("flashkd::soft_cap")
+def _soft_cap_fake(z, cap):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
 def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """grad * grad_output, broadcasting a per-token grad_output over the vocabulary.
 

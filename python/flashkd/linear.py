@@ -239,9 +239,11 @@ def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_byte
             hc = as_gemm(h[rows])
             dz = (hc @ w.T if b is None else torch.addmm(b, hc, w.T)).float()
             if softcap:
-                capped = dz.div_(softcap).tanh_()  # tanh(z / c): the cap is c times it
-                dz = capped.mul(softcap).sub_(lse_flat[rows, None]).exp_().mul_(g[rows, None])
-                dz.mul_(capped.square_().neg_().add_(1))  # the cap's derivative 1 - tanh^2
+                # The capped logits as the kernel made them (torch.ops.flashkd.soft_cap), so
+                # that exp(capped - lse) is their softmax; torch's tanh differs in the last bits.
+                capped = ops.soft_cap(dz, softcap)
+                dz = capped.sub(lse_flat[rows, None]).exp_().mul_(g[rows, None])
+                dz.mul_(capped.mul_(1.0 / softcap).square_().neg_().add_(1))  # the cap's derivative 1 - (capped / c)^2
                 del capped
             else:
                 dz.sub_(lse_flat[rows, None]).exp_().mul_(g[rows, None])

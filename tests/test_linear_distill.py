@@ -1,7 +1,6 @@
 """flashkd.linear_distill_loss against the float64 oracle, a few options at a time
 (every divergence, teacher as weights or logits, dtypes, reductions, shapes, layouts),
 and finite-difference gradient checks; the tolerance model is tests/linear_distill_cases.py."""
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,5 @@
 """flashkd.linear_distill_loss as an op: torch.library.opcheck, torch.compile
 fullgraph, and bad inputs raising errors that name the argument."""
-
 import pytest
 import torch
 

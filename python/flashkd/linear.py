@@ -242,7 +242,8 @@ def lse_backward(hidden, weight, bias, lse, grad_lse, softcap, chunk_budget_byte
                 # The capped logits as the kernel made them (torch.ops.flashkd.soft_cap), so
                 # that exp(capped - lse) is their softmax; torch's tanh differs in the last bits.
                 capped = ops.soft_cap(dz, softcap)
-                dz = capped.sub(lse_flat[rows, None]).exp_().mul_(g[rows, None])
+                # into the logits' buffer: two tiles alive, as the budget above counts
+                dz = torch.sub(capped, lse_flat[rows, None], out=dz).exp_().mul_(g[rows, None])
                 dz.mul_(capped.mul_(1.0 / softcap).square_().neg_().add_(1))  # the cap's derivative 1 - (capped / c)^2
                 del capped
             else:
